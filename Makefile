@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# Which torch build to install first. The default takes PyPI's torch 2.13.0; set
+# TORCH_INDEX to a PyTorch wheel index to choose a CPU-only or a specific CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raymerge-installed
+
+.PHONY: demo test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raymerge demo
+
+test: $(STAMP)
+	$(BIN)/ruff check raymerge tests
+	$(BIN)/ruff format --check raymerge tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check raymerge tests
+	$(BIN)/ruff format --check raymerge tests
+
+format: $(STAMP)
+	$(BIN)/ruff format raymerge tests
+	$(BIN)/ruff check --fix raymerge tests
+
+clean:
+	rm -rf $(VENV) raymerge-demo .pytest_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""Tiny, fully local model worlds: a Llama-architecture base model and LoRA adapters on it.
+
+Used by the demo, the tests and the benchmark; nothing is downloaded.
+
+Example:
+    >>> world = build_world(Path("/tmp/w"), {"math": AdapterShape(r=8)})  # doctest: +SKIP
+    >>> world.adapters["math"]  # doctest: +SKIP
+    PosixPath('/tmp/w/adapters/math')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """How to build one random LoRA adapter."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further LoraConfig fields (use_rslora, use_dora, rank_pattern, ...)."""
+
+
+@dataclass(frozen=True)
+class World:
+    base_model: Path
+    adapters: dict[str, Path]
+
+
+def build_base_model(
+    path: Path, *, hidden_size: int = 64, layers: int = 2, vocab_size: int = 256, seed: int = 0
+) -> Path:
+    """Save a randomly initialised Llama-architecture causal LM to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden_size // 16),
+        num_key_value_heads=max(1, hidden_size // 16),
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def build_adapter(base_model: Path, path: Path, shape: AdapterShape, *, seed: int) -> Path:
+    """Save a LoRA adapter with random, non-zero A and B (as if trained) to `path`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    config = LoraConfig(
+        r=shape.r,
+        lora_alpha=shape.lora_alpha,
+        target_modules=list(shape.target_modules),
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,  # random B too: a zero B would make every merge trivially equal
+        **shape.extra,
+    )
+    torch.manual_seed(seed)
+    get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+def build_world(
+    root: Path,
+    adapters: dict[str, AdapterShape],
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+) -> World:
+    """A base model under `root/base` and one adapter per entry under `root/adapters/<name>`."""
+    base = build_base_model(root / "base", hidden_size=hidden_size, layers=layers, seed=seed)
+    built = {
+        name: build_adapter(base, root / "adapters" / name, shape, seed=seed + 1 + i)
+        for i, (name, shape) in enumerate(adapters.items())
+    }
+    return World(base_model=base, adapters=built)

@@ -1,0 +1,271 @@
+"""End to end on a real local Ray instance (2 workers on logical GPUs, executing on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import assert_tensors_match, base_spec, reference_merge, reload_merged, write_spec
+from peft import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from raymerge.driver import run_sweep
+from raymerge.errors import ClusterError
+from raymerge.manifest import read_manifest
+from raymerge.plan import load_plan
+
+ALL_TYPES_SPEC = [
+    # Equal-rank types over three adapters with different lora_alpha and a negative weight.
+    {
+        "adapters": ["a", "b", "c"],
+        "weights": [[0.6, -0.3, 0.5]],
+        "methods": [
+            {"combination_type": "linear"},
+            {"combination_type": "ties", "density": 0.5, "majority_sign_method": "frequency"},
+            {"combination_type": ["dare_linear", "dare_ties", "magnitude_prune"], "density": 0.6},
+        ],
+    },
+    # Rank-changing types over adapters of ranks 8 and 4.
+    {
+        "adapters": ["a", "d"],
+        "weights": [[0.7, -0.4]],
+        "methods": [
+            {"combination_type": "cat"},
+            {"combination_type": "svd", "svd_rank": 6},
+            {"combination_type": "svd", "svd_clamp": 0.9},
+            {
+                "combination_type": [
+                    "ties_svd",
+                    "dare_linear_svd",
+                    "dare_ties_svd",
+                    "magnitude_prune_svd",
+                ],
+                "density": 0.5,
+            },
+        ],
+    },
+]
+ALL_TYPES = [
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "cat",
+    "svd",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(world, ray_cluster, tmp_path_factory):
+    """One sweep covering all 11 combination types, run once for this module's tests."""
+    root = tmp_path_factory.mktemp("sweep")
+    spec = base_spec(world, root / "out", combinations=ALL_TYPES_SPEC)
+    plan = load_plan(write_spec(root, spec))
+    summary = run_sweep(plan)
+    return plan, summary
+
+
+def _records(output: str) -> dict[str, dict]:
+    return {
+        path.parent.name: json.loads(path.read_text())
+        for path in Path(output, "merges").glob("*/merge.json")
+    }
+
+
+def test_sweep_completes_with_manifest_and_summary(sweep):
+    plan, summary = sweep
+    assert (summary.done, summary.failed, summary.skipped) == (12, 0, 0)
+    records = _records(plan.output)
+    assert sorted(records) == sorted(t.merge_id for t in plan.tasks())
+    lines = read_manifest(plan.output)
+    assert sorted(line["merge_id"] for line in lines) == sorted(records)
+    for line in lines:
+        record = records[line["merge_id"]]
+        assert line["status"] == record["status"] == "done"
+        assert line["path"] == str(Path(plan.output, "merges", line["merge_id"]))
+        for key in ("adapters", "weights", "combination_type", "params", "seed"):
+            assert line[key] == record[key]
+    # Both workers took part, and each loaded an adapter at most once.
+    assert {r["worker"]["index"] for r in records.values()} == {0, 1}
+    assert set(summary.adapter_loads) == {"0", "1"}
+    assert all(1 <= n <= 4 for n in summary.adapter_loads.values())
+    saved = json.loads(Path(plan.output, "summary.json").read_text())
+    assert saved["done"] == 12 and saved["failed"] == 0
+
+
+@pytest.mark.parametrize("combination_type", ALL_TYPES)
+def test_output_equals_add_weighted_adapter_on_a_peft_model(sweep, world, combination_type):
+    plan, _ = sweep
+    records = [
+        r for r in _records(plan.output).values() if r["combination_type"] == combination_type
+    ]
+    assert records, f"no {combination_type} merge in the sweep"
+    for record in records:
+        names = [a["name"] for a in record["adapters"]]
+        assert [a["uri"] for a in record["adapters"]] == [str(world.adapters[n]) for n in names]
+        expected = reference_merge(
+            world.base_model,
+            [world.adapters[n] for n in names],
+            record["weights"],
+            combination_type,
+            record["params"],
+            seed=record["merge_seed"],
+        )
+        merged_dir = Path(plan.output, "merges", record["merge_id"])
+        actual = get_peft_model_state_dict(
+            reload_merged(world.base_model, merged_dir), adapter_name="merged"
+        )
+        assert_tensors_match(actual, expected, rel=1e-6)
+
+
+def test_cat_delta_is_the_exact_weighted_sum(sweep, world):
+    """Independently of PEFT's merge code: cat's delta is sum_i w_i * scale_i * B_i @ A_i."""
+    plan, _ = sweep
+    [record] = [r for r in _records(plan.output).values() if r["combination_type"] == "cat"]
+    merged = reload_merged(world.base_model, Path(plan.output, "merges", record["merge_id"]))
+    inputs = {}
+    for name in ("a", "d"):
+        model = reload_merged(world.base_model, world.adapters[name])
+        inputs[name] = {
+            key: module.get_delta_weight("merged")
+            for key, module in model.named_modules()
+            if isinstance(module, LoraLayer) and "merged" in module.lora_A
+        }
+    checked = 0
+    for key, module in merged.named_modules():
+        if isinstance(module, LoraLayer) and "merged" in module.lora_A:
+            want = sum(
+                w * inputs[n][key] for n, w in zip(("a", "d"), record["weights"], strict=True)
+            )
+            got = module.get_delta_weight("merged")
+            assert (got - want).norm() / want.norm() <= 1e-5, key
+            checked += 1
+    assert checked == 8  # q/k/v/o in 2 layers
+
+
+def test_resume_skips_committed_merges_and_redoes_incomplete_ones(world, ray_cluster, tmp_path):
+    spec = base_spec(world, tmp_path / "out")
+    spec["combinations"][0]["methods"] = [
+        {"combination_type": ["linear", "dare_linear"], "density": [0.3, 0.6]}
+    ]
+    plan = load_plan(write_spec(tmp_path, spec))
+    first = run_sweep(plan)
+    assert (first.done, first.skipped) == (3, 0)
+    merges = Path(plan.output, "merges")
+    ids = sorted(p.name for p in merges.iterdir())
+    stamps = {i: (merges / i / "adapter_model.safetensors").stat().st_mtime_ns for i in ids}
+
+    # A merge interrupted before its commit marker, and a manifest lost with the driver.
+    (merges / ids[0] / "merge.json").unlink()
+    Path(plan.output, "manifest.jsonl").unlink()
+
+    second = run_sweep(plan)
+    assert (second.done, second.skipped, second.failed) == (1, 2, 0)
+    after = {i: (merges / i / "adapter_model.safetensors").stat().st_mtime_ns for i in ids}
+    assert after[ids[0]] != stamps[ids[0]]  # redone
+    assert {i: after[i] for i in ids[1:]} == {i: stamps[i] for i in ids[1:]}  # untouched
+    lines = read_manifest(plan.output)
+    assert sorted(line["merge_id"] for line in lines) == ids
+    assert all(line["status"] == "done" for line in lines)
+
+    third = run_sweep(plan)
+    assert (third.done, third.skipped) == (0, 3)
+    assert len(read_manifest(plan.output)) == 3
+
+
+def test_failed_merge_is_recorded_never_listed_as_done_and_exits_1(world, ray_cluster, tmp_path):
+    spec = base_spec(world, tmp_path / "out")
+    spec["combinations"][0]["methods"] = [
+        {"combination_type": "linear"},
+        # cuSOLVER drivers exist only on CUDA: on these CPU workers this merge fails.
+        {"combination_type": "svd", "svd_driver": "gesvd"},
+    ]
+    path = write_spec(tmp_path, spec)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    result = subprocess.run(
+        [sys.executable, "-m", "raymerge.cli", "run", str(path), "--workers", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "driver" in result.stdout + result.stderr
+    lines = {line["combination_type"]: line for line in read_manifest(str(tmp_path / "out"))}
+    assert lines["linear"]["status"] == "done"
+    assert lines["svd"]["status"] == "failed" and "driver" in lines["svd"]["error"]
+    assert not Path(tmp_path, "out", "merges", lines["svd"]["merge_id"]).exists()
+    summary = json.loads(Path(tmp_path, "out", "summary.json").read_text())
+    assert (summary["done"], summary["failed"]) == (1, 1)
+
+
+def test_too_many_gpus_is_a_clear_error_before_anything_runs(world, tmp_path):
+    spec = base_spec(world, tmp_path / "out", gpus_per_worker=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "raymerge.cli", "run", str(write_spec(tmp_path, spec))],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "gpus_per_worker=4" in result.stderr and "8 GPU" in result.stderr
+    assert not Path(tmp_path, "out", "merges").exists()
+
+
+def test_dare_merges_are_reproducible(world, ray_cluster, tmp_path):
+    """Same spec, two outputs: byte-identical DARE adapters (per-merge seeds)."""
+    spec = base_spec(world, tmp_path / "one")
+    spec["combinations"][0]["methods"] = [{"combination_type": "dare_ties", "density": 0.5}]
+    one = load_plan(write_spec(tmp_path, spec))
+    two = load_plan(write_spec(tmp_path, spec), {"output": str(tmp_path / "two")})
+    run_sweep(one)
+    run_sweep(two)
+    [merge_id] = [t.merge_id for t in one.tasks()]
+    files = [Path(p.output, "merges", merge_id, "adapter_model.safetensors") for p in (one, two)]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    other_seed = base_spec(world, tmp_path / "three", seed=1)
+    other_seed["combinations"] = spec["combinations"]
+    three = load_plan(write_spec(tmp_path, other_seed, name="three.yaml"))
+    run_sweep(three)
+    [other_id] = [t.merge_id for t in three.tasks()]
+    third = Path(three.output, "merges", other_id, "adapter_model.safetensors").read_bytes()
+    assert third != files[0].read_bytes()
+
+
+def test_worker_that_cannot_load_the_base_model_is_a_clear_error(world, ray_cluster, tmp_path):
+    broken = tmp_path / "base-without-weights"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((world.base_model / "config.json").read_bytes())
+    spec = base_spec(world, tmp_path / "out", base_model=str(broken), workers=1)
+    plan = load_plan(write_spec(tmp_path, spec))
+    with pytest.raises(ClusterError) as caught:
+        run_sweep(plan, start_timeout=120)
+    assert "merge worker failed to start" in str(caught.value)
+    assert str(broken) in str(caught.value)
+    assert not Path(tmp_path, "out", "merges").exists()
+
+
+def test_demo_runs_end_to_end(ray_cluster, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "raymerge.cli", "demo", "--out", str(tmp_path / "demo")],
+        env={**os.environ, "RAY_ADDRESS": ray_cluster},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = read_manifest(str(tmp_path / "demo" / "merges-out"))
+    assert len(lines) == 17 and all(line["status"] == "done" for line in lines)
+    assert len({line["combination_type"] for line in lines}) == 7
+    assert "Sweep summary" in result.stdout
+    assert f"Manifest: {tmp_path / 'demo' / 'merges-out' / 'manifest.jsonl'}" in result.stdout

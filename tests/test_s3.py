@@ -1,0 +1,137 @@
+"""S3 end to end against a real S3 protocol server (moto) on 127.0.0.1: inputs and outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import assert_tensors_match, base_spec, reference_merge, reload_merged, write_spec
+from peft import get_peft_model_state_dict
+
+from raymerge import storage
+from raymerge.driver import run_sweep
+from raymerge.errors import InputError
+from raymerge.manifest import read_manifest
+from raymerge.plan import load_plan
+
+
+def _upload_tree(fs, local: Path, remote: str) -> None:
+    for path in local.rglob("*"):
+        if path.is_file():
+            fs.put_file(str(path), f"{remote}/{path.relative_to(local)}")
+
+
+@pytest.fixture
+def s3_world(world, s3):
+    fs, bucket = s3
+    _upload_tree(fs, world.base_model, f"{bucket}/models/base")
+    for name, path in world.adapters.items():
+        _upload_tree(fs, path, f"{bucket}/adapters/{name}")
+    return fs, bucket
+
+
+def _s3_spec(world, bucket: str, endpoint: str, **overrides):
+    return base_spec(
+        world,
+        f"s3://{bucket}/sweeps/run-1",
+        base_model=f"s3://{bucket}/models/base",
+        adapters={name: f"s3://{bucket}/adapters/{name}" for name in world.adapters},
+        storage_options={"client_kwargs": {"endpoint_url": endpoint}},
+        **overrides,
+    )
+
+
+def test_sweep_reads_adapters_from_and_writes_merges_to_s3(
+    world, s3_world, s3_endpoint, ray_cluster, tmp_path
+):
+    fs, bucket = s3_world
+    spec = _s3_spec(world, bucket, s3_endpoint)
+    spec["combinations"] = [
+        {
+            "adapters": ["a", "d"],
+            "weights": [[0.8, 0.4]],
+            "methods": [{"combination_type": ["cat", "svd", "dare_linear_svd"], "density": 0.5}],
+        },
+        {
+            "adapters": ["a", "b"],
+            "weights": [[1.0, -0.5]],
+            "methods": [{"combination_type": "linear"}],
+        },
+    ]
+    plan = load_plan(write_spec(tmp_path, spec))
+    assert plan.output == f"s3://{bucket}/sweeps/run-1"
+    summary = run_sweep(plan)
+    assert (summary.done, summary.failed) == (4, 0)
+
+    options = spec["storage_options"]
+    lines = read_manifest(plan.output, options)
+    assert sorted(line["merge_id"] for line in lines) == sorted(t.merge_id for t in plan.tasks())
+    for line in lines:
+        merge_dir = f"{bucket}/sweeps/run-1/merges/{line['merge_id']}"
+        assert sorted(fs.ls(merge_dir, detail=False)) == sorted(
+            f"{merge_dir}/{f}"
+            for f in ("adapter_config.json", "adapter_model.safetensors", "merge.json")
+        )
+        local = tmp_path / "downloaded" / line["merge_id"]
+        fs.get(merge_dir + "/", str(local) + "/", recursive=True)
+        names = [a["name"] for a in line["adapters"]]
+        assert [a["uri"] for a in line["adapters"]] == [
+            f"s3://{bucket}/adapters/{n}" for n in names
+        ]
+        record = json.loads((local / "merge.json").read_text())
+        expected = reference_merge(
+            world.base_model,
+            [world.adapters[n] for n in names],
+            line["weights"],
+            line["combination_type"],
+            line["params"],
+            seed=record["merge_seed"],
+        )
+        actual = get_peft_model_state_dict(
+            reload_merged(world.base_model, local), adapter_name="merged"
+        )
+        assert_tensors_match(actual, expected, rel=1e-6)
+    assert fs.exists(f"{bucket}/sweeps/run-1/summary.json")
+
+    # Rerun: everything is already committed on S3.
+    again = run_sweep(plan)
+    assert (again.done, again.skipped) == (0, 4)
+    assert len(read_manifest(plan.output, options)) == 4
+
+
+def test_plan_names_a_missing_s3_adapter(world, s3_world, s3_endpoint, tmp_path):
+    fs, bucket = s3_world
+    spec = _s3_spec(world, bucket, s3_endpoint)
+    spec["adapters"]["b"] = f"s3://{bucket}/adapters/nope"
+    with pytest.raises(InputError) as caught:
+        load_plan(write_spec(tmp_path, spec))
+    [problem] = caught.value.problems
+    assert f"adapter 'b' (s3://{bucket}/adapters/nope)" in problem
+    assert not fs.exists(f"{bucket}/sweeps")
+
+
+def test_endpoint_from_aws_endpoint_url(s3, s3_endpoint, monkeypatch):
+    fs, bucket = s3
+    fs.pipe_file(f"{bucket}/hello.txt", b"hi")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    assert storage.read_bytes(f"s3://{bucket}/hello.txt") == b"hi"
+    storage.write_bytes(f"s3://{bucket}/out/x.json", b"{}")
+    assert fs.cat_file(f"{bucket}/out/x.json") == b"{}"
+
+
+def test_remote_inputs_are_cached_once_and_refreshed_when_changed(
+    s3, s3_endpoint, tmp_path, monkeypatch
+):
+    fs, bucket = s3
+    monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
+    fs.pipe_file(f"{bucket}/ad/adapter_config.json", b"{}")
+    options = {"endpoint_url": s3_endpoint}
+    first = storage.local_copy(f"s3://{bucket}/ad", options)
+    assert (first / "adapter_config.json").read_bytes() == b"{}"
+    mtime = (first / "adapter_config.json").stat().st_mtime_ns
+    assert storage.local_copy(f"s3://{bucket}/ad", options) == first
+    assert (first / "adapter_config.json").stat().st_mtime_ns == mtime  # not fetched again
+    fs.pipe_file(f"{bucket}/ad/adapter_config.json", b'{"r": 4}')
+    again = storage.local_copy(f"s3://{bucket}/ad", options)
+    assert (again / "adapter_config.json").read_bytes() == b'{"r": 4}'
