@@ -19,6 +19,7 @@ from raymerge.errors import InputError
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class AdapterInfo:
     weights_file: str
     tensors: dict[str, list[int]] = field(default_factory=dict)
     """Tensor name -> shape, from the safetensors header (empty for adapter_model.bin)."""
+    dtype: str = "float32"
+    """The LoRA factors' dtype (torch's name), from the safetensors header."""
 
     @property
     def rank(self) -> int:
@@ -47,7 +50,11 @@ class AdapterInfo:
 
 
 def inspect_adapter(
-    name: str, uri: str, storage_options: dict[str, Any] | None = None
+    name: str,
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    allow_pickle: bool = False,
 ) -> AdapterInfo:
     """Read and check adapter `name` at `uri`; raises InputError naming the adapter and file."""
     where = f"adapter {name!r} ({uri})"
@@ -67,14 +74,23 @@ def inspect_adapter(
         )
         if weights is None:
             raise InputError(f"{where}: no {' or '.join(WEIGHT_FILES)} beside {CONFIG_FILE}")
-        tensors = {}
+        if weights.endswith(".bin") and not allow_pickle:
+            raise InputError(
+                f"{where}: has only adapter_model.bin, a pickle that can run code when loaded; "
+                "re-save it with save_pretrained(safe_serialization=True), or set "
+                "`allow_pickle: true` in the spec if you trust it (loaded with weights_only=True)"
+            )
+        tensors, dtype = {}, "float32"
         if weights.endswith(".safetensors"):
-            tensors = _safetensors_shapes(where, storage.join(uri, weights), storage_options)
+            header = read_safetensors_header(where, storage.join(uri, weights), storage_options)
+            tensors = {k: v["shape"] for k, v in header.items()}
+            dtypes = {v["dtype"] for k, v in header.items() if "lora_" in k}
+            dtype = SAFETENSORS_DTYPES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else dtype
     except InputError:
         raise
     except Exception as exc:  # storage errors: permissions, network, bad endpoint
         raise InputError(f"{where}: cannot be read: {type(exc).__name__}: {exc}") from None
-    return AdapterInfo(name=name, uri=uri, config=config, weights_file=weights, tensors=tensors)
+    return AdapterInfo(name, uri, config, weights, tensors, dtype)
 
 
 def inspect_base_model(uri: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -118,14 +134,56 @@ def _parse_config(where: str, data: bytes) -> dict[str, Any]:
     return config
 
 
-def _safetensors_shapes(where: str, uri: str, storage_options) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header: 8 bytes of length, then JSON (two ranged reads)."""
+def read_safetensors_header(
+    where: str, uri: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """A safetensors file's tensor table (two ranged reads), checked against the file's size.
+
+    A header that promises more bytes than the file holds means a truncated upload or copy.
+    """
     head = storage.read_range(uri, 0, 8, storage_options)
     size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
     if not 0 < size <= _MAX_HEADER:
         raise InputError(f"{where}: {uri} is not a safetensors file (bad header length)")
     try:
         header = json.loads(storage.read_range(uri, 8, 8 + size, storage_options))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
         raise InputError(f"{where}: {uri} is not a safetensors file (unreadable header)") from None
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    actual = storage.size(uri, storage_options)
+    if actual < 8 + size + end:
+        raise InputError(
+            f"{where}: {uri} is truncated: its header describes {8 + size + end} bytes but the "
+            f"file has {actual}; copy or upload it again"
+        )
+    return header
+
+
+def read_base_shapes(uri: str, storage_options: dict[str, Any] | None = None):
+    """Weight name -> shape of a base model, from its safetensors headers (no weights loaded).
+
+    None when the base model has no safetensors files to read (a hub id, or .bin weights).
+    """
+    where = f"base_model {uri}"
+    index_uri = storage.join(uri, "model.safetensors.index.json")
+    try:
+        if storage.exists(index_uri, storage_options):
+            shards = sorted(
+                set(
+                    json.loads(storage.read_bytes(index_uri, storage_options))[
+                        "weight_map"
+                    ].values()
+                )
+            )
+        elif storage.exists(storage.join(uri, "model.safetensors"), storage_options):
+            shards = ["model.safetensors"]
+        else:
+            return None
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise InputError(f"{where}: model.safetensors.index.json is unreadable ({exc})") from None
+    shapes: dict[str, list[int]] = {}
+    for shard in shards:
+        header = read_safetensors_header(where, storage.join(uri, shard), storage_options)
+        shapes.update({k: v["shape"] for k, v in header.items()})
+    return shapes

@@ -38,24 +38,31 @@ def merge_dir(output: str, merge_id: str) -> str:
 def merge_record(
     task: MergeTask,
     *,
-    adapter_uris: dict[str, str],
+    inputs: list[dict[str, Any]],
     base_model: str,
     engine: str,
+    compute_dtype: str,
     files: dict[str, dict[str, Any]],
     seconds: float,
     worker: dict[str, Any],
     versions: dict[str, str],
 ) -> dict[str, Any]:
-    """The content of merge.json: what the merged adapter is, and how it was made."""
+    """The content of merge.json: what the merged adapter is, and how it was made.
+
+    `inputs` holds, per input adapter in merge order, its name, uri and the sha256 of its
+    weights file and config.
+    """
     return {
         "merge_id": task.merge_id,
         "status": "done",
-        "adapters": [{"name": n, "uri": adapter_uris[n]} for n in task.adapters],
+        "adapters": inputs,
         "weights": list(task.weights),
         "combination_type": task.combination_type,
         "params": task.params,
         "seed": task.seed,
         "merge_seed": task.merge_seed,
+        "compute_dtype": compute_dtype,
+        "output_dtype": task.output_dtype,
         "base_model": base_model,
         "engine": engine,
         "files": files,
@@ -74,9 +81,10 @@ def commit_merge(output: str, record: dict[str, Any], storage_options=None) -> N
 
 def manifest_line(output: str, record: dict[str, Any]) -> dict[str, Any]:
     """The manifest's line for a committed merge, from its merge.json record."""
-    keys = ("merge_id", "status", "adapters", "weights", "combination_type", "params", "seed")
+    keys = ("merge_id", "status", "weights", "combination_type", "params", "seed")
     return {
         **{k: record[k] for k in keys},
+        "adapters": [{"name": a["name"], "uri": a["uri"]} for a in record["adapters"]],
         "path": merge_dir(output, record["merge_id"]),
         "seconds": record["seconds"],
     }

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from raymerge import storage
-from raymerge.adapters import AdapterInfo, inspect_adapter, inspect_base_model
+from raymerge import compat, storage
+from raymerge.adapters import AdapterInfo, inspect_adapter, inspect_base_model, read_base_shapes
 from raymerge.errors import InputError, SpecError
 from raymerge.methods import COMBINATION_TYPES
 from raymerge.spec import ChooseGroup, SweepSpec, parse_spec, read_spec_file
@@ -42,6 +42,8 @@ class MergeTask:
     """The sweep's seed."""
     merge_seed: int
     """This merge's own random seed (DARE masks), derived from its identity."""
+    output_dtype: str
+    """dtype the merged adapter is written in (the arithmetic is float32)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"adapters": list(self.adapters), "weights": list(self.weights)}
@@ -53,8 +55,12 @@ def merge_id(
     combination_type: str,
     params: dict[str, Any],
     seed: int,
+    output_dtype: str = "float32",
 ) -> str:
     """The stable identity of a merge: a 16-hex-digit hash of its canonical JSON.
+
+    It covers everything that decides the merged adapter's bytes: adapters, weights, type,
+    parameters, seed and output dtype.
 
     `adapters` are (name, location as written in the spec) pairs, so ids survive moving the
     spec's folder or resubmitting it from another machine.
@@ -66,6 +72,7 @@ def merge_id(
             "combination_type": combination_type,
             "params": params,
             "seed": seed,
+            "output_dtype": output_dtype,
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -100,11 +107,17 @@ class Plan:
         for group in self.spec.combinations:
             for names in _adapter_sets(group, self.spec):
                 located = [(name, self.spec.adapters[name].strip().rstrip("/")) for name in names]
+                output_dtype = self.output_dtype(names)
                 for weights in group.weights:
                     for method in group.methods:
                         for combination_type, params in method.expand():
                             mid = merge_id(
-                                located, weights, combination_type, params, self.spec.seed
+                                located,
+                                weights,
+                                combination_type,
+                                params,
+                                self.spec.seed,
+                                output_dtype,
                             )
                             if mid in seen:
                                 continue
@@ -117,7 +130,15 @@ class Plan:
                                 params=params,
                                 seed=self.spec.seed,
                                 merge_seed=merge_seed(mid),
+                                output_dtype=output_dtype,
                             )
+
+    def output_dtype(self, names: tuple[str, ...]) -> str:
+        """The spec's output_dtype, else the inputs' common dtype, else float32."""
+        if self.spec.output_dtype:
+            return self.spec.output_dtype
+        dtypes = {self.adapters[name].dtype for name in names}
+        return dtypes.pop() if len(dtypes) == 1 else "float32"
 
     def counts(self) -> dict[str, int]:
         """Number of merges per combination type."""
@@ -171,6 +192,7 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     # Inspect adapters even when the spec has errors, so that one run reports everything.
     raw_adapters = spec.adapters if spec else raw.get("adapters")
     storage_options = spec.storage_options if spec else {}
+    allow_pickle = spec.allow_pickle if spec else raw.get("allow_pickle") is True
     adapters: dict[str, AdapterInfo] = {}
     if isinstance(raw_adapters, dict):
         for name, location in raw_adapters.items():
@@ -178,7 +200,10 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
                 continue
             try:
                 uri = storage.resolve(location, base_dir)
-                adapters[name] = inspect_adapter(name, uri, storage_options)
+                adapters[name] = inspect_adapter(
+                    name, uri, storage_options, allow_pickle=allow_pickle
+                )
+                input_problems.extend(compat.feature_problems(adapters[name]))
             except ValueError as exc:
                 spec_problems.append(f"adapters.{name}: {exc}")
             except InputError as exc:
@@ -188,6 +213,9 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     if spec is not None:
         try:
             base_model = _resolve_base_model(spec.base_model, base_dir, storage_options)
+            input_problems.extend(
+                _base_shape_problems(base_model, adapters, base_dir, storage_options)
+            )
         except InputError as exc:
             input_problems.extend(exc.problems)
         except ValueError as exc:
@@ -212,6 +240,18 @@ def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str
     uri = storage.resolve(location, base_dir)
     inspect_base_model(uri, storage_options)
     return uri
+
+
+def _base_shape_problems(
+    base_model: str, adapters: dict[str, AdapterInfo], base_dir: Path, storage_options
+) -> list[str]:
+    """Every adapter's factors against the base model's weight shapes (headers only)."""
+    if storage.looks_like_hub_id(base_model, base_dir):
+        return []  # not readable offline: from_pretrained checks shapes on the workers
+    shapes = read_base_shapes(base_model, storage_options)
+    if shapes is None:
+        return []
+    return [p for info in adapters.values() for p in compat.base_shape_problems(info, shapes)]
 
 
 def _group_names(group, spec: SweepSpec) -> list[str]:
@@ -264,6 +304,8 @@ def _compatibility_problems(spec: SweepSpec, adapters: dict[str, AdapterInfo]) -
     for i, group in enumerate(spec.combinations):
         names = [n for n in dict.fromkeys(_group_names(group, spec)) if n in adapters]
         used.update(names)
+        types = [t for method in group.methods for t in method.combination_type or []]
+        problems.extend(compat.group_problems(i, types, [adapters[n] for n in names]))
         ranks = {n: adapters[n].rank for n in names}
         if len(set(ranks.values())) < 2:
             continue

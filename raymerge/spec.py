@@ -245,6 +245,19 @@ class SweepSpec(_Frozen):
     """Options for fsspec/s3fs (e.g. client_kwargs.endpoint_url); never credentials."""
     allow_base_mismatch: bool = False
     """Allow merging adapters whose configs name different base models."""
+    allow_pickle: bool = False
+    """Accept adapters stored only as adapter_model.bin (a pickle; loaded with weights_only)."""
+    output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    """dtype of the merged adapters (default: the input adapters' dtype; float32 if they differ).
+    The merge arithmetic itself is always float32."""
+
+    @field_validator("adapters")
+    @classmethod
+    def _names_are_not_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if set(name) <= {"."}:
+                raise ValueError(f"adapter name {name!r} must contain a letter or digit")
+        return value
 
     @field_validator("storage_options")
     @classmethod

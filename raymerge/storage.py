@@ -81,6 +81,11 @@ def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
+def size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
+    fs, path = filesystem(uri, storage_options)
+    return fs.size(path)
+
+
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem(uri, storage_options)
     return fs.cat_file(path)

@@ -21,10 +21,13 @@ import peft
 import torch
 import transformers
 from peft import PeftModel
+from safetensors import safe_open
 
 import raymerge
-from raymerge import manifest, storage
+from raymerge import compat, manifest, storage
+from raymerge.adapters import CONFIG_FILE, WEIGHT_FILES
 from raymerge.engines import peft_engine
+from raymerge.errors import MergeError
 from raymerge.plan import MergeTask
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class MergeWorker:
         self.adapter_loads = 0
         self._peft: PeftModel | None = None
         self._loaded: dict[str, str] = {}  # spec name -> PEFT adapter name
+        self._provenance: dict[str, dict[str, Any]] = {}  # spec name -> location and digests
         self._model = self._load_base_model(task_type)
 
     def _load_base_model(self, task_type: str | None):
@@ -109,12 +113,14 @@ class MergeWorker:
                 task.params,
                 task.merge_seed,
             )
+            peft_engine.cast_adapter(self._peft, merged, getattr(torch, task.output_dtype))
             files = self._write_adapter(merged, manifest.merge_dir(self.output, task.merge_id))
             record = manifest.merge_record(
                 task,
-                adapter_uris=self.adapter_uris,
+                inputs=[self._provenance[name] for name in task.adapters],
                 base_model=self.base_model,
                 engine=peft_engine.ENGINE,
+                compute_dtype=str(peft_engine.COMPUTE_DTYPE).removeprefix("torch."),
                 files=files,
                 seconds=time.perf_counter() - started,
                 worker={"index": self.index, "host": socket.gethostname()},
@@ -138,19 +144,50 @@ class MergeWorker:
         return {"index": self.index, "adapter_loads": self.adapter_loads}
 
     def _ensure_adapter(self, name: str) -> str:
-        """Load adapter `name` once; later merges reuse it."""
+        """Load adapter `name` once, in float32 (the merge arithmetic's dtype); merges reuse it."""
         if name in self._loaded:
             return self._loaded[name]
-        path = str(storage.local_copy(self.adapter_uris[name], self.storage_options))
+        path = storage.local_copy(self.adapter_uris[name], self.storage_options)
+        weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
+        if weights.suffix == ".safetensors":
+            self._check_base_copies(name, weights)
         # PEFT keeps adapters in ModuleDicts, whose keys cannot hold '.': use our own names.
         peft_name = f"adapter_{len(self._loaded)}"
         if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self._model, path, adapter_name=peft_name)
+            self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=peft_name)
         else:
-            self._peft.load_adapter(path, adapter_name=peft_name)
+            self._peft.load_adapter(str(path), adapter_name=peft_name)
+        peft_engine.cast_adapter(self._peft, peft_name, peft_engine.COMPUTE_DTYPE)
         self._loaded[name] = peft_name
+        self._provenance[name] = {
+            "name": name,
+            "uri": self.adapter_uris[name],
+            "weights_file": weights.name,
+            "weights_sha256": _sha256(weights),
+            "config_sha256": _sha256(path / CONFIG_FILE),
+        }
         self.adapter_loads += 1
         return peft_name
+
+    def _check_base_copies(self, name: str, weights: Path) -> None:
+        """An embedding LoRA may carry a full copy of the embedding (PEFT saves one beside it).
+
+        Loading it overwrites the held base model's weights, so it must equal them exactly.
+        """
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                match = compat.BASE_LAYER_KEY.match(key)
+                if not match:
+                    continue
+                module = self._model.get_submodule(match["module"])
+                held = getattr(module, "base_layer", module).weight
+                theirs = f.get_tensor(key).to(device=held.device, dtype=held.dtype)
+                if not torch.equal(theirs, held.data):
+                    raise MergeError(
+                        f"adapter {name!r} carries its own {match['module']} weights, which "
+                        "differ from the base model's (a trained or resized embedding); a merge "
+                        "cannot carry them: use adapters saved with save_embedding_layers=False"
+                    )
 
     def _write_adapter(self, adapter: str, destination: str) -> dict[str, dict[str, Any]]:
         """save_pretrained the merged adapter alone and upload its files; returns their digests."""
@@ -165,6 +202,14 @@ class MergeWorker:
                     folder / name, storage.join(destination, name), self.storage_options
                 )
         return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -81,6 +82,26 @@ def _records(output: str) -> dict[str, dict]:
     }
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_merge_json_records_provenance(sweep, world):
+    plan, _ = sweep
+    for merge_id, record in _records(plan.output).items():
+        for entry in record["adapters"]:
+            folder = world.adapters[entry["name"]]
+            assert entry["uri"] == str(folder)
+            assert entry["weights_sha256"] == _sha256(folder / "adapter_model.safetensors")
+            assert entry["config_sha256"] == _sha256(folder / "adapter_config.json")
+        for name, digest in record["files"].items():
+            assert digest["sha256"] == _sha256(Path(plan.output, "merges", merge_id, name))
+        assert set(record["versions"]) == {"raymerge", "peft", "torch", "transformers"}
+        assert (record["compute_dtype"], record["output_dtype"]) == ("float32", "float32")
+        assert record["engine"] == "peft" and record["seconds"] > 0
+        assert isinstance(record["merge_seed"], int)
+
+
 def test_sweep_completes_with_manifest_and_summary(sweep):
     plan, summary = sweep
     assert (summary.done, summary.failed, summary.skipped) == (12, 0, 0)
@@ -92,8 +113,11 @@ def test_sweep_completes_with_manifest_and_summary(sweep):
         record = records[line["merge_id"]]
         assert line["status"] == record["status"] == "done"
         assert line["path"] == str(Path(plan.output, "merges", line["merge_id"]))
-        for key in ("adapters", "weights", "combination_type", "params", "seed"):
+        for key in ("weights", "combination_type", "params", "seed"):
             assert line[key] == record[key]
+        assert line["adapters"] == [
+            {"name": a["name"], "uri": a["uri"]} for a in record["adapters"]
+        ]
     # Both workers took part, and each loaded an adapter at most once.
     assert {r["worker"]["index"] for r in records.values()} == {0, 1}
     assert set(summary.adapter_loads) == {"0", "1"}

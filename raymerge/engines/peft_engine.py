@@ -1,14 +1,17 @@
-"""The reference path: PEFT's own `add_weighted_adapter` on a PeftModel holding the inputs."""
+"""The reference path: PEFT's own `add_weighted_adapter` on a PeftModel holding the inputs,
+with the fixes that make its result exactly what merge.json says."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 ENGINE = "peft"
+COMPUTE_DTYPE = torch.float32
 
 
 def add_merged_adapter(
@@ -42,3 +45,35 @@ def add_merged_adapter(
         combination_type=combination_type,
         **params,
     )
+    _use_unit_scaling(model, merged_name)
+
+
+def _use_unit_scaling(model: PeftModel, name: str) -> None:
+    """The merged factors already carry each input's scaling, so the merge must scale by 1.
+
+    PEFT sets lora_alpha = r for that, but copies use_rslora from the first input: rsLoRA then
+    scales by alpha/sqrt(r) = sqrt(r), and the written adapter is off by that factor.
+    """
+    config = model.peft_config[name]
+    config.use_rslora = False
+    for module in _lora_layers(model, name):
+        module.scaling[name] = config.lora_alpha / config.r
+
+
+def cast_adapter(model: PeftModel, name: str, dtype: torch.dtype) -> None:
+    """Cast one adapter's LoRA factors in place (float32 to merge; the output dtype to save)."""
+    for module in _lora_layers(model, name):
+        for factors in (module.lora_A, module.lora_B):
+            if name in factors:
+                factors[name].weight.data = factors[name].weight.data.to(dtype)
+        for factors in (module.lora_embedding_A, module.lora_embedding_B):
+            if name in factors:
+                factors[name].data = factors[name].data.to(dtype)
+
+
+def _lora_layers(model: PeftModel, name: str) -> Iterator[LoraLayer]:
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and (
+            name in module.lora_A or name in module.lora_embedding_A
+        ):
+            yield module

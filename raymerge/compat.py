@@ -1,0 +1,227 @@
+"""Which adapters raymerge merges exactly, decided before any cluster work.
+
+PEFT's `add_weighted_adapter` runs without error on several kinds of adapter and writes a wrong
+result (DoRA magnitudes, LoRA biases and modules_to_save are dropped; rsLoRA scaling is applied
+twice; rank_pattern breaks the equal-rank types). Each rule here either lets raymerge handle the
+feature correctly elsewhere, or refuses it naming the adapter, the feature and what to do instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from raymerge.adapters import AdapterInfo
+
+LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
+)
+BASE_LAYER_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+"""A full copy of a targeted embedding's weights, which PEFT saves beside embedding LoRAs."""
+
+# init_lora_weights values that change the base weights during training: such an adapter only
+# means something on top of its own modified base, unless it was converted when saved.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One targeted module's factors, from the safetensors header."""
+
+    name: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    embedding: bool
+
+    @property
+    def rank(self) -> int:
+        return self.a_shape[0]
+
+
+def lora_modules(tensors: dict[str, list[int]]) -> tuple[dict[str, LoraModule], list[str]]:
+    """The LoRA modules in a header, and the keys that are neither LoRA factors nor base copies."""
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    others = []
+    for key, shape in tensors.items():
+        match = LORA_KEY.match(key)
+        if match:
+            parts.setdefault(match["module"], {})[match["part"]] = tuple(shape)
+        elif not BASE_LAYER_KEY.match(key):
+            others.append(key)
+    modules = {}
+    for name, found in parts.items():
+        embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+        a = found.get("lora_embedding_A" if embedding else "lora_A.weight")
+        b = found.get("lora_embedding_B" if embedding else "lora_B.weight")
+        if a is None or b is None:
+            others.append(f"{name} (lora_A without lora_B or the reverse)")
+            continue
+        modules[name] = LoraModule(name, a, b, embedding)
+    return modules, others
+
+
+def feature_problems(info: AdapterInfo) -> list[str]:
+    """Adapter features that no combination type merges correctly."""
+    where = f"adapter {info.name!r}"
+    config = info.config
+    problems = []
+
+    def refuse(feature: str, why_and_what: str) -> None:
+        problems.append(f"{where} uses {feature}: {why_and_what}")
+
+    if config.get("use_dora"):
+        refuse(
+            "DoRA (use_dora: true)",
+            "its magnitude vectors cannot be combined with other adapters' factors (PEFT's merge "
+            "silently drops them); merge it into the base with merge_and_unload instead, or use "
+            "an adapter trained without DoRA",
+        )
+    if config.get("lora_bias"):
+        refuse(
+            "lora_bias: true",
+            "PEFT's merge silently drops LoRA biases; retrain with lora_bias=False or merge it "
+            "into the base with merge_and_unload",
+        )
+    if config.get("modules_to_save"):
+        refuse(
+            f"modules_to_save {config['modules_to_save']}",
+            "fully trained modules cannot be weight-merged (PEFT's merge keeps the base model's "
+            "copy and loses the trained one); save the adapter without modules_to_save",
+        )
+    if config.get("target_parameters"):
+        refuse(
+            f"target_parameters {config['target_parameters']}",
+            "add_weighted_adapter cannot merge LoRAs on nn.Parameters; target modules instead",
+        )
+    if config.get("trainable_token_indices"):
+        refuse(
+            "trainable_token_indices",
+            "trained token embeddings cannot be weight-merged; save the adapter without them",
+        )
+    if config.get("layer_replication"):
+        refuse("layer_replication", "it changes the base model's layers; merging ignores that")
+    if config.get("alora_invocation_tokens"):
+        refuse(
+            "activated LoRA (alora_invocation_tokens)",
+            "its delta applies only after the invocation tokens, which a weight merge cannot keep",
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        refuse(
+            f"init_lora_weights {init!r}",
+            "it was trained on a modified base model; save it with "
+            "path_initial_model_for_weight_conversion so that it applies to the original base",
+        )
+    if info.tensors:
+        problems += _tensor_problems(info)
+    return problems
+
+
+def _tensor_problems(info: AdapterInfo) -> list[str]:
+    """The safetensors header against the config: only LoRA factors, paired, of the right rank."""
+    where = f"adapter {info.name!r}: {info.weights_file}"
+    modules, others = lora_modules(info.tensors)
+    problems = []
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        problems.append(
+            f"{where} holds tensors that are not LoRA factors ({listed}); raymerge merges "
+            "lora_A/lora_B only: save the adapter without extra modules"
+        )
+    if not modules and not others:
+        problems.append(f"{where} holds no LoRA factors (lora_A/lora_B)")
+    for module in modules.values():
+        if len(module.a_shape) > 2:
+            problems.append(
+                f"{where}: {module.name} is a convolution LoRA, which raymerge does not merge yet; "
+                "leave conv layers out of target_modules"
+            )
+            break
+        if module.b_shape[1] != module.rank:
+            problems.append(
+                f"{where}: {module.name} has lora_A of shape {list(module.a_shape)} but lora_B of "
+                f"shape {list(module.b_shape)}: their ranks differ; the file is corrupt"
+            )
+        elif module.rank != expected_rank(info.config, module.name):
+            problems.append(
+                f"{where}: {module.name} has rank {module.rank} but adapter_config.json says "
+                f"{expected_rank(info.config, module.name)}; the config does not fit the weights"
+            )
+    return problems
+
+
+def expected_rank(config: dict[str, Any], module: str) -> int:
+    """A module's rank per the config: its rank_pattern entry (PEFT's suffix match) or r."""
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return rank
+    return config["r"]
+
+
+def base_shape_problems(info: AdapterInfo, base_shapes: dict[str, list[int]]) -> list[str]:
+    """Each LoRA factor against the shape of the base weight it adapts."""
+    if not info.tensors:
+        return []
+    where = f"adapter {info.name!r}"
+    modules, _ = lora_modules(info.tensors)
+    fan_in_fan_out = bool(info.config.get("fan_in_fan_out"))
+    problems = []
+    for module in modules.values():
+        key = _base_key(module.name, base_shapes)
+        if key is None:
+            problems.append(
+                f"{where} targets {module.name}, which the base model does not have; is it an "
+                "adapter for another model?"
+            )
+            continue
+        shape = base_shapes[key]
+        if module.embedding or fan_in_fan_out:  # stored as (in, out), unlike nn.Linear
+            in_features, out_features = shape[0], shape[1]
+        else:
+            out_features, in_features = shape[0], shape[1]
+        if module.a_shape[1] != in_features or module.b_shape[0] != out_features:
+            problems.append(
+                f"{where}: {module.name} has lora_A {list(module.a_shape)} and lora_B "
+                f"{list(module.b_shape)}, which do not fit the base model's {key} of shape "
+                f"{shape}; is it an adapter for another model?"
+            )
+        if len(problems) >= 3:
+            problems.append(f"{where}: further modules not checked")
+            break
+    for key, shape in info.tensors.items():
+        match = BASE_LAYER_KEY.match(key)
+        base_key = _base_key(match["module"], base_shapes) if match else None
+        if match and base_key is not None and list(shape) != list(base_shapes[base_key]):
+            problems.append(
+                f"{where}: {key} has shape {shape} but the base model's {base_key} is "
+                f"{base_shapes[base_key]}: the adapter resized the vocabulary, which a merge "
+                "cannot carry; merge adapters trained without resizing"
+            )
+    return problems
+
+
+def _base_key(module: str, base_shapes: dict[str, list[int]]) -> str | None:
+    """The base checkpoint's weight for a module path (with or without the model's prefix)."""
+    for candidate in (module, module.split(".", 1)[-1]):
+        if f"{candidate}.weight" in base_shapes:
+            return f"{candidate}.weight"
+    return None
+
+
+def group_problems(index: int, combination_types: list[str], infos: list[AdapterInfo]) -> list[str]:
+    """Rules that depend on the combination type: rank_pattern breaks the equal-rank types."""
+    from raymerge.methods import COMBINATION_TYPES
+
+    equal_rank = [t for t in combination_types if COMBINATION_TYPES[t].equal_rank]
+    problems = []
+    if equal_rank:
+        for info in infos:
+            if set((info.config.get("rank_pattern") or {}).values()) - {info.config["r"]}:
+                problems.append(
+                    f"combinations[{index}]: adapter {info.name!r} has per-module ranks "
+                    f"(rank_pattern), which {', '.join(equal_rank)} cannot merge (PEFT writes an "
+                    "adapter that does not reload); use cat or an svd type for it"
+                )
+    return problems
