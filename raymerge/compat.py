@@ -167,14 +167,11 @@ def base_shape_problems(info: AdapterInfo, base_shapes: dict[str, list[int]]) ->
     where = f"adapter {info.name!r}"
     modules, _ = lora_modules(info.tensors)
     fan_in_fan_out = bool(info.config.get("fan_in_fan_out"))
-    problems = []
+    problems, missing = [], []
     for module in modules.values():
         key = _base_key(module.name, base_shapes)
         if key is None:
-            problems.append(
-                f"{where} targets {module.name}, which the base model does not have; is it an "
-                "adapter for another model?"
-            )
+            missing.append(module.name)
             continue
         shape = base_shapes[key]
         if module.embedding or fan_in_fan_out:  # stored as (in, out), unlike nn.Linear
@@ -182,14 +179,22 @@ def base_shape_problems(info: AdapterInfo, base_shapes: dict[str, list[int]]) ->
         else:
             out_features, in_features = shape[0], shape[1]
         if module.a_shape[1] != in_features or module.b_shape[0] != out_features:
+            if len(problems) == 3:
+                problems.append(f"{where}: further modules not checked")
+                break
             problems.append(
                 f"{where}: {module.name} has lora_A {list(module.a_shape)} and lora_B "
                 f"{list(module.b_shape)}, which do not fit the base model's {key} of shape "
                 f"{shape}; is it an adapter for another model?"
             )
-        if len(problems) >= 3:
-            problems.append(f"{where}: further modules not checked")
-            break
+    if missing:
+        listed = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        problems.append(
+            f"{where} targets {len(missing)} module(s) that the base model does not have "
+            f"({listed}); is it an adapter for another model?"
+        )
     for key, shape in info.tensors.items():
         match = BASE_LAYER_KEY.match(key)
         base_key = _base_key(match["module"], base_shapes) if match else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable
@@ -26,12 +27,15 @@ MERGES = "merges"
 MERGE_JSON = "merge.json"
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
+MERGE_ID = re.compile(r"[0-9a-f]{16}")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 """The files of a merged adapter, as PEFT's save_pretrained writes them."""
 
 
 def merge_dir(output: str, merge_id: str) -> str:
-    """Where merge `merge_id` lives."""
+    """Where merge `merge_id` lives. Ids are hex hashes, so no name can reach outside `output`."""
+    if not MERGE_ID.fullmatch(merge_id):
+        raise ValueError(f"{merge_id!r} is not a merge id (16 hex digits)")
     return storage.join(output, MERGES, merge_id)
 
 
@@ -107,11 +111,12 @@ def failure_line(task: MergeTask, adapter_uris: dict[str, str], error: str) -> d
 def committed_merge_ids(output: str, storage_options=None) -> set[str]:
     """Ids of the merges whose merge.json exists under `output` (one listing)."""
     marker = f"/{MERGE_JSON}"
-    return {
+    found = (
         uri[: -len(marker)].rsplit("/", 1)[-1]
         for uri in storage.find(storage.join(output, MERGES), storage_options)
         if uri.endswith(marker)
-    }
+    )
+    return {merge_id for merge_id in found if MERGE_ID.fullmatch(merge_id)}
 
 
 def read_manifest(output: str, storage_options=None) -> list[dict[str, Any]]:

@@ -49,7 +49,20 @@ def reference_merge(
     params: dict[str, Any],
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """What calling add_weighted_adapter directly on a PeftModel gives (the user's own loop)."""
+    """What calling add_weighted_adapter directly on a PeftModel gives (the user's own loop).
+
+    Computed on one thread, as each test worker merges, so that float32 SVDs agree bit for bit
+    rather than to LAPACK's thread-dependent rounding.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_merge(base_model, adapter_dirs, weights, combination_type, params, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_merge(base_model, adapter_dirs, weights, combination_type, params, seed):
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_model), adapter_dirs[0], adapter_name="in0"
     )
@@ -82,3 +95,46 @@ def assert_tensors_match(
         assert got.shape == want.shape, name
         err = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)
         assert err <= rel, f"{name}: relative error {err:.3e} > {rel}"
+
+
+def lora_deltas(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """Each LoRA module's delta weight (scaling included), as PEFT applies it."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        key: module.get_delta_weight(adapter).float()
+        for key, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+        and (adapter in module.lora_A or adapter in module.lora_embedding_A)
+    }
+
+
+def weighted_sum(inputs: list[dict[str, torch.Tensor]], weights: list[float], key: str):
+    """sum_i w_i * delta_i for one module (adapters that do not target it contribute nothing)."""
+    return sum(w * deltas[key] for w, deltas in zip(weights, inputs, strict=True) if key in deltas)
+
+
+def best_rank_k(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """The best rank-k approximation (Eckart-Young), in float64."""
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return ((u[:, :k] * s[:k]) @ vh[:k]).float()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def cast_adapter_file(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of an adapter folder with its weights stored in `dtype`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file(
+        {k: v.to(dtype) for k, v in tensors.items()},
+        dst / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
+    return dst

@@ -247,23 +247,24 @@ def test_too_many_gpus_is_a_clear_error_before_anything_runs(world, tmp_path):
 
 
 def test_dare_merges_are_reproducible(world, ray_cluster, tmp_path):
-    """Same spec, two outputs: byte-identical DARE adapters (per-merge seeds)."""
+    """One spec, two outputs: identical DARE adapter bytes (per-merge seeds); new seed differs."""
+    dare = ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]
     spec = base_spec(world, tmp_path / "one")
-    spec["combinations"][0]["methods"] = [{"combination_type": "dare_ties", "density": 0.5}]
+    spec["combinations"][0]["methods"] = [{"combination_type": dare, "density": 0.5}]
     one = load_plan(write_spec(tmp_path, spec))
     two = load_plan(write_spec(tmp_path, spec), {"output": str(tmp_path / "two")})
-    run_sweep(one)
-    run_sweep(two)
-    [merge_id] = [t.merge_id for t in one.tasks()]
-    files = [Path(p.output, "merges", merge_id, "adapter_model.safetensors") for p in (one, two)]
-    assert files[0].read_bytes() == files[1].read_bytes()
-    other_seed = base_spec(world, tmp_path / "three", seed=1)
-    other_seed["combinations"] = spec["combinations"]
-    three = load_plan(write_spec(tmp_path, other_seed, name="three.yaml"))
-    run_sweep(three)
-    [other_id] = [t.merge_id for t in three.tasks()]
-    third = Path(three.output, "merges", other_id, "adapter_model.safetensors").read_bytes()
-    assert third != files[0].read_bytes()
+    three = load_plan(write_spec(tmp_path, {**spec, "seed": 1}, name="three.yaml"))
+    for plan in (one, two, three):
+        assert run_sweep(plan).done == 4
+    for task, other_seed in zip(one.tasks(), three.tasks(), strict=True):
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            first, second = (Path(p.output, "merges", task.merge_id, name) for p in (one, two))
+            assert first.read_bytes() == second.read_bytes(), (task.combination_type, name)
+        record = json.loads(Path(one.output, "merges", task.merge_id, "merge.json").read_text())
+        assert record["merge_seed"] == task.merge_seed and record["seed"] == 0
+        ours = Path(one.output, "merges", task.merge_id, "adapter_model.safetensors")
+        reseeded = Path(three.output, "merges", other_seed.merge_id, "adapter_model.safetensors")
+        assert reseeded.read_bytes() != ours.read_bytes(), task.combination_type
 
 
 def test_worker_that_cannot_load_the_base_model_is_a_clear_error(world, ray_cluster, tmp_path):

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -135,3 +141,61 @@ def test_remote_inputs_are_cached_once_and_refreshed_when_changed(
     fs.pipe_file(f"{bucket}/ad/adapter_config.json", b'{"r": 4}')
     again = storage.local_copy(f"s3://{bucket}/ad", options)
     assert (again / "adapter_config.json").read_bytes() == b'{"r": 4}'
+
+
+def _texts_under(folder: Path):
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                yield path, path.read_bytes()
+            except OSError:
+                continue
+
+
+def test_a_planted_secret_never_appears_in_outputs_logs_or_errors(
+    world, s3_world, s3_endpoint, tmp_path
+):
+    fs, bucket = s3_world
+    secret = f"planted-{uuid.uuid4().hex}"
+    ray_dir = Path(tempfile.mkdtemp(prefix="rm-", dir="/tmp"))  # short: Ray's socket paths
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "RAYMERGE_CACHE": str(tmp_path / "cache"),
+        "RAY_TMPDIR": str(ray_dir),
+    }
+    spec = _s3_spec(world, bucket, s3_endpoint, workers=1, gpus_per_worker=0)
+    ok = subprocess.run(
+        [sys.executable, "-m", "raymerge", "run", str(write_spec(tmp_path, spec))],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr.decode()[-2000:]
+    spec["adapters"]["b"] = f"s3://{bucket}-missing/adapters/b"
+    bad = subprocess.run(
+        [sys.executable, "-m", "raymerge", "run", str(write_spec(tmp_path, spec, "bad.yaml"))],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and b"adapter 'b'" in bad.stderr
+
+    planted = secret.encode()
+    for output in (ok.stdout, ok.stderr, bad.stdout, bad.stderr):
+        assert planted not in output
+    objects = fs.find(bucket)
+    assert any(key.endswith("merge.json") for key in objects)
+    for key in objects:
+        assert planted not in fs.cat_file(key), key
+    searched = {}
+    for folder in (ray_dir, tmp_path):
+        for path, data in _texts_under(folder):
+            assert planted not in data, path
+            searched[path] = len(data)
+    ray_logs = [
+        p for p in searched if p.is_relative_to(ray_dir) and p.suffix in (".log", ".out", ".err")
+    ]
+    assert len(ray_logs) >= 3, "Ray's logs were not there to search"
+    assert any(p.is_relative_to(tmp_path / "cache") for p in searched)
+    shutil.rmtree(ray_dir, ignore_errors=True)

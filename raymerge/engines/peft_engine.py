@@ -46,6 +46,7 @@ def add_merged_adapter(
         **params,
     )
     _use_unit_scaling(model, merged_name)
+    _make_config_deterministic(model, merged_name)
 
 
 def _use_unit_scaling(model: PeftModel, name: str) -> None:
@@ -58,6 +59,15 @@ def _use_unit_scaling(model: PeftModel, name: str) -> None:
     config.use_rslora = False
     for module in _lora_layers(model, name):
         module.scaling[name] = config.lora_alpha / config.r
+
+
+def _make_config_deterministic(model: PeftModel, name: str) -> None:
+    """PEFT writes set-valued fields (the union of target_modules) in hash order, which changes
+    from process to process; sorted lists make the same merge give the same bytes."""
+    config = model.peft_config[name]
+    for field, value in vars(config).items():
+        if isinstance(value, set):
+            setattr(config, field, sorted(value))
 
 
 def cast_adapter(model: PeftModel, name: str, dtype: torch.dtype) -> None:
