@@ -159,11 +159,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="Sweep summary", show_header=False)
     table.add_column()
     table.add_column(overflow="fold")
-    for key in ("done", "skipped", "failed", "total", "seconds", "merge_seconds", "merges_per_s"):
+    keys = ("done", "skipped", "failed", "not_run", "retries", "total", "seconds", "merge_seconds")
+    for key in (*keys, "merges_per_s", "adapter_loads", "bytes_written"):
         table.add_row(key.replace("_", " "), str(summary[key]))
-    table.add_row(
-        "adapter loads", ", ".join(f"w{k}: {v}" for k, v in summary["adapter_loads"].items())
+    per_worker = ", ".join(
+        f"w{k}: {w['done']} merges, {w['adapter_loads']} loads"
+        for k, w in summary["workers"].items()
     )
+    table.add_row("per worker", per_worker)
     table.add_row("output", summary["output"])
     console.print(table)
     for failure in summary["failures"][:10]:

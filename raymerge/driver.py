@@ -1,10 +1,10 @@
-"""The driver: connects to Ray, starts merge workers, feeds them tasks as they free up, and keeps
-the manifest and summary. It knows nothing of the merge math.
+"""The driver: connects to Ray, starts merge workers, feeds them tasks as they free up, retries
+tasks whose worker died, and keeps the manifest and summary. It knows nothing of the merge math.
 
 Example:
-    >>> summary = run_sweep(load_plan("jobs/demo.yaml"))  # doctest: +SKIP
+    >>> summary = run_sweep(load_plan("jobs/local-demo.yaml"))  # doctest: +SKIP
     >>> summary.done, summary.failed  # doctest: +SKIP
-    (24, 0)
+    (27, 0)
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from typing import Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymerge import manifest
 from raymerge.errors import ClusterError
 from raymerge.plan import MergeTask, Plan
+from raymerge.schedule import LocalityScheduler, RoundRobinScheduler
 from raymerge.worker import MergeWorker
 
 TASKS_IN_FLIGHT_PER_WORKER = 2  # one merging, one queued: no idle gap between tasks
 MANIFEST_FLUSH_SECONDS = 30.0
+MAX_FAILURES_IN_SUMMARY = 100
 
 
 class Progress(Protocol):
@@ -38,6 +42,18 @@ class Progress(Protocol):
 
 
 @dataclass
+class WorkerStats:
+    """One worker's share of the run."""
+
+    done: int = 0
+    failed: int = 0
+    adapter_loads: int = 0
+    bytes_written: int = 0
+    busy_seconds: float = 0.0
+    restarts: int = 0
+
+
+@dataclass
 class RunSummary:
     """The figures of one run, also written to `<output>/summary.json`."""
 
@@ -46,14 +62,21 @@ class RunSummary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    not_run: int = 0
+    """Tasks left undone: --fail-fast stopped the run, or every worker died."""
+    retries: int = 0
+    """Tasks run again because their worker died."""
     seconds: float = 0.0
     """Wall time of the run, Ray start and model loading included."""
     merge_seconds: float = 0.0
     """Time from the first task dispatched to the last result (workers loaded)."""
     merges_per_s: float = 0.0
     """Merges done per second of `merge_seconds`."""
-    adapter_loads: dict[str, int] = field(default_factory=dict)
+    adapter_loads: int = 0
+    bytes_written: int = 0
+    workers: dict[str, WorkerStats] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
+    """The first failures (merge_id and error); all of them are in the manifest."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,12 +88,14 @@ def run_sweep(
     address: str | None = None,
     progress: Progress | None = None,
     start_timeout: float = 600.0,
+    fail_fast: bool = False,
 ) -> RunSummary:
     """Run every merge of `plan` that is not committed yet; returns the run's summary.
 
     Uses the Ray instance this process is connected to, else `address`, else RAY_ADDRESS, else
     starts a local one. Merges already committed under the output (merge.json present) are
-    skipped, so rerunning a spec resumes it.
+    skipped, so rerunning a spec resumes it; with `fail_fast` the run stops dispatching at the
+    first failed merge.
     """
     started = time.perf_counter()
     options = plan.spec.storage_options
@@ -88,14 +113,16 @@ def run_sweep(
     pending = (task for task in plan.tasks() if task.merge_id not in committed)
     if total > skipped:
         with _ray_session(address) as fixed_size:
-            workers = _start_workers(plan, start_timeout, fixed_size)
+            workers, groups = _start_workers(plan, start_timeout, fixed_size)
             dispatch_started = time.perf_counter()
             try:
-                _dispatch(workers, pending, plan, writer, summary, progress)
+                _Dispatch(plan, workers, pending, writer, summary, progress, fail_fast).run()
             finally:
                 summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
                 for worker in workers.values():
-                    ray.kill(worker)
+                    ray.kill(worker, no_restart=True)
+                for group in groups:
+                    remove_placement_group(group)
     writer.close()
     summary.seconds = round(time.perf_counter() - started, 3)
     if summary.merge_seconds:
@@ -118,101 +145,188 @@ def _carry_over_committed(plan: Plan, committed: set[str], writer: manifest.Mani
         writer.add(manifest.manifest_line(plan.output, record))
 
 
-def _dispatch(
-    workers: dict[int, Any],
-    tasks: Iterator[MergeTask],
-    plan: Plan,
-    writer: manifest.ManifestWriter,
-    summary: RunSummary,
-    progress: Progress | None,
-) -> None:
-    """Pull-based: each worker gets its next task as soon as it finishes one."""
-    uris = plan.adapter_uris()
-    in_flight: dict[Any, tuple[int, MergeTask]] = {}
+class _Dispatch:
+    """The dispatch loop: pull-based feeding, results, worker deaths and retries."""
 
-    def feed(index: int) -> None:
-        task = next(tasks, None)
+    def __init__(
+        self, plan, workers, tasks: Iterator[MergeTask], writer, summary, progress, fail_fast
+    ):
+        self.plan = plan
+        self.workers: dict[int, Any] = dict(workers)
+        self.uris = plan.adapter_uris()
+        self.writer = writer
+        self.summary = summary
+        self.progress = progress
+        self.fail_fast = fail_fast
+        self.stopping = False
+        if plan.spec.scheduling == "round_robin":
+            self.scheduler = RoundRobinScheduler(tasks, list(workers))
+        else:
+            self.scheduler = LocalityScheduler(tasks)
+        self.in_flight: dict[Any, tuple[int, MergeTask]] = {}
+        self.probes: dict[Any, int] = {}  # info() calls on workers that died, until they are back
+        self.cached: dict[int, set[str]] = {w: set() for w in workers}
+        self.attempts: dict[str, int] = {}
+        summary.workers = {str(w): WorkerStats() for w in workers}
+
+    def run(self) -> None:
+        for index in self.workers:
+            for _ in range(TASKS_IN_FLIGHT_PER_WORKER):
+                self._feed(index)
+        last_flush = time.monotonic()
+        while self.in_flight or self.probes:
+            [ref], _ = ray.wait([*self.in_flight, *self.probes], num_returns=1)
+            if ref in self.probes:
+                self._probed(ref)
+            else:
+                self._finished(ref)
+            if time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS:
+                self.writer.flush()
+                last_flush = time.monotonic()
+        for task in self.scheduler.drain():  # left only by --fail-fast, or if every worker died
+            if self.stopping:
+                self.summary.not_run += 1
+            else:
+                self._record_failure(task, "not run: every merge worker died")
+
+    def _feed(self, index: int) -> None:
+        if self.stopping or index not in self.workers or index in self.probes.values():
+            return
+        expected = self.cached[index] | {
+            name for w, task in self.in_flight.values() if w == index for name in task.adapters
+        }
+        task = self.scheduler.next_for(index, expected)
         if task is not None:
-            in_flight[workers[index].merge.remote(task)] = (index, task)
+            attempt = self.attempts.get(task.merge_id, 0)
+            self.in_flight[self.workers[index].merge.remote(task, attempt)] = (index, task)
 
-    for index in workers:
-        for _ in range(TASKS_IN_FLIGHT_PER_WORKER):
-            feed(index)
-    last_flush = time.monotonic()
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        index, task = in_flight.pop(ref)
+    def _finished(self, ref) -> None:
+        index, task = self.in_flight.pop(ref)
         try:
             result = ray.get(ref)
         except RayActorError as exc:
-            workers.pop(index, None)
-            result = {"merge_id": task.merge_id, "status": "failed", "error": _first_line(exc)}
+            self._worker_died(index, task, exc)
+            return
+        stats = self.summary.workers[str(index)]
+        stats.adapter_loads += result["adapter_loads"]
+        stats.busy_seconds = round(stats.busy_seconds + result["seconds"], 3)
+        self.summary.adapter_loads += result["adapter_loads"]
+        self.cached[index] = set(result["cached"])
         if result["status"] == "done":
-            summary.done += 1
-            writer.add(manifest.manifest_line(plan.output, result["record"]))
+            line = manifest.manifest_line(
+                self.plan.output, result["record"], result["adapter_loads"]
+            )
+            stats.done += 1
+            stats.bytes_written += line["bytes"]
+            self.summary.done += 1
+            self.summary.bytes_written += line["bytes"]
+            self.writer.add(line)
+            if self.progress:
+                self.progress.advance(result)
         else:
-            summary.failed += 1
-            summary.failures.append({"merge_id": task.merge_id, "error": result["error"]})
-            writer.add(manifest.failure_line(task, uris, result["error"]))
-        if progress:
-            progress.advance(result)
-        if index in workers:
-            feed(index)
-        elif not workers:
-            _fail_rest(tasks, uris, writer, summary, "not run: every merge worker died")
-        if time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS:
-            writer.flush()
-            last_flush = time.monotonic()
-    for index, worker in workers.items():
-        summary.adapter_loads[str(index)] = ray.get(worker.stats.remote())["adapter_loads"]
+            stats.failed += 1
+            self._record_failure(task, result["error"], index)
+            self.stopping = self.stopping or self.fail_fast
+        self._feed(index)
+
+    def _worker_died(self, index: int, task: MergeTask, exc: Exception) -> None:
+        """Retry the task anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
+        attempts = self.attempts.get(task.merge_id, 0) + 1
+        self.attempts[task.merge_id] = attempts
+        if attempts <= self.plan.spec.task_retries:
+            self.summary.retries += 1
+            self.scheduler.retry(task)
+        else:
+            error = f"worker died {attempts} times running it: {_first_line(exc)}"
+            self._record_failure(task, error, index)
+        self.cached[index] = set()
+        if index in self.workers and index not in self.probes.values():
+            self.summary.workers[str(index)].restarts += 1
+            self.probes[self.workers[index].info.remote()] = index
+        for other in list(self.workers):  # a retried task may go to any worker now
+            self._top_up(other)
+
+    def _probed(self, ref) -> None:
+        index = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:  # out of restarts, or its node is gone
+            self.workers.pop(index, None)
+            self.scheduler.drop_worker(index)
+            return
+        self._top_up(index)
+
+    def _top_up(self, index: int) -> None:
+        busy = sum(1 for w, _ in self.in_flight.values() if w == index)
+        for _ in range(TASKS_IN_FLIGHT_PER_WORKER - busy):
+            self._feed(index)
+
+    def _record_failure(self, task: MergeTask, error: str, worker: int | None = None) -> None:
+        self.summary.failed += 1
+        if len(self.summary.failures) < MAX_FAILURES_IN_SUMMARY:
+            self.summary.failures.append({"merge_id": task.merge_id, "error": error})
+        self.writer.add(manifest.failure_line(task, self.uris, error))
+        if self.progress:
+            failed = {"merge_id": task.merge_id, "status": "failed", "error": error}
+            self.progress.advance({**failed, "worker": worker})
 
 
-def _fail_rest(tasks, uris, writer, summary: RunSummary, reason: str) -> None:
-    for task in tasks:
-        summary.failed += 1
-        summary.failures.append({"merge_id": task.merge_id, "error": reason})
-        writer.add(manifest.failure_line(task, uris, reason))
-
-
-def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool) -> dict[int, Any]:
-    """Start `workers` actors and wait until each holds the base model."""
+def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool):
+    """Start `workers` actors, each in its own placement group, and wait until each holds the
+    base model. Returns the actors by index and their placement groups."""
     spec = plan.spec
     if fixed_size:
         _check_resources(spec)
     first = next(iter(plan.adapters.values()))
-    remote = ray.remote(MergeWorker).options(
-        num_cpus=spec.cpus_per_worker,
-        num_gpus=spec.gpus_per_worker,
-        max_concurrency=1,
-    )
-    workers = {
-        i: remote.remote(
-            i,
-            plan.base_model,
-            plan.adapter_uris(),
-            plan.output,
-            spec.storage_options,
-            task_type=first.task_type,
-            num_threads=max(1, int(spec.cpus_per_worker)),
+    cache_bytes = int(spec.adapter_cache_gb * 2**30) if spec.adapter_cache_gb else None
+    # One bundle per worker, STRICT_PACK: a worker's GPUs are reserved together, on one node.
+    bundle = {"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker}
+    groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(spec.workers)]
+    workers = {}
+    for i, group in enumerate(groups):
+        workers[i] = (
+            ray.remote(MergeWorker)
+            .options(
+                num_cpus=spec.cpus_per_worker,
+                num_gpus=spec.gpus_per_worker,
+                max_restarts=spec.max_worker_restarts,
+                max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
+            )
+            .remote(
+                i,
+                plan.base_model,
+                plan.adapter_uris(),
+                plan.output,
+                spec.storage_options,
+                task_type=first.task_type,
+                num_threads=max(1, int(spec.cpus_per_worker)),
+                torch_dtype=spec.torch_dtype,
+                gpu_headroom_gb=spec.gpu_headroom_gb,
+                adapter_cache_bytes=cache_bytes,
+            )
         )
-        for i in range(spec.workers)
-    }
+
+    def give_up():
+        for worker in workers.values():
+            ray.kill(worker, no_restart=True)
+        for group in groups:
+            remove_placement_group(group)
+
     try:
         ray.get([w.info.remote() for w in workers.values()], timeout=start_timeout)
     except GetTimeoutError:
-        for worker in workers.values():
-            ray.kill(worker)
+        give_up()
         raise ClusterError(
             f"the {spec.workers} merge workers did not all start within {start_timeout:.0f} s; "
-            f"each needs {spec.cpus_per_worker} CPU and {spec.gpus_per_worker} GPU, and the "
-            f"cluster has {_free_resources()} available; lower `workers` or "
+            f"each needs {spec.cpus_per_worker:g} CPU and {spec.gpus_per_worker:g} GPU on one "
+            f"node, and the cluster has {_free_resources()} available; lower `workers` or "
             "`gpus_per_worker`, or add nodes"
         ) from None
     except RayActorError as exc:
-        for worker in workers.values():
-            ray.kill(worker)
+        give_up()
         raise ClusterError(f"a merge worker failed to start: {_first_line(exc)}") from None
-    return workers
+    return workers, groups
 
 
 def _check_resources(spec) -> None:

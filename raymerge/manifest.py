@@ -83,14 +83,30 @@ def commit_merge(output: str, record: dict[str, Any], storage_options=None) -> N
     storage.write_bytes(uri, json.dumps(record, indent=2).encode(), storage_options)
 
 
-def manifest_line(output: str, record: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's line for a committed merge, from its merge.json record."""
+def read_committed(output: str, merge_id: str, storage_options=None) -> dict[str, Any] | None:
+    """A merge's merge.json record if it is committed, else None."""
+    uri = storage.join(merge_dir(output, merge_id), MERGE_JSON)
+    if not storage.exists(uri, storage_options):
+        return None
+    return json.loads(storage.read_bytes(uri, storage_options))
+
+
+def manifest_line(
+    output: str, record: dict[str, Any], adapter_loads: int | None = None
+) -> dict[str, Any]:
+    """The manifest's line for a committed merge, from its merge.json record.
+
+    `adapter_loads` is how many input adapters the worker had to load for this merge.
+    """
     keys = ("merge_id", "status", "weights", "combination_type", "params", "seed")
     return {
         **{k: record[k] for k in keys},
         "adapters": [{"name": a["name"], "uri": a["uri"]} for a in record["adapters"]],
         "path": merge_dir(output, record["merge_id"]),
         "seconds": record["seconds"],
+        "worker": record["worker"]["index"],
+        "adapter_loads": adapter_loads,
+        "bytes": sum(f["bytes"] for f in record["files"].values()),
     }
 
 

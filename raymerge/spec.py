@@ -239,6 +239,18 @@ class SweepSpec(_Frozen):
     """GPUs per worker; the base model is sharded over them (0: run on CPU)."""
     cpus_per_worker: float = Field(default=1, gt=0)
     """CPUs reserved per worker."""
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """dtype the base model is loaded in on the workers (auto: the checkpoint's)."""
+    gpu_headroom_gb: float = Field(default=2.0, ge=0)
+    """GPU memory per GPU kept free of base-model weights, for adapters and merge buffers."""
+    adapter_cache_gb: float | None = Field(default=None, gt=0)
+    """Bytes of input adapters each worker keeps loaded (LRU; default: no limit)."""
+    scheduling: Literal["locality", "round_robin"] = "locality"
+    """locality: workers get tasks whose adapters they hold; round_robin: task i to worker i%n."""
+    task_retries: int = Field(default=2, ge=0)
+    """Times a task is retried after its worker died (OOM, preemption, node loss)."""
+    max_worker_restarts: int = Field(default=3, ge=0)
+    """Times Ray restarts a worker that died."""
     seed: int = 0
     """Sweep seed; each merge's random seed (DARE) is derived from it and the merge's identity."""
     storage_options: dict[str, Any] = Field(default_factory=dict)

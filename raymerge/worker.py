@@ -7,6 +7,7 @@ CUDA_VISIBLE_DEVICES so that `device_map="auto"` shards the model over this acto
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,9 @@ AUTO_CLASSES = {
 class MergeWorker:
     """Holds one base model (sharded over this worker's GPUs) and merges tasks on it.
 
+    Input adapters stay loaded for later merges, least recently used first out once they hold
+    more than `adapter_cache_bytes`; the adapters of the merge at hand are always kept.
+
     Example (without Ray):
         >>> worker = MergeWorker(0, "/models/base", {"a": "/ad/a", "b": "/ad/b"},
         ...                      "/out", {}, task_type="CAUSAL_LM")  # doctest: +SKIP
@@ -59,8 +64,12 @@ class MergeWorker:
         adapter_uris: dict[str, str],
         output: str,
         storage_options: dict[str, Any],
+        *,
         task_type: str | None = None,
         num_threads: int = 1,
+        torch_dtype: str = "auto",
+        gpu_headroom_gb: float = 2.0,
+        adapter_cache_bytes: int | None = None,
     ):
         _quiet_libraries()
         torch.set_num_threads(max(1, num_threads))
@@ -69,40 +78,57 @@ class MergeWorker:
         self.adapter_uris = adapter_uris
         self.output = output
         self.storage_options = storage_options
+        self.adapter_cache_bytes = adapter_cache_bytes
         self.adapter_loads = 0
         self._peft: PeftModel | None = None
-        self._loaded: dict[str, str] = {}  # spec name -> PEFT adapter name
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # spec name -> PEFT name, LRU first
+        self._bytes: dict[str, int] = {}  # spec name -> bytes its factors take
         self._provenance: dict[str, dict[str, Any]] = {}  # spec name -> location and digests
-        self._model = self._load_base_model(task_type)
+        self._names = itertools.count()
+        self._model = self._load_base_model(task_type, torch_dtype, gpu_headroom_gb)
 
-    def _load_base_model(self, task_type: str | None):
+    def _load_base_model(self, task_type: str | None, torch_dtype: str, headroom_gb: float):
         location = self.base_model
         if "://" in location or Path(location).is_absolute():
             location = str(storage.local_copy(location, self.storage_options))
         auto_class = getattr(transformers, AUTO_CLASSES.get(task_type or "", "AutoModel"))
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {
+            "dtype": torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        }
         if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            # Ray limited CUDA_VISIBLE_DEVICES to this actor's GPUs: "auto" shards over them.
+            # Ray limited CUDA_VISIBLE_DEVICES to this actor's GPUs: shard over those only, and
+            # keep headroom on each for adapters and merge buffers.
             kwargs["device_map"] = "auto"
+            kwargs["max_memory"] = gpu_memory_budget(headroom_gb)
         model = auto_class.from_pretrained(location, **kwargs)
         model.eval()
         return model
 
     def info(self) -> dict[str, Any]:
-        """Where this worker runs; called once by the driver to know it is ready."""
+        """Where this worker runs; the driver calls it to know the worker is (back) up."""
+        devices = sorted({str(p.device) for p in self._model.parameters()})
         return {
             "index": self.index,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "device": str(next(self._model.parameters()).device),
+            "devices": devices,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
-    def merge(self, task: MergeTask) -> dict[str, Any]:
-        """Merge, write the adapter files, then commit merge.json. Never raises for a bad merge."""
+    def merge(self, task: MergeTask, attempt: int = 0) -> dict[str, Any]:
+        """Merge, write the adapter files, then commit merge.json. Never raises for a bad merge.
+
+        A retried task (`attempt` > 0) whose merge.json exists was committed by a worker that died
+        right after: it is reported, not written again.
+        """
         started = time.perf_counter()
+        loads_before = self.adapter_loads
         merged = f"merge_{task.merge_id}"
         try:
+            if attempt and (
+                record := manifest.read_committed(self.output, task.merge_id, self.storage_options)
+            ):
+                return self._result(task, "done", record=record, started=started, loads=0)
             names = [self._ensure_adapter(name) for name in task.adapters]
             peft_engine.add_merged_adapter(
                 self._peft,
@@ -127,38 +153,61 @@ class MergeWorker:
                 versions=_versions(),
             )
             manifest.commit_merge(self.output, record, self.storage_options)
-            return {"merge_id": task.merge_id, "status": "done", "record": record}
+            return self._result(
+                task,
+                "done",
+                record=record,
+                started=started,
+                loads=self.adapter_loads - loads_before,
+            )
         except Exception as exc:
             log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
-            return {
-                "merge_id": task.merge_id,
-                "status": "failed",
-                "error": f"{type(exc).__name__}: {exc}",
-                "seconds": time.perf_counter() - started,
-            }
+            return self._result(
+                task,
+                "failed",
+                error=f"{type(exc).__name__}: {exc}",
+                started=started,
+                loads=self.adapter_loads - loads_before,
+            )
         finally:
             if self._peft is not None and merged in self._peft.peft_config:
                 self._peft.delete_adapter(merged)  # memory must not grow with the sweep
+            self._evict(keep=set(task.adapters))
 
-    def stats(self) -> dict[str, Any]:
-        return {"index": self.index, "adapter_loads": self.adapter_loads}
+    def _result(
+        self, task: MergeTask, status: str, *, started: float, loads: int, **extra
+    ) -> dict[str, Any]:
+        return {
+            "merge_id": task.merge_id,
+            "status": status,
+            "worker": self.index,
+            "adapter_loads": loads,
+            "cached": list(self._loaded),
+            "seconds": time.perf_counter() - started,
+            **extra,
+        }
+
+    def cached_adapters(self) -> list[str]:
+        return list(self._loaded)
 
     def _ensure_adapter(self, name: str) -> str:
         """Load adapter `name` once, in float32 (the merge arithmetic's dtype); merges reuse it."""
         if name in self._loaded:
+            self._loaded.move_to_end(name)
             return self._loaded[name]
         path = storage.local_copy(self.adapter_uris[name], self.storage_options)
         weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
         if weights.suffix == ".safetensors":
             self._check_base_copies(name, weights)
         # PEFT keeps adapters in ModuleDicts, whose keys cannot hold '.': use our own names.
-        peft_name = f"adapter_{len(self._loaded)}"
+        peft_name = f"adapter_{next(self._names)}"
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=peft_name)
         else:
             self._peft.load_adapter(str(path), adapter_name=peft_name)
         peft_engine.cast_adapter(self._peft, peft_name, peft_engine.COMPUTE_DTYPE)
         self._loaded[name] = peft_name
+        self._bytes[name] = peft_engine.adapter_bytes(self._peft, peft_name)
         self._provenance[name] = {
             "name": name,
             "uri": self.adapter_uris[name],
@@ -168,6 +217,16 @@ class MergeWorker:
         }
         self.adapter_loads += 1
         return peft_name
+
+    def _evict(self, keep: set[str]) -> None:
+        """Unload least recently used adapters until the cache fits its budget."""
+        if self.adapter_cache_bytes is None or self._peft is None:
+            return
+        for name in list(self._loaded):
+            if sum(self._bytes[n] for n in self._loaded) <= self.adapter_cache_bytes:
+                return
+            if name not in keep:
+                self._peft.delete_adapter(self._loaded.pop(name))
 
     def _check_base_copies(self, name: str, weights: Path) -> None:
         """An embedding LoRA may carry a full copy of the embedding (PEFT saves one beside it).
@@ -202,6 +261,15 @@ class MergeWorker:
                     folder / name, storage.join(destination, name), self.storage_options
                 )
         return files
+
+
+def gpu_memory_budget(headroom_gb: float) -> dict[int, int]:
+    """Bytes of base-model weights accelerate may put on each visible GPU: all but the headroom."""
+    budget = {}
+    for device in range(torch.cuda.device_count()):
+        _, total = torch.cuda.mem_get_info(device)
+        budget[device] = max(0, total - int(headroom_gb * 2**30))
+    return budget
 
 
 def _sha256(path: Path) -> str:

@@ -120,8 +120,12 @@ def test_sweep_completes_with_manifest_and_summary(sweep):
         ]
     # Both workers took part, and each loaded an adapter at most once.
     assert {r["worker"]["index"] for r in records.values()} == {0, 1}
-    assert set(summary.adapter_loads) == {"0", "1"}
-    assert all(1 <= n <= 4 for n in summary.adapter_loads.values())
+    assert set(summary.workers) == {"0", "1"}
+    assert all(1 <= w.adapter_loads <= 4 for w in summary.workers.values())
+    assert summary.adapter_loads == sum(w.adapter_loads for w in summary.workers.values())
+    assert sum(line["adapter_loads"] for line in lines) == summary.adapter_loads
+    assert summary.bytes_written == sum(line["bytes"] for line in lines) > 0
+    assert summary.retries == 0
     saved = json.loads(Path(plan.output, "summary.json").read_text())
     assert saved["done"] == 12 and saved["failed"] == 0
 

@@ -81,6 +81,20 @@ def cast_adapter(model: PeftModel, name: str, dtype: torch.dtype) -> None:
                 factors[name].data = factors[name].data.to(dtype)
 
 
+def adapter_bytes(model: PeftModel, name: str) -> int:
+    """Memory one loaded adapter's factors take."""
+    total = 0
+    for module in _lora_layers(model, name):
+        for factors in (module.lora_A, module.lora_B):
+            if name in factors:
+                weight = factors[name].weight
+                total += weight.numel() * weight.element_size()
+        for factors in (module.lora_embedding_A, module.lora_embedding_B):
+            if name in factors:
+                total += factors[name].numel() * factors[name].element_size()
+    return total
+
+
 def _lora_layers(model: PeftModel, name: str) -> Iterator[LoraLayer]:
     for module in model.modules():
         if isinstance(module, LoraLayer) and (
