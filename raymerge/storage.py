@@ -15,18 +15,46 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from filelock import FileLock
 
 REMOTE_SCHEMES = ("s3",)
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""Seconds between attempts of a storage operation that failed transiently (after s3fs and
+botocore's own quick retries gave up): throttling, 5xx, connection resets, timeouts."""
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "ResponseStreamingError",
+    "IncompleteRead",
+}
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -76,25 +104,60 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     return fs, uri.split("://", 1)[1]
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: looks through s3fs's translated exceptions to
+    the botocore or aiohttp error beneath."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return True
+        if type(exc).__name__ in _TRANSIENT_NAMES:
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in _TRANSIENT_CODES or status >= 500:
+                return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def retrying(operation: Callable[[], T], *, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """Run a storage operation, retrying transient failures with exponential backoff."""
+    for delay in (*delays, None):
+        try:
+            return operation()
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            log.warning(
+                "transient storage error, retrying in %.1f s: %s", delay, type(exc).__name__
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path))
 
 
 def size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     fs, path = filesystem(uri, storage_options)
-    return fs.size(path)
+    return retrying(lambda: fs.size(path))
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem(uri, storage_options)
-    return fs.cat_file(path)
+    return retrying(lambda: fs.cat_file(path))
 
 
 def read_range(uri: str, start: int, end: int, storage_options: dict[str, Any] | None = None):
     """Bytes [start, end) of a file, without fetching the rest (a ranged GET on S3)."""
     fs, path = filesystem(uri, storage_options)
-    return fs.cat_file(path, start=start, end=end)
+    return retrying(lambda: fs.cat_file(path, start=start, end=end))
 
 
 def read_many(uris: list[str], storage_options: dict[str, Any] | None = None) -> dict[str, bytes]:
@@ -103,7 +166,7 @@ def read_many(uris: list[str], storage_options: dict[str, Any] | None = None) ->
         return {}
     fs, _ = filesystem(uris[0], storage_options)
     paths = {filesystem(u, storage_options)[1]: u for u in uris}
-    return {paths[p]: data for p, data in fs.cat(list(paths)).items()}
+    return {paths[p]: data for p, data in retrying(lambda: fs.cat(list(paths))).items()}
 
 
 def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
@@ -111,7 +174,7 @@ def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[st
     fs, path = filesystem(uri, storage_options)
     prefix = uri[: len(uri) - len(path)]
     try:
-        found = fs.find(path)
+        found = retrying(lambda: fs.find(path))
     except FileNotFoundError:
         return
     for name in found:
@@ -122,7 +185,7 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
     """Write a whole file atomically: readers see the old file or the new one, never a part."""
     if is_remote(uri):
         fs, path = filesystem(uri, storage_options)
-        fs.pipe_file(path, data)  # one PUT: S3 objects appear whole
+        retrying(lambda: fs.pipe_file(path, data))  # one PUT: S3 objects appear whole
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +203,7 @@ def upload_file(local: Path, uri: str, storage_options: dict[str, Any] | None = 
     """Copy a local file to `uri` atomically."""
     if is_remote(uri):
         fs, path = filesystem(uri, storage_options)
-        fs.put_file(str(local), path)
+        retrying(lambda: fs.put_file(str(local), path))
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +228,7 @@ def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     fs, path = filesystem(uri, storage_options)
     listing = {
         name[len(path) :].lstrip("/"): [info.get("size"), info.get("ETag") or info.get("mtime")]
-        for name, info in fs.find(path, detail=True).items()
+        for name, info in retrying(lambda: fs.find(path, detail=True)).items()
     }
     if not listing:
         raise FileNotFoundError(f"{uri} holds no files")
@@ -181,7 +244,7 @@ def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
         try:
             for rel in listing:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{path}/{rel}", str(tmp / rel))
+                retrying(lambda rel=rel: fs.get_file(f"{path}/{rel}", str(tmp / rel)))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         finally:
