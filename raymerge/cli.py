@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ def run(
     address: str | None = typer.Option(
         None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)."
     ),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed merge."),
 ) -> None:
     """Run every merge of SPEC on Ray; merges already done in the output are skipped."""
     from raymerge.plan import load_plan
@@ -66,7 +68,7 @@ def run(
     with _exit_on_error():
         overrides = {"output": output, "workers": workers, "gpus_per_worker": gpus_per_worker}
         the_plan = load_plan(spec, overrides)
-        _run_and_report(the_plan, address)
+        _run_and_report(the_plan, address, fail_fast)
 
 
 @app.command()
@@ -89,13 +91,40 @@ def demo(
         console.print(f"Manifest: {the_plan.output}/manifest.jsonl")
 
 
-def _run_and_report(the_plan, address: str | None) -> None:
+bench_app = typer.Typer(help="Benchmarks: figures measured in one run on this machine.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("plan")
+def bench_plan(
+    merges: int = typer.Option(1_000_000, help="Size of the synthetic sweep."),
+    workers: int = typer.Option(8, help="Simulated workers pulling tasks."),
+    cache: int = typer.Option(8, help="Adapters each simulated worker keeps loaded."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """Time and peak memory of the driver planning and dispatch-ordering a huge sweep."""
+    from raymerge.bench import bench_plan as measure
+
+    figures = measure(merges, workers, cache)
+    table = Table(title="raymerge bench plan", show_header=False)
+    table.add_column()
+    table.add_column(justify="right")
+    for key, value in figures.items():
+        table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
+def _run_and_report(the_plan, address: str | None, fail_fast: bool = False) -> None:
     from raymerge.driver import run_sweep
 
     with _ProgressBar() as bar:
-        summary = run_sweep(the_plan, address=address, progress=bar)
+        summary = run_sweep(the_plan, address=address, progress=bar, fail_fast=fail_fast)
     _print_summary(summary.to_json())
-    if summary.failed:
+    if summary.not_run:
+        err_console.print(f"Stopped at the first failure: {summary.not_run} merges not run.")
+    if summary.failed or summary.not_run:
         raise typer.Exit(1)
 
 
@@ -105,7 +134,10 @@ class _RateColumn(ProgressColumn):
 
 
 class _ProgressBar:
-    """Done/total, rate and ETA while the sweep runs."""
+    """Done/total, rate, ETA and each worker's rate while the sweep runs; on a terminal a live
+    bar, elsewhere (job logs) a line every LOG_EVERY_S seconds."""
+
+    LOG_EVERY_S = 15.0
 
     def __init__(self) -> None:
         self._progress = Progress(
@@ -116,9 +148,15 @@ class _ProgressBar:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[workers]}"),
             console=console,
+            disable=not console.is_terminal,
         )
         self._task = None
+        self._total = 0
+        self._done = 0
+        self._per_worker: dict[int, int] = {}
+        self._started = self._last_log = time.monotonic()
 
     def __enter__(self):
         self._progress.start()
@@ -130,12 +168,30 @@ class _ProgressBar:
     def start(self, total: int, skipped: int) -> None:
         if skipped:
             console.print(f"Skipping {skipped} merges already done in the output.")
-        self._task = self._progress.add_task("merge", total=total)
+        self._total = total
+        self._started = self._last_log = time.monotonic()
+        self._task = self._progress.add_task("merge", total=total, workers="")
 
     def advance(self, result: dict[str, Any]) -> None:
-        self._progress.advance(self._task)
+        self._done += 1
+        worker = result.get("worker")
+        if worker is not None:
+            self._per_worker[worker] = self._per_worker.get(worker, 0) + 1
+        self._progress.update(self._task, advance=1, workers=self._worker_rates())
         if result["status"] != "done":
             console.print(Text(f"merge {result['merge_id']} failed: {result['error']}", "red"))
+        now = time.monotonic()
+        if not console.is_terminal and now - self._last_log >= self.LOG_EVERY_S:
+            self._last_log = now
+            rate = self._done / (now - self._started)
+            console.print(
+                f"merged {self._done}/{self._total} ({rate:.1f}/s) {self._worker_rates()}"
+            )
+
+    def _worker_rates(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        rates = [f"w{w} {n / elapsed:.1f}/s" for w, n in sorted(self._per_worker.items())]
+        return " · ".join(rates[:8]) + (" …" if len(rates) > 8 else "")
 
 
 def _print_plan(summary: dict[str, Any]) -> None:

@@ -1,0 +1,35 @@
+"""Checks that need real GPUs: skipped where CUDA is absent (as on the CI machines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import base_spec, write_spec
+
+from raymerge.driver import run_sweep
+from raymerge.plan import load_plan
+
+requires_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (none on this machine)"
+)
+
+
+@requires_two_gpus
+def test_a_worker_shards_the_base_model_over_its_gpus(world, tmp_path):
+    import ray
+
+    from raymerge.driver import _start_workers
+
+    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, ignore_reinit_error=True)
+    spec = base_spec(world, tmp_path / "out", workers=1, gpus_per_worker=2, gpu_headroom_gb=0)
+    plan = load_plan(write_spec(tmp_path, spec))
+    workers, groups = _start_workers(plan, 600, fixed_size=True)
+    info = ray.get(workers[0].info.remote())
+    # device_map="auto" balances the layers over the worker's visible GPUs.
+    assert {"cuda:0", "cuda:1"} <= set(info["devices"])
+    for worker in workers.values():
+        ray.kill(worker, no_restart=True)
+    for group in groups:
+        ray.util.remove_placement_group(group)
+    summary = run_sweep(plan)
+    assert summary.failed == 0 and summary.done == 1
