@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -199,3 +200,32 @@ def test_a_planted_secret_never_appears_in_outputs_logs_or_errors(
     assert len(ray_logs) >= 3, "Ray's logs were not there to search"
     assert any(p.is_relative_to(tmp_path / "cache") for p in searched)
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_sweep_survives_throttling_and_dropped_connections(
+    world, s3_world, s3_endpoint, ray_cluster, tmp_path
+):
+    from flaky_s3 import FlakyS3Proxy
+
+    fs, bucket = s3_world
+    with FlakyS3Proxy(s3_endpoint, throttle_every=5, drop_every=13) as proxy:
+        spec = _s3_spec(world, bucket, proxy.endpoint)
+        spec["output"] = f"s3://{bucket}/sweeps/flaky"
+        spec["combinations"][0]["weights"] = [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]]
+        plan = load_plan(write_spec(tmp_path, spec))
+        summary = run_sweep(plan)
+    assert (summary.done, summary.failed) == (3, 0)
+    assert proxy.faults["throttled"] >= 3 and proxy.faults["dropped"] >= 1, proxy.faults
+    lines = read_manifest(plan.output, {"client_kwargs": {"endpoint_url": s3_endpoint}})
+    assert sorted(line["merge_id"] for line in lines) == sorted(t.merge_id for t in plan.tasks())
+    for line in lines:
+        record = json.loads(
+            fs.cat_file(f"{bucket}/sweeps/flaky/merges/{line['merge_id']}/merge.json")
+        )
+        data = fs.cat_file(
+            f"{bucket}/sweeps/flaky/merges/{line['merge_id']}/adapter_model.safetensors"
+        )
+        assert (
+            hashlib.sha256(data).hexdigest()
+            == record["files"]["adapter_model.safetensors"]["sha256"]
+        )

@@ -1,0 +1,82 @@
+"""A real HTTP proxy in front of the S3 test server that misbehaves like a busy S3 endpoint:
+every `throttle_every`-th request gets a 503 SlowDown, every `drop_every`-th connection is cut."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class FlakyS3Proxy:
+    def __init__(self, upstream: str, throttle_every: int = 4, drop_every: int = 9):
+        target = urlsplit(upstream)
+        counter = itertools.count(1)
+        self.faults = {"throttled": 0, "dropped": 0, "forwarded": 0}
+        faults = self.faults
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    n = next(counter)
+                if n % drop_every == 0:
+                    with lock:
+                        faults["dropped"] += 1
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if n % throttle_every == 0:
+                    with lock:
+                        faults["throttled"] += 1
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(SLOW_DOWN)
+                    return
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                upstream_conn.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_conn.getresponse()
+                data = response.read()
+                with lock:
+                    faults["forwarded"] += 1
+                self.send_response(response.status)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                # A HEAD answer has no body but announces the object's size.
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FlakyS3Proxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
