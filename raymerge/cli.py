@@ -57,6 +57,7 @@ def run(
     output: str | None = typer.Option(None, help="Override the spec's `output`."),
     workers: int | None = typer.Option(None, help="Override the spec's `workers`."),
     gpus_per_worker: float | None = typer.Option(None, help="Override `gpus_per_worker`."),
+    engine: str | None = typer.Option(None, help="Override `engine`: fast or peft."),
     address: str | None = typer.Option(
         None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)."
     ),
@@ -66,7 +67,12 @@ def run(
     from raymerge.plan import load_plan
 
     with _exit_on_error():
-        overrides = {"output": output, "workers": workers, "gpus_per_worker": gpus_per_worker}
+        overrides = {
+            "output": output,
+            "workers": workers,
+            "gpus_per_worker": gpus_per_worker,
+            "engine": engine,
+        }
         the_plan = load_plan(spec, overrides)
         _run_and_report(the_plan, address, fail_fast)
 

@@ -304,6 +304,7 @@ def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool):
                 torch_dtype=spec.torch_dtype,
                 gpu_headroom_gb=spec.gpu_headroom_gb,
                 adapter_cache_bytes=cache_bytes,
+                engine=spec.engine,
             )
         )
 

@@ -239,6 +239,9 @@ class SweepSpec(_Frozen):
     """GPUs per worker; the base model is sharded over them (0: run on CPU)."""
     cpus_per_worker: float = Field(default=1, gt=0)
     """CPUs reserved per worker."""
+    engine: Literal["fast", "peft"] = "fast"
+    """fast: merges computed straight from the adapters' tensors (PEFT's path where it cannot);
+    peft: every merge through PeftModel.add_weighted_adapter."""
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """dtype the base model is loaded in on the workers (auto: the checkpoint's)."""
     gpu_headroom_gb: float = Field(default=2.0, ge=0)

@@ -22,13 +22,14 @@ from typing import Any
 import peft
 import torch
 import transformers
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import raymerge
 from raymerge import compat, manifest, storage
 from raymerge.adapters import CONFIG_FILE, WEIGHT_FILES
-from raymerge.engines import peft_engine
+from raymerge.engines import fast, peft_engine
 from raymerge.errors import MergeError
 from raymerge.plan import MergeTask
 
@@ -70,6 +71,7 @@ class MergeWorker:
         torch_dtype: str = "auto",
         gpu_headroom_gb: float = 2.0,
         adapter_cache_bytes: int | None = None,
+        engine: str = "fast",
     ):
         _quiet_libraries()
         torch.set_num_threads(max(1, num_threads))
@@ -79,13 +81,18 @@ class MergeWorker:
         self.output = output
         self.storage_options = storage_options
         self.adapter_cache_bytes = adapter_cache_bytes
+        self.engine = engine
         self.adapter_loads = 0
         self._peft: PeftModel | None = None
         self._loaded: OrderedDict[str, str] = OrderedDict()  # spec name -> PEFT name, LRU first
         self._bytes: dict[str, int] = {}  # spec name -> bytes its factors take
         self._provenance: dict[str, dict[str, Any]] = {}  # spec name -> location and digests
         self._names = itertools.count()
+        self._tensors: OrderedDict[str, fast.AdapterTensors] = OrderedDict()  # fast engine's cache
         self._model = self._load_base_model(task_type, torch_dtype, gpu_headroom_gb)
+        # PEFT walks modules in this order; the fast engine follows it to draw the same masks.
+        self._module_order = [name for name, _ in self._model.named_modules()]
+        self._device = next(self._model.parameters()).device
 
     def _load_base_model(self, task_type: str | None, torch_dtype: str, headroom_gb: float):
         location = self.base_model
@@ -123,12 +130,70 @@ class MergeWorker:
         """
         started = time.perf_counter()
         loads_before = self.adapter_loads
-        merged = f"merge_{task.merge_id}"
         try:
             if attempt and (
                 record := manifest.read_committed(self.output, task.merge_id, self.storage_options)
             ):
                 return self._result(task, "done", record=record, started=started, loads=0)
+            destination = manifest.merge_dir(self.output, task.merge_id)
+            with tempfile.TemporaryDirectory(prefix="raymerge-") as tmp:
+                engine, fallback = self._merge_into(task, Path(tmp))
+                files = self._upload(Path(tmp), destination)
+            record = manifest.merge_record(
+                task,
+                inputs=[self._provenance[name] for name in task.adapters],
+                base_model=self.base_model,
+                engine=engine,
+                engine_fallback=fallback,
+                compute_dtype="float32",
+                files=files,
+                seconds=time.perf_counter() - started,
+                worker={"index": self.index, "host": socket.gethostname()},
+                versions=_versions(),
+            )
+            manifest.commit_merge(self.output, record, self.storage_options)
+            loads = self.adapter_loads - loads_before
+            return self._result(task, "done", record=record, started=started, loads=loads)
+        except Exception as exc:
+            log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
+            return self._result(
+                task,
+                "failed",
+                error=f"{type(exc).__name__}: {exc}",
+                started=started,
+                loads=self.adapter_loads - loads_before,
+            )
+        finally:
+            self._evict(keep=set(task.adapters))
+
+    def _merge_into(self, task: MergeTask, folder: Path) -> tuple[str, str | None]:
+        """Write the merged adapter's files into `folder`; returns the engine that made them and,
+        if the fast engine handed the merge to PEFT's path, why."""
+        if self.engine == fast.ENGINE:
+            inputs = [self._adapter_tensors(name) for name in task.adapters]
+            reason = fast.unsupported(inputs, task.combination_type)
+            if reason is None:
+                state, config = fast.merge(
+                    inputs,
+                    task.weights,
+                    task.combination_type,
+                    task.params,
+                    task.merge_seed,
+                    self._module_order,
+                )
+                dtype = getattr(torch, task.output_dtype)
+                state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+                save_file(state, str(folder / manifest.ADAPTER_FILES[0]), metadata={"format": "pt"})
+                config.save_pretrained(str(folder))
+                return fast.ENGINE, None
+            self._merge_with_peft(task, folder)
+            return peft_engine.ENGINE, f"the fast engine does not handle {reason}"
+        self._merge_with_peft(task, folder)
+        return peft_engine.ENGINE, None
+
+    def _merge_with_peft(self, task: MergeTask, folder: Path) -> None:
+        merged = f"merge_{task.merge_id}"
+        try:
             names = [self._ensure_adapter(name) for name in task.adapters]
             peft_engine.add_merged_adapter(
                 self._peft,
@@ -140,39 +205,22 @@ class MergeWorker:
                 task.merge_seed,
             )
             peft_engine.cast_adapter(self._peft, merged, getattr(torch, task.output_dtype))
-            files = self._write_adapter(merged, manifest.merge_dir(self.output, task.merge_id))
-            record = manifest.merge_record(
-                task,
-                inputs=[self._provenance[name] for name in task.adapters],
-                base_model=self.base_model,
-                engine=peft_engine.ENGINE,
-                compute_dtype=str(peft_engine.COMPUTE_DTYPE).removeprefix("torch."),
-                files=files,
-                seconds=time.perf_counter() - started,
-                worker={"index": self.index, "host": socket.gethostname()},
-                versions=_versions(),
-            )
-            manifest.commit_merge(self.output, record, self.storage_options)
-            return self._result(
-                task,
-                "done",
-                record=record,
-                started=started,
-                loads=self.adapter_loads - loads_before,
-            )
-        except Exception as exc:
-            log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
-            return self._result(
-                task,
-                "failed",
-                error=f"{type(exc).__name__}: {exc}",
-                started=started,
-                loads=self.adapter_loads - loads_before,
-            )
+            self._peft.save_pretrained(str(folder), selected_adapters=[merged])
+            for name in manifest.ADAPTER_FILES:
+                os.replace(folder / merged / name, folder / name)
         finally:
             if self._peft is not None and merged in self._peft.peft_config:
                 self._peft.delete_adapter(merged)  # memory must not grow with the sweep
-            self._evict(keep=set(task.adapters))
+
+    def _upload(self, folder: Path, destination: str) -> dict[str, dict[str, Any]]:
+        """Upload the adapter files; returns their sizes and digests for merge.json."""
+        files = {}
+        for name in manifest.ADAPTER_FILES:
+            data = (folder / name).read_bytes()
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            target = storage.join(destination, name)
+            storage.upload_file(folder / name, target, self.storage_options)
+        return files
 
     def _result(
         self, task: MergeTask, status: str, *, started: float, loads: int, **extra
@@ -182,13 +230,10 @@ class MergeWorker:
             "status": status,
             "worker": self.index,
             "adapter_loads": loads,
-            "cached": list(self._loaded),
+            "cached": sorted({*self._loaded, *self._tensors}),
             "seconds": time.perf_counter() - started,
             **extra,
         }
-
-    def cached_adapters(self) -> list[str]:
-        return list(self._loaded)
 
     def _ensure_adapter(self, name: str) -> str:
         """Load adapter `name` once, in float32 (the merge arithmetic's dtype); merges reuse it."""
@@ -199,6 +244,7 @@ class MergeWorker:
         weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
         if weights.suffix == ".safetensors":
             self._check_base_copies(name, weights)
+        self._record_provenance(name, path, weights)
         # PEFT keeps adapters in ModuleDicts, whose keys cannot hold '.': use our own names.
         peft_name = f"adapter_{next(self._names)}"
         if self._peft is None:
@@ -208,23 +254,49 @@ class MergeWorker:
         peft_engine.cast_adapter(self._peft, peft_name, peft_engine.COMPUTE_DTYPE)
         self._loaded[name] = peft_name
         self._bytes[name] = peft_engine.adapter_bytes(self._peft, peft_name)
-        self._provenance[name] = {
-            "name": name,
-            "uri": self.adapter_uris[name],
-            "weights_file": weights.name,
-            "weights_sha256": _sha256(weights),
-            "config_sha256": _sha256(path / CONFIG_FILE),
-        }
         self.adapter_loads += 1
         return peft_name
 
+    def _adapter_tensors(self, name: str) -> fast.AdapterTensors:
+        """Adapter `name`'s config and factors for the fast engine, read once and cached."""
+        if name in self._tensors:
+            self._tensors.move_to_end(name)
+            return self._tensors[name]
+        path = storage.local_copy(self.adapter_uris[name], self.storage_options)
+        weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
+        self._record_provenance(name, path, weights)
+        if weights.suffix == ".safetensors":
+            state = load_file(str(weights))
+        else:  # admitted by the plan only with allow_pickle: true
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        config = LoraConfig.from_pretrained(str(path))
+        config.inference_mode = True  # as PeftModel.from_pretrained loads it
+        self._tensors[name] = fast.adapter_tensors(config, state, self._device)
+        self.adapter_loads += 1
+        return self._tensors[name]
+
+    def _record_provenance(self, name: str, path: Path, weights: Path) -> None:
+        if name not in self._provenance:
+            self._provenance[name] = {
+                "name": name,
+                "uri": self.adapter_uris[name],
+                "weights_file": weights.name,
+                "weights_sha256": _sha256(weights),
+                "config_sha256": _sha256(path / CONFIG_FILE),
+            }
+
     def _evict(self, keep: set[str]) -> None:
-        """Unload least recently used adapters until the cache fits its budget."""
-        if self.adapter_cache_bytes is None or self._peft is None:
+        """Unload least recently used adapters until each cache fits its budget."""
+        if self.adapter_cache_bytes is None:
             return
+        for name in list(self._tensors):
+            if sum(t.nbytes for t in self._tensors.values()) <= self.adapter_cache_bytes:
+                break
+            if name not in keep:
+                del self._tensors[name]
         for name in list(self._loaded):
             if sum(self._bytes[n] for n in self._loaded) <= self.adapter_cache_bytes:
-                return
+                break
             if name not in keep:
                 self._peft.delete_adapter(self._loaded.pop(name))
 
@@ -247,20 +319,6 @@ class MergeWorker:
                         "differ from the base model's (a trained or resized embedding); a merge "
                         "cannot carry them: use adapters saved with save_embedding_layers=False"
                     )
-
-    def _write_adapter(self, adapter: str, destination: str) -> dict[str, dict[str, Any]]:
-        """save_pretrained the merged adapter alone and upload its files; returns their digests."""
-        files = {}
-        with tempfile.TemporaryDirectory(prefix="raymerge-") as tmp:
-            self._peft.save_pretrained(tmp, selected_adapters=[adapter])
-            folder = Path(tmp) / adapter
-            for name in manifest.ADAPTER_FILES:
-                data = (folder / name).read_bytes()
-                files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                storage.upload_file(
-                    folder / name, storage.join(destination, name), self.storage_options
-                )
-        return files
 
 
 def gpu_memory_budget(headroom_gb: float) -> dict[int, int]:

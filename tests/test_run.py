@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_tensors_match, base_spec, reference_merge, reload_merged, write_spec
+from helpers import assert_merge_matches, base_spec, reference_merge, reload_merged, write_spec
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
@@ -65,11 +65,11 @@ ALL_TYPES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sweep(world, ray_cluster, tmp_path_factory):
-    """One sweep covering all 11 combination types, run once for this module's tests."""
+@pytest.fixture(scope="module", params=["peft", "fast"])
+def sweep(request, world, ray_cluster, tmp_path_factory):
+    """One sweep covering all 11 combination types, run once per engine for this module."""
     root = tmp_path_factory.mktemp("sweep")
-    spec = base_spec(world, root / "out", combinations=ALL_TYPES_SPEC)
+    spec = base_spec(world, root / "out", combinations=ALL_TYPES_SPEC, engine=request.param)
     plan = load_plan(write_spec(root, spec))
     summary = run_sweep(plan)
     return plan, summary
@@ -98,7 +98,7 @@ def test_merge_json_records_provenance(sweep, world):
             assert digest["sha256"] == _sha256(Path(plan.output, "merges", merge_id, name))
         assert set(record["versions"]) == {"raymerge", "peft", "torch", "transformers"}
         assert (record["compute_dtype"], record["output_dtype"]) == ("float32", "float32")
-        assert record["engine"] == "peft" and record["seconds"] > 0
+        assert record["engine"] == plan.spec.engine and record["seconds"] > 0
         assert isinstance(record["merge_seed"], int)
 
 
@@ -152,7 +152,7 @@ def test_output_equals_add_weighted_adapter_on_a_peft_model(sweep, world, combin
         actual = get_peft_model_state_dict(
             reload_merged(world.base_model, merged_dir), adapter_name="merged"
         )
-        assert_tensors_match(actual, expected, rel=1e-6)
+        assert_merge_matches(actual, expected, record, rel=1e-6)
 
 
 def test_cat_delta_is_the_exact_weighted_sum(sweep, world):

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import assert_tensors_match, base_spec, reference_merge, reload_merged, write_spec
+from helpers import assert_merge_matches, base_spec, reference_merge, reload_merged, write_spec
 from peft import get_peft_model_state_dict
 
 from raymerge import storage
@@ -98,7 +98,7 @@ def test_sweep_reads_adapters_from_and_writes_merges_to_s3(
         actual = get_peft_model_state_dict(
             reload_merged(world.base_model, local), adapter_name="merged"
         )
-        assert_tensors_match(actual, expected, rel=1e-6)
+        assert_merge_matches(actual, expected, record, rel=1e-6)
     assert fs.exists(f"{bucket}/sweeps/run-1/summary.json")
 
     # Rerun: everything is already committed on S3.

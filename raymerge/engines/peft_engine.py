@@ -47,6 +47,7 @@ def add_merged_adapter(
     )
     _use_unit_scaling(model, merged_name)
     _make_config_deterministic(model, merged_name)
+    _positive_zeros(model, merged_name)
 
 
 def _use_unit_scaling(model: PeftModel, name: str) -> None:
@@ -68,6 +69,18 @@ def _make_config_deterministic(model: PeftModel, name: str) -> None:
     for field, value in vars(config).items():
         if isinstance(value, set):
             setattr(config, field, sorted(value))
+
+
+def _positive_zeros(model: PeftModel, name: str) -> None:
+    """PEFT zeroes the new factors by multiplying random ones by 0.0, leaving -0.0 in padding;
+    adding 0.0 makes every zero +0.0 (values unchanged), so both engines write the same bytes."""
+    for module in _lora_layers(model, name):
+        for factors in (module.lora_A, module.lora_B):
+            if name in factors:
+                factors[name].weight.data = factors[name].weight.data + 0.0
+        for factors in (module.lora_embedding_A, module.lora_embedding_B):
+            if name in factors:
+                factors[name].data = factors[name].data + 0.0
 
 
 def cast_adapter(model: PeftModel, name: str, dtype: torch.dtype) -> None:
