@@ -105,3 +105,172 @@ def bench_plan(merges: int = 1_000_000, workers: int = 8, cache: int = 8) -> dic
         "adapter_loads_round_robin": round_robin["adapter_loads"],
         "dispatched": locality["dispatched"],
     }
+
+
+PRUNING_DENSITY = 0.5
+
+
+def _method(combination_type: str) -> dict[str, Any]:
+    from raymerge.methods import COMBINATION_TYPES
+
+    method: dict[str, Any] = {"combination_type": combination_type}
+    if COMBINATION_TYPES[combination_type].prunes:
+        method["density"] = PRUNING_DENSITY
+    return method
+
+
+def bench_merge(
+    root: Path,
+    *,
+    hidden_size: int = 1024,
+    layers: int = 4,
+    rank: int = 8,
+    adapters: int = 6,
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    types: tuple[str, ...] = ("linear", "cat", "ties", "svd"),
+    threads: int = 2,
+    log=print,
+) -> dict[str, Any]:
+    """One sweep (every pair of the adapters, each type) timed four ways on this machine:
+    the plain PEFT loop a user would write, raymerge with engine peft, raymerge with engine fast,
+    and the I/O floor (writing the same files, nothing else)."""
+    import torch
+
+    from raymerge.world import AdapterShape, build_world
+
+    torch.set_num_threads(threads)
+    shape = AdapterShape(r=rank, lora_alpha=2 * rank, target_modules=tuple(targets))
+    log(f"building the world: hidden {hidden_size}, {layers} layers, {adapters} adapters, r={rank}")
+    world = build_world(
+        root / "world",
+        {f"adapter{i}": shape for i in range(adapters)},
+        hidden_size=hidden_size,
+        layers=layers,
+    )
+    pairs = math.comb(adapters, 2)
+    figures: dict[str, Any] = {
+        "world": {
+            "hidden_size": hidden_size,
+            "layers": layers,
+            "rank": rank,
+            "adapters": adapters,
+            "targets": list(targets),
+            "merges_per_type": pairs,
+            "threads": threads,
+        },
+        "types": {t: {} for t in types},
+    }
+    log("timing the plain PEFT loop")
+    plain = _plain_peft_loop(world, types, root / "plain")
+    figures["plain_peft_loop"] = {"end_to_end_seconds": plain.pop("end_to_end_seconds")}
+    for t in types:
+        figures["types"][t]["plain_peft_loop"] = round(pairs / plain[t], 2)
+    for engine in ("peft", "fast"):
+        log(f"timing raymerge, engine {engine}")
+        summary, per_type = _raymerge_run(world, types, root / engine, engine, threads)
+        figures[f"raymerge_{engine}"] = {
+            "end_to_end_seconds": summary.seconds,
+            "steady_merges_per_s": summary.merges_per_s,
+        }
+        for t in types:
+            figures["types"][t][f"raymerge_{engine}"] = round(pairs / per_type[t], 2)
+    log("timing the I/O floor")
+    floor = _io_floor(root / "fast", root / "floor")
+    for t in types:
+        row = figures["types"][t]
+        row["io_floor"] = round(pairs / floor[t], 2)
+        row["fast_over_plain"] = round(row["raymerge_fast"] / row["plain_peft_loop"], 2)
+        row["fast_over_peft"] = round(row["raymerge_fast"] / row["raymerge_peft"], 2)
+        row["fast_time_over_io_floor"] = round(row["io_floor"] / row["raymerge_fast"], 2)
+    return figures
+
+
+def _plain_peft_loop(world, types, out: Path) -> dict[str, float]:
+    """Base and adapters loaded once; per merge add_weighted_adapter, save_pretrained of the
+    merged adapter alone, delete_adapter. Seconds per type, and end to end."""
+    import itertools
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    names = list(world.adapters)
+    base = AutoModelForCausalLM.from_pretrained(world.base_model)
+    model = PeftModel.from_pretrained(base, world.adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(world.adapters[name], adapter_name=name)
+    seconds = {}
+    for combination_type in types:
+        params = {k: v for k, v in _method(combination_type).items() if k != "combination_type"}
+        begin = time.perf_counter()
+        for i, pair in enumerate(itertools.combinations(names, 2)):
+            model.add_weighted_adapter(list(pair), [0.5, 0.5], "merged", combination_type, **params)
+            model.save_pretrained(
+                str(out / combination_type / str(i)), selected_adapters=["merged"]
+            )
+            model.delete_adapter("merged")
+        seconds[combination_type] = time.perf_counter() - begin
+    seconds["end_to_end_seconds"] = round(time.perf_counter() - started, 2)
+    return seconds
+
+
+def _raymerge_run(world, types, out: Path, engine: str, threads: int):
+    """A raymerge sweep on a fresh local Ray instance with one worker of `threads` CPUs; the
+    per-type time is the worker's own time per merge (merging and writing)."""
+    import yaml
+
+    from raymerge.driver import run_sweep
+    from raymerge.manifest import read_manifest
+    from raymerge.plan import load_plan
+
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "base_model": str(world.base_model),
+        "adapters": {name: str(path) for name, path in world.adapters.items()},
+        "combinations": [
+            {
+                "choose": 2,
+                "weights": [[0.5, 0.5]],
+                "methods": [_method(t) for t in types],
+            }
+        ],
+        "output": str(out / "output"),
+        "workers": 1,
+        "cpus_per_worker": threads,
+        "engine": engine,
+    }
+    path = out / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    summary = run_sweep(load_plan(path))
+    if summary.failed:
+        raise RuntimeError(f"bench sweep had failures: {summary.failures[:3]}")
+    per_type = dict.fromkeys(types, 0.0)
+    for line in read_manifest(str(out / "output")):  # steady state: adapter loading excluded
+        per_type[line["combination_type"]] += line["seconds"] - (line["load_seconds"] or 0.0)
+    return summary, per_type
+
+
+def _io_floor(source: Path, out: Path) -> dict[str, float]:
+    """Seconds per type to serialise and write the same files (tensors already in memory)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from raymerge import storage
+    from raymerge.manifest import read_manifest
+
+    seconds: dict[str, float] = {}
+    for line in read_manifest(str(source / "output")):
+        folder = Path(line["path"])
+        tensors = load_file(folder / "adapter_model.safetensors")
+        config = (folder / "adapter_config.json").read_bytes()
+        record = json.loads((folder / "merge.json").read_text())
+        target = out / line["merge_id"]
+        begin = time.perf_counter()
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        storage.write_bytes(str(target / "adapter_config.json"), config)
+        storage.write_bytes(str(target / "merge.json"), json.dumps(record, indent=2).encode())
+        elapsed = time.perf_counter() - begin
+        seconds[line["combination_type"]] = seconds.get(line["combination_type"], 0.0) + elapsed
+    return seconds

@@ -122,6 +122,55 @@ def bench_plan(
         json_out.write_text(json.dumps(figures, indent=2))
 
 
+@bench_app.command("merge")
+def bench_merge(
+    out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
+    hidden_size: int = typer.Option(1024, help="Hidden size of the generated base model."),
+    layers: int = typer.Option(4, help="Decoder layers."),
+    rank: int = typer.Option(8, help="LoRA rank of every adapter."),
+    adapters: int = typer.Option(6, help="Adapters; the sweep merges every pair."),
+    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Target modules."),
+    types: str = typer.Option("linear,cat,ties,svd", help="Combination types to time."),
+    threads: int = typer.Option(2, help="CPU threads for each way of merging."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """Time one sweep four ways: plain PEFT loop, engine peft, engine fast, and the I/O floor."""
+    from raymerge.bench import bench_merge as measure
+
+    figures = measure(
+        out,
+        hidden_size=hidden_size,
+        layers=layers,
+        rank=rank,
+        adapters=adapters,
+        targets=tuple(t for t in targets.split(",") if t),
+        types=tuple(t for t in types.split(",") if t),
+        threads=threads,
+        log=console.print,
+    )
+    merges = figures["world"]["merges_per_type"]
+    table = Table(title=f"merges/s ({merges} merges per type) and ratios")
+    headers = {
+        "plain_peft_loop": "plain",
+        "raymerge_peft": "peft",
+        "raymerge_fast": "fast",
+        "io_floor": "I/O",
+        "fast_over_plain": "fast/plain",
+        "fast_over_peft": "fast/peft",
+        "fast_time_over_io_floor": "t_fast/t_IO",
+    }
+    table.add_column("type")
+    for header in headers.values():
+        table.add_column(header, justify="right")
+    for name, row in figures["types"].items():
+        table.add_row(name, *(str(row[key]) for key in headers))
+    console.print(table)
+    for way in ("plain_peft_loop", "raymerge_peft", "raymerge_fast"):
+        console.print(f"{way}: end to end {figures[way]['end_to_end_seconds']} s")
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
 def _run_and_report(the_plan, address: str | None, fail_fast: bool = False) -> None:
     from raymerge.driver import run_sweep
 

@@ -214,7 +214,10 @@ class _Dispatch:
         self.cached[index] = set(result["cached"])
         if result["status"] == "done":
             line = manifest.manifest_line(
-                self.plan.output, result["record"], result["adapter_loads"]
+                self.plan.output,
+                result["record"],
+                result["adapter_loads"],
+                result.get("load_seconds"),
             )
             stats.done += 1
             stats.bytes_written += line["bytes"]

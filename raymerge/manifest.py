@@ -94,11 +94,15 @@ def read_committed(output: str, merge_id: str, storage_options=None) -> dict[str
 
 
 def manifest_line(
-    output: str, record: dict[str, Any], adapter_loads: int | None = None
+    output: str,
+    record: dict[str, Any],
+    adapter_loads: int | None = None,
+    load_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The manifest's line for a committed merge, from its merge.json record.
 
-    `adapter_loads` is how many input adapters the worker had to load for this merge.
+    `adapter_loads` is how many input adapters the worker had to load for this merge, and
+    `load_seconds` how long that took (part of `seconds`).
     """
     keys = ("merge_id", "status", "weights", "combination_type", "params", "seed")
     return {
@@ -108,6 +112,7 @@ def manifest_line(
         "seconds": record["seconds"],
         "worker": record["worker"]["index"],
         "adapter_loads": adapter_loads,
+        "load_seconds": None if load_seconds is None else round(load_seconds, 4),
         "bytes": sum(f["bytes"] for f in record["files"].values()),
     }
 

@@ -24,7 +24,8 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 import raymerge
 from raymerge import compat, manifest, storage
@@ -83,12 +84,14 @@ class MergeWorker:
         self.adapter_cache_bytes = adapter_cache_bytes
         self.engine = engine
         self.adapter_loads = 0
+        self.load_seconds = 0.0  # time spent loading input adapters, apart from merging
         self._peft: PeftModel | None = None
         self._loaded: OrderedDict[str, str] = OrderedDict()  # spec name -> PEFT name, LRU first
         self._bytes: dict[str, int] = {}  # spec name -> bytes its factors take
         self._provenance: dict[str, dict[str, Any]] = {}  # spec name -> location and digests
         self._names = itertools.count()
         self._tensors: OrderedDict[str, fast.AdapterTensors] = OrderedDict()  # fast engine's cache
+        self._config_json: dict[tuple, bytes] = {}  # merged config bytes, by inputs and rank
         self._model = self._load_base_model(task_type, torch_dtype, gpu_headroom_gb)
         # PEFT walks modules in this order; the fast engine follows it to draw the same masks.
         self._module_order = [name for name, _ in self._model.named_modules()]
@@ -129,16 +132,14 @@ class MergeWorker:
         right after: it is reported, not written again.
         """
         started = time.perf_counter()
-        loads_before = self.adapter_loads
+        loads_before, load_seconds_before = self.adapter_loads, self.load_seconds
         try:
             if attempt and (
                 record := manifest.read_committed(self.output, task.merge_id, self.storage_options)
             ):
                 return self._result(task, "done", record=record, started=started, loads=0)
-            destination = manifest.merge_dir(self.output, task.merge_id)
-            with tempfile.TemporaryDirectory(prefix="raymerge-") as tmp:
-                engine, fallback = self._merge_into(task, Path(tmp))
-                files = self._upload(Path(tmp), destination)
+            engine, fallback, contents = self._merge(task)
+            files = self._upload(contents, manifest.merge_dir(self.output, task.merge_id))
             record = manifest.merge_record(
                 task,
                 inputs=[self._provenance[name] for name in task.adapters],
@@ -153,7 +154,14 @@ class MergeWorker:
             )
             manifest.commit_merge(self.output, record, self.storage_options)
             loads = self.adapter_loads - loads_before
-            return self._result(task, "done", record=record, started=started, loads=loads)
+            return self._result(
+                task,
+                "done",
+                record=record,
+                started=started,
+                loads=loads,
+                load_seconds=self.load_seconds - load_seconds_before,
+            )
         except Exception as exc:
             log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
             return self._result(
@@ -166,9 +174,9 @@ class MergeWorker:
         finally:
             self._evict(keep=set(task.adapters))
 
-    def _merge_into(self, task: MergeTask, folder: Path) -> tuple[str, str | None]:
-        """Write the merged adapter's files into `folder`; returns the engine that made them and,
-        if the fast engine handed the merge to PEFT's path, why."""
+    def _merge(self, task: MergeTask) -> tuple[str, str | None, dict[str, bytes]]:
+        """The merged adapter's files (name -> bytes), the engine that made them and, if the fast
+        engine handed the merge to PEFT's path, why."""
         if self.engine == fast.ENGINE:
             inputs = [self._adapter_tensors(name) for name in task.adapters]
             reason = fast.unsupported(inputs, task.combination_type)
@@ -182,16 +190,21 @@ class MergeWorker:
                     self._module_order,
                 )
                 dtype = getattr(torch, task.output_dtype)
-                state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-                save_file(state, str(folder / manifest.ADAPTER_FILES[0]), metadata={"format": "pt"})
-                config.save_pretrained(str(folder))
-                return fast.ENGINE, None
-            self._merge_with_peft(task, folder)
-            return peft_engine.ENGINE, f"the fast engine does not handle {reason}"
-        self._merge_with_peft(task, folder)
-        return peft_engine.ENGINE, None
+                state = {k: v.to(dtype) for k, v in state.items()}
+                config_key = (task.adapters, config.r)
+                if config_key not in self._config_json:
+                    self._config_json[config_key] = fast.config_json(config)
+                weights_file, config_file = manifest.ADAPTER_FILES
+                contents = {
+                    weights_file: save_safetensors(state, metadata={"format": "pt"}),
+                    config_file: self._config_json[config_key],
+                }
+                return fast.ENGINE, None, contents
+            reason = f"the fast engine does not handle {reason}"
+            return peft_engine.ENGINE, reason, self._merge_with_peft(task)
+        return peft_engine.ENGINE, None, self._merge_with_peft(task)
 
-    def _merge_with_peft(self, task: MergeTask, folder: Path) -> None:
+    def _merge_with_peft(self, task: MergeTask) -> dict[str, bytes]:
         merged = f"merge_{task.merge_id}"
         try:
             names = [self._ensure_adapter(name) for name in task.adapters]
@@ -205,21 +218,22 @@ class MergeWorker:
                 task.merge_seed,
             )
             peft_engine.cast_adapter(self._peft, merged, getattr(torch, task.output_dtype))
-            self._peft.save_pretrained(str(folder), selected_adapters=[merged])
-            for name in manifest.ADAPTER_FILES:
-                os.replace(folder / merged / name, folder / name)
+            with tempfile.TemporaryDirectory(prefix="raymerge-") as tmp:
+                self._peft.save_pretrained(tmp, selected_adapters=[merged])
+                return {
+                    name: (Path(tmp) / merged / name).read_bytes()
+                    for name in manifest.ADAPTER_FILES
+                }
         finally:
             if self._peft is not None and merged in self._peft.peft_config:
                 self._peft.delete_adapter(merged)  # memory must not grow with the sweep
 
-    def _upload(self, folder: Path, destination: str) -> dict[str, dict[str, Any]]:
-        """Upload the adapter files; returns their sizes and digests for merge.json."""
+    def _upload(self, contents: dict[str, bytes], destination: str) -> dict[str, dict[str, Any]]:
+        """Write the adapter files (each atomically); returns their sizes and digests."""
         files = {}
-        for name in manifest.ADAPTER_FILES:
-            data = (folder / name).read_bytes()
+        for name, data in contents.items():
             files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            target = storage.join(destination, name)
-            storage.upload_file(folder / name, target, self.storage_options)
+            storage.write_bytes(storage.join(destination, name), data, self.storage_options)
         return files
 
     def _result(
@@ -240,6 +254,7 @@ class MergeWorker:
         if name in self._loaded:
             self._loaded.move_to_end(name)
             return self._loaded[name]
+        started = time.perf_counter()
         path = storage.local_copy(self.adapter_uris[name], self.storage_options)
         weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
         if weights.suffix == ".safetensors":
@@ -255,6 +270,7 @@ class MergeWorker:
         self._loaded[name] = peft_name
         self._bytes[name] = peft_engine.adapter_bytes(self._peft, peft_name)
         self.adapter_loads += 1
+        self.load_seconds += time.perf_counter() - started
         return peft_name
 
     def _adapter_tensors(self, name: str) -> fast.AdapterTensors:
@@ -262,6 +278,7 @@ class MergeWorker:
         if name in self._tensors:
             self._tensors.move_to_end(name)
             return self._tensors[name]
+        started = time.perf_counter()
         path = storage.local_copy(self.adapter_uris[name], self.storage_options)
         weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
         self._record_provenance(name, path, weights)
@@ -273,6 +290,7 @@ class MergeWorker:
         config.inference_mode = True  # as PeftModel.from_pretrained loads it
         self._tensors[name] = fast.adapter_tensors(config, state, self._device)
         self.adapter_loads += 1
+        self.load_seconds += time.perf_counter() - started
         return self._tensors[name]
 
     def _record_provenance(self, name: str, path: Path, weights: Path) -> None:

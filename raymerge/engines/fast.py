@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import operator
 from collections.abc import Sequence
@@ -126,7 +127,8 @@ def merge(
     `module_order` is the base model's `named_modules()` order, in which PEFT walks the modules:
     the random types must draw their masks in that order to match it.
     """
-    torch.manual_seed(seed)
+    if combination_type.startswith("dare"):  # the only types that draw random numbers
+        torch.manual_seed(seed)
     new_rank = _merged_rank(adapters, combination_type, params)
     position = {name: i for i, name in enumerate(module_order)}
     modules = sorted(
@@ -136,6 +138,9 @@ def merge(
     if combination_type.startswith("dare"):
         _replay_peft_initialisation(adapters, modules, new_rank)
     state = {}
+    if combination_type == "linear":
+        state = _linear_batched(adapters, weights, modules)
+        modules = []
     for module in modules:
         present = [(a, w) for a, w in zip(adapters, weights, strict=True) if module in a.factors]
         if combination_type == "cat":
@@ -148,6 +153,15 @@ def merge(
         state[f"{PREFIX}{module}.lora_A.weight"] = (lora_a + 0.0).contiguous()
         state[f"{PREFIX}{module}.lora_B.weight"] = (lora_b + 0.0).contiguous()
     return state, merged_config(adapters, new_rank)
+
+
+def config_json(config: LoraConfig) -> bytes:
+    """adapter_config.json's bytes, exactly as PeftConfig.save_pretrained writes them."""
+    output = config.to_dict()
+    for key, value in output.items():
+        if isinstance(value, set):
+            output[key] = list(value)
+    return json.dumps(output, indent=2, sort_keys=True).encode()
 
 
 def merged_config(adapters: Sequence[AdapterTensors], new_rank: int) -> LoraConfig:
@@ -219,14 +233,9 @@ def _cat(module: str, present, new_rank: int):
 def _factorwise(module: str, present, combination_type: str, params: dict[str, Any]):
     """linear, ties, dare_*, magnitude_prune: combine the A's and the B's separately, each input
     weighted by sqrt(|w s|) (the sign on A's side), exactly as PEFT does."""
-    weights_a, weights_b, tensors_a, tensors_b = [], [], [], []
-    for adapter, weight in present:
-        scaled = weight * adapter.scaling(module)
-        sign = 1 if scaled >= 0 else -1
-        weights_a.append(math.sqrt(abs(scaled)) * sign)
-        weights_b.append(math.sqrt(abs(scaled)))
-        tensors_a.append(adapter.factors[module][0])
-        tensors_b.append(adapter.factors[module][1])
+    weights_a, weights_b = _factor_weights(present, module)
+    tensors_a = [adapter.factors[module][0] for adapter, _ in present]
+    tensors_b = [adapter.factors[module][1] for adapter, _ in present]
     device = tensors_a[0].device
     combined = []
     for tensors, weights in ((tensors_a, weights_a), (tensors_b, weights_b)):
@@ -234,6 +243,50 @@ def _factorwise(module: str, present, combination_type: str, params: dict[str, A
             _combine(combination_type, tensors, torch.tensor(weights).to(device), params)
         )
     return combined[0].to(tensors_a[0].dtype), combined[1].to(tensors_b[0].dtype)
+
+
+def _linear_batched(adapters, weights, modules: list[str]) -> dict[str, torch.Tensor]:
+    """`linear` for many modules at once: modules with the same inputs, shapes and scalings are
+    stacked and summed in one operation (PEFT's task_arithmetic, per element the same sums)."""
+    groups: dict[tuple, list[str]] = {}
+    for module in modules:
+        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if module in a.factors]
+        key = tuple(
+            (
+                id(a),
+                w,
+                a.scaling(module),
+                tuple(a.factors[module][0].shape),
+                tuple(a.factors[module][1].shape),
+            )
+            for a, w in present
+        )
+        groups.setdefault(key, []).append(module)
+    state = {}
+    for group in groups.values():
+        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if group[0] in a.factors]
+        weights_a, weights_b = _factor_weights(present, group[0])
+        for side, side_weights in ((0, weights_a), (1, weights_b)):
+            stacked = torch.stack(
+                [torch.stack([a.factors[m][side] for m in group]) for a, _ in present]
+            )
+            w = torch.tensor(side_weights).to(stacked.device).view(-1, 1, 1, 1)
+            merged = (stacked * w).sum(dim=0)
+            part = "lora_A" if side == 0 else "lora_B"
+            for i, module in enumerate(group):
+                state[f"{PREFIX}{module}.{part}.weight"] = merged[i] + 0.0
+    return state
+
+
+def _factor_weights(present, module: str) -> tuple[list[float], list[float]]:
+    """PEFT's per-input weights for combining A's and B's: sqrt(|w s|), the sign on A's side."""
+    weights_a, weights_b = [], []
+    for adapter, weight in present:
+        scaled = weight * adapter.scaling(module)
+        sign = 1 if scaled >= 0 else -1
+        weights_a.append(math.sqrt(abs(scaled)) * sign)
+        weights_b.append(math.sqrt(abs(scaled)))
+    return weights_a, weights_b
 
 
 def _combine(combination_type: str, tensors, weights: torch.Tensor, params: dict[str, Any]):
