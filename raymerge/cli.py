@@ -97,6 +97,65 @@ def demo(
         console.print(f"Manifest: {the_plan.output}/manifest.jsonl")
 
 
+@app.command("submit")
+def submit_job(
+    spec: Path = typer.Argument(..., help="Sweep spec (YAML); it travels with the job."),
+    address: str | None = typer.Option(
+        None, help="Ray job API, e.g. http://HEAD:8265 (default: RAY_ADDRESS)."
+    ),
+    follow: bool = typer.Option(False, "--follow", help="Stream the job's logs until it ends."),
+    ship_raymerge: bool = typer.Option(
+        False, help="Ship this raymerge package with the job (when the image lacks it)."
+    ),
+) -> None:
+    """Submit SPEC to a Ray cluster as a job (`raymerge run` on the cluster)."""
+    from raymerge import submit as jobs
+
+    with _exit_on_error():
+        job_id = jobs.submit(spec, address, ship_raymerge=ship_raymerge)
+        console.print(f"Submitted job {job_id}")
+        if not follow:
+            console.print(f"Follow it with: raymerge logs {job_id} --follow")
+            return
+        final = jobs.follow(job_id, address, lambda text: print(text, end="", flush=True))
+        console.print(f"Job {job_id} {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command("status")
+def job_status(
+    job_id: str = typer.Argument(..., help="Job id printed by `raymerge submit`."),
+    address: str | None = typer.Option(None, help="Ray job API (default: RAY_ADDRESS)."),
+) -> None:
+    """Print a submitted sweep's status; exits 1 if it failed or was stopped."""
+    from raymerge import submit as jobs
+
+    with _exit_on_error():
+        info = jobs.status(job_id, address)
+        console.print(f"{info['job_id']}: {info['status']} {info['message']}".rstrip())
+        if info["status"] in ("FAILED", "STOPPED"):
+            raise typer.Exit(1)
+
+
+@app.command("logs")
+def job_logs(
+    job_id: str = typer.Argument(..., help="Job id printed by `raymerge submit`."),
+    address: str | None = typer.Option(None, help="Ray job API (default: RAY_ADDRESS)."),
+    follow: bool = typer.Option(False, "--follow", help="Stream until the job ends."),
+) -> None:
+    """Print a submitted sweep's logs."""
+    from raymerge import submit as jobs
+
+    with _exit_on_error():
+        if follow:
+            final = jobs.follow(job_id, address, lambda text: print(text, end="", flush=True))
+            if final != "SUCCEEDED":
+                raise typer.Exit(1)
+        else:
+            print(jobs.logs(job_id, address), end="")
+
+
 bench_app = typer.Typer(help="Benchmarks: figures measured in one run on this machine.")
 app.add_typer(bench_app, name="bench")
 

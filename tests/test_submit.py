@@ -1,0 +1,132 @@
+"""Ray job submission end to end, against a real local Ray head with token authentication."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import base_spec, write_spec
+
+from raymerge.manifest import read_manifest
+from raymerge.plan import load_plan
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def token_head():
+    """`ray start --head --block` on 127.0.0.1 with its own token, free ports and 2 logical GPUs;
+    stopped by signalling that process. Yields (job API address, token, client environment)."""
+    home = Path(tempfile.mkdtemp(prefix="rm-head-"))  # no ~/.ray/auth_token of the session's
+    token = secrets.token_hex(24)
+    gcs, dashboard, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES")}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # The cluster's Python is this one (as in an image with raymerge installed).
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    command = [f"{bin_dir}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
+    command += [f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
+    command += [f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}"]
+    command += [f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}"]
+    command += [f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", "--num-gpus=2"]
+    log = open(home / "head.log", "w")  # noqa: SIM115 (the head writes it until teardown)
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # 401: up, and asking for the token
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                head.kill()
+                pytest.fail(
+                    "the Ray head did not start:\n" + (home / "head.log").read_text()[-3000:]
+                )
+            time.sleep(0.5)
+    client_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    yield address, token, client_env
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    log.close()
+
+
+def _raymerge(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raymerge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_submit_follow_runs_the_sweep_on_a_token_cluster(world, token_head, tmp_path):
+    address, token, env = token_head
+    spec = base_spec(world, tmp_path / "out", workers=1, gpus_per_worker=1)
+    spec["combinations"][0]["methods"] = [{"combination_type": ["linear", "cat"]}]
+    path = write_spec(tmp_path, spec)
+    result = _raymerge(
+        "submit", str(path), "--address", address, "--follow", env={**env, "RAY_AUTH_TOKEN": token}
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "SUCCEEDED" in output and "Sweep summary" in output
+    assert token not in output
+    job_id = next(w for w in result.stdout.split() if w.startswith("raysubmit_"))
+    plan = load_plan(path)
+    lines = read_manifest(plan.output)
+    assert sorted(line["merge_id"] for line in lines) == sorted(t.merge_id for t in plan.tasks())
+    assert all(line["status"] == "done" for line in lines)
+    state = _raymerge("status", job_id, "--address", address, env={**env, "RAY_AUTH_TOKEN": token})
+    assert state.returncode == 0 and "SUCCEEDED" in state.stdout
+
+
+def test_a_submission_without_the_token_is_refused_clearly(world, token_head, tmp_path):
+    address, _, env = token_head
+    path = write_spec(tmp_path, base_spec(world, tmp_path / "out"))
+    result = _raymerge("submit", str(path), "--address", address, env=env)
+    assert result.returncode == 1
+    assert "requires its authentication token" in result.stderr
+    assert "RAY_AUTH_TOKEN" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_with_an_invalid_spec_fails_with_the_message_in_its_logs(world, token_head, tmp_path):
+    address, token, env = token_head
+    spec = base_spec(world, tmp_path / "out")
+    spec["combinations"][0]["methods"] = [{"combination_type": "avg"}]
+    path = write_spec(tmp_path, spec)
+    result = _raymerge(
+        "submit", str(path), "--address", address, "--follow", env={**env, "RAY_AUTH_TOKEN": token}
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "unknown combination type 'avg'" in output
+    assert "FAILED" in output
+    assert not (tmp_path / "out").exists()
+    job_id = next(w for w in result.stdout.split() if w.startswith("raysubmit_"))
+    logs = _raymerge("logs", job_id, "--address", address, env={**env, "RAY_AUTH_TOKEN": token})
+    assert "unknown combination type 'avg'" in logs.stdout
+    info = json.dumps(logs.stdout)
+    assert token not in info
