@@ -114,6 +114,9 @@ def run_sweep(
     if total > skipped:
         with _ray_session(address) as fixed_size:
             workers, groups = _start_workers(plan, start_timeout, fixed_size)
+            if plan.eval_sets and manifest.read_references(plan.output, options) is None:
+                references = ray.get(workers[0].score_references.remote(plan.adapters_used()))
+                manifest.write_references(plan.output, references, options)
             dispatch_started = time.perf_counter()
             try:
                 _Dispatch(plan, workers, pending, writer, summary, progress, fail_fast).run()
@@ -274,6 +277,18 @@ class _Dispatch:
             self.progress.advance({**failed, "worker": worker})
 
 
+def _evaluate_config(plan: Plan) -> dict[str, Any] | None:
+    if not plan.eval_sets:
+        return None
+    config = plan.spec.evaluate
+    return {
+        "datasets": plan.eval_sets,
+        "max_samples": config.max_samples,
+        "batch_size": config.batch_size,
+        "max_length": config.max_length,
+    }
+
+
 def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool):
     """Start `workers` actors, each in its own placement group, and wait until each holds the
     base model. Returns the actors by index and their placement groups."""
@@ -308,6 +323,7 @@ def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool):
                 gpu_headroom_gb=spec.gpu_headroom_gb,
                 adapter_cache_bytes=cache_bytes,
                 engine=spec.engine,
+                evaluate=_evaluate_config(plan),
             )
         )
 

@@ -27,6 +27,7 @@ MERGES = "merges"
 MERGE_JSON = "merge.json"
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
+REFERENCES = "references.json"
 MERGE_ID = re.compile(r"[0-9a-f]{16}")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 """The files of a merged adapter, as PEFT's save_pretrained writes them."""
@@ -46,6 +47,7 @@ def merge_record(
     base_model: str,
     engine: str,
     engine_fallback: str | None = None,
+    metrics: dict[str, dict[str, float]] | None = None,
     compute_dtype: str,
     files: dict[str, dict[str, Any]],
     seconds: float,
@@ -72,6 +74,7 @@ def merge_record(
         "engine": engine,
         **({"engine_fallback": engine_fallback} if engine_fallback else {}),
         "files": files,
+        **({"metrics": metrics} if metrics else {}),
         "seconds": round(seconds, 4),
         "worker": worker,
         "versions": versions,
@@ -114,6 +117,7 @@ def manifest_line(
         "adapter_loads": adapter_loads,
         "load_seconds": None if load_seconds is None else round(load_seconds, 4),
         "bytes": sum(f["bytes"] for f in record["files"].values()),
+        **({"metrics": record["metrics"]} if "metrics" in record else {}),
     }
 
 
@@ -155,6 +159,19 @@ def read_records(output: str, merge_ids: Iterable[str], storage_options=None) ->
     """The merge.json records of some committed merges (fetched concurrently on S3)."""
     uris = [storage.join(merge_dir(output, m), MERGE_JSON) for m in merge_ids]
     return [json.loads(data) for data in storage.read_many(uris, storage_options).values()]
+
+
+def write_references(output: str, references: dict[str, Any], storage_options=None) -> None:
+    """The base model's and each input adapter's own scores, the yardstick for every merge."""
+    data = json.dumps(references, indent=2).encode()
+    storage.write_bytes(storage.join(output, REFERENCES), data, storage_options)
+
+
+def read_references(output: str, storage_options=None) -> dict[str, Any] | None:
+    uri = storage.join(output, REFERENCES)
+    if not storage.exists(uri, storage_options):
+        return None
+    return json.loads(storage.read_bytes(uri, storage_options))
 
 
 def write_summary(output: str, summary: dict[str, Any], storage_options=None) -> None:

@@ -16,7 +16,7 @@ import itertools
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ class Plan:
     output: str
     """Resolved output location."""
     adapters: dict[str, AdapterInfo]
+    eval_sets: dict[str, str] = field(default_factory=dict)
+    """Eval set name -> resolved location (empty without `evaluate`)."""
 
     def adapter_uris(self) -> dict[str, str]:
         return {name: info.uri for name, info in self.adapters.items()}
@@ -210,6 +212,7 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
                 input_problems.extend(exc.problems)
 
     base_model = output = ""
+    eval_sets: dict[str, str] = {}
     if spec is not None:
         try:
             base_model = _resolve_base_model(spec.base_model, base_dir, storage_options)
@@ -226,12 +229,15 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
             spec_problems.append(f"output: {exc}")
         spec_problems.extend(_group_problems(spec))
         input_problems.extend(_compatibility_problems(spec, adapters))
+        if spec.evaluate:
+            eval_sets, problems = _eval_sets(spec, base_dir, base_model)
+            input_problems.extend(problems)
 
     if spec_problems:
         raise SpecError(spec_problems + input_problems)
     if input_problems:
         raise InputError(input_problems)
-    return Plan(spec, spec_path, base_model, output, adapters)
+    return Plan(spec, spec_path, base_model, output, adapters, eval_sets)
 
 
 def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str, Any]) -> str:
@@ -240,6 +246,34 @@ def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str
     uri = storage.resolve(location, base_dir)
     inspect_base_model(uri, storage_options)
     return uri
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[str, str], list]:
+    """Resolved eval set locations, and what is missing: a set, or the base model's tokenizer."""
+    options = spec.storage_options
+    found, problems = {}, []
+    for name, location in spec.evaluate.datasets.items():
+        try:
+            uri = storage.resolve(location, base_dir)
+            if storage.exists(uri, options):
+                found[name] = uri
+            else:
+                problems.append(f"evaluate.datasets.{name}: {uri} does not exist")
+        except Exception as exc:
+            problems.append(f"evaluate.datasets.{name}: {location}: {exc}")
+    local_base = base_model and not storage.looks_like_hub_id(base_model, base_dir)
+    if local_base and not any(
+        storage.exists(storage.join(base_model, f), options) for f in TOKENIZER_FILES
+    ):
+        problems.append(
+            f"evaluate: the base model at {base_model} has no tokenizer (tokenizer.json or "
+            "tokenizer_config.json); save the tokenizer beside the base model "
+            "(tokenizer.save_pretrained) to score merges"
+        )
+    return found, problems
 
 
 def _base_shape_problems(

@@ -222,6 +222,18 @@ Group = Annotated[
 ]
 
 
+class EvaluateSpec(_Frozen):
+    """Score every merge on small eval sets with the held base model."""
+
+    datasets: dict[AdapterName, str] = Field(min_length=1)
+    """Eval set name -> JSONL location (one {"text": ...} per line)."""
+    max_samples: int = Field(default=64, ge=1)
+    """Samples scored per eval set."""
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=128, ge=2)
+    """Tokens per sample (longer ones are truncated)."""
+
+
 class SweepSpec(_Frozen):
     """A whole sweep: which adapters to merge how, where the results go, and on how many workers."""
 
@@ -262,6 +274,8 @@ class SweepSpec(_Frozen):
     """Allow merging adapters whose configs name different base models."""
     allow_pickle: bool = False
     """Accept adapters stored only as adapter_model.bin (a pickle; loaded with weights_only)."""
+    evaluate: EvaluateSpec | None = None
+    """Optional: score each merge (and, once, the base model and each input adapter)."""
     output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """dtype of the merged adapters (default: the input adapters' dtype; float32 if they differ).
     The merge arithmetic itself is always float32."""

@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 import raymerge
 from raymerge import compat, manifest, storage
+from raymerge import evaluate as scoring
 from raymerge.adapters import CONFIG_FILE, WEIGHT_FILES
 from raymerge.engines import fast, peft_engine
 from raymerge.errors import MergeError
@@ -73,6 +74,7 @@ class MergeWorker:
         gpu_headroom_gb: float = 2.0,
         adapter_cache_bytes: int | None = None,
         engine: str = "fast",
+        evaluate: dict[str, Any] | None = None,
     ):
         _quiet_libraries()
         torch.set_num_threads(max(1, num_threads))
@@ -83,6 +85,8 @@ class MergeWorker:
         self.storage_options = storage_options
         self.adapter_cache_bytes = adapter_cache_bytes
         self.engine = engine
+        self.evaluate = evaluate  # {"datasets": {name: uri}, "max_samples", "batch_size", ...}
+        self._eval_batches: dict[str, list] | None = None
         self.adapter_loads = 0
         self.load_seconds = 0.0  # time spent loading input adapters, apart from merging
         self._peft: PeftModel | None = None
@@ -101,6 +105,7 @@ class MergeWorker:
         location = self.base_model
         if "://" in location or Path(location).is_absolute():
             location = str(storage.local_copy(location, self.storage_options))
+        self._base_location = location
         auto_class = getattr(transformers, AUTO_CLASSES.get(task_type or "", "AutoModel"))
         kwargs: dict[str, Any] = {
             "dtype": torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
@@ -139,6 +144,7 @@ class MergeWorker:
             ):
                 return self._result(task, "done", record=record, started=started, loads=0)
             engine, fallback, contents = self._merge(task)
+            metrics = self._score_adapter_files(contents) if self.evaluate else None
             files = self._upload(contents, manifest.merge_dir(self.output, task.merge_id))
             record = manifest.merge_record(
                 task,
@@ -146,6 +152,7 @@ class MergeWorker:
                 base_model=self.base_model,
                 engine=engine,
                 engine_fallback=fallback,
+                metrics=metrics,
                 compute_dtype="float32",
                 files=files,
                 seconds=time.perf_counter() - started,
@@ -173,6 +180,56 @@ class MergeWorker:
             )
         finally:
             self._evict(keep=set(task.adapters))
+
+    def score_references(self, names: list[str]) -> dict[str, Any]:
+        """The base model alone and each input adapter alone, on every eval set."""
+        references: dict[str, Any] = {"base": self._score(None), "adapters": {}}
+        for name in names:
+            references["adapters"][name] = self._score(self._ensure_adapter(name))
+        return references
+
+    def _score_adapter_files(self, contents: dict[str, bytes]) -> dict[str, dict[str, float]]:
+        """Score the merged adapter as written: its files, loaded like a user would load them."""
+        name = f"eval_{next(self._names)}"
+        with tempfile.TemporaryDirectory(prefix="raymerge-eval-") as tmp:
+            for file_name, data in contents.items():
+                (Path(tmp) / file_name).write_bytes(data)
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, tmp, adapter_name=name)
+            else:
+                self._peft.load_adapter(tmp, adapter_name=name)
+        try:
+            return self._score(name)
+        finally:
+            self._peft.delete_adapter(name)
+
+    def _score(self, adapter: str | None) -> dict[str, dict[str, float]]:
+        """Metrics per eval set with only `adapter` active (None: the base model alone)."""
+        batches = self._batches()
+        if self._peft is None or not self._peft.peft_config:
+            # No adapter loaded (LoRA layers without adapters pass the base output through).
+            return {ds: scoring.score(self._model, b) for ds, b in batches.items()}
+        if adapter is None:
+            with self._peft.disable_adapter():
+                return {ds: scoring.score(self._peft, b) for ds, b in batches.items()}
+        self._peft.set_adapter(adapter)
+        return {ds: scoring.score(self._peft, b) for ds, b in batches.items()}
+
+    def _batches(self) -> dict[str, list]:
+        """The eval sets, tokenized once with the base model's tokenizer."""
+        if self._eval_batches is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self._base_location)
+            config = self.evaluate
+            self._eval_batches = {
+                name: scoring.make_batches(
+                    tokenizer,
+                    scoring.load_texts(name, uri, config["max_samples"], self.storage_options),
+                    config["batch_size"],
+                    config["max_length"],
+                )
+                for name, uri in config["datasets"].items()
+            }
+        return self._eval_batches
 
     def _merge(self, task: MergeTask) -> tuple[str, str | None, dict[str, bytes]]:
         """The merged adapter's files (name -> bytes), the engine that made them and, if the fast

@@ -36,6 +36,33 @@ class World:
     adapters: dict[str, Path]
 
 
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte value, in byte order (the ByteLevel alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def build_tokenizer(path: Path) -> Path:
+    """Save a byte-level tokenizer (256 tokens, one per byte) to `path`: built here, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(_byte_alphabet())}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+    return path
+
+
 def build_base_model(
     path: Path, *, hidden_size: int = 64, layers: int = 2, vocab_size: int = 256, seed: int = 0
 ) -> Path:
@@ -54,6 +81,8 @@ def build_base_model(
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
+    if vocab_size >= 256:
+        build_tokenizer(path)  # beside the weights, where evaluation looks for it
     return path
 
 
