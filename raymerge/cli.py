@@ -83,18 +83,86 @@ def demo(
     workers: int = typer.Option(min(2, os.cpu_count() or 1), help="Merge workers."),
     address: str | None = typer.Option(None, help="Ray cluster to join (default: local)."),
 ) -> None:
-    """Build a tiny base model and adapters locally, then run a small sweep over them."""
+    """Train tiny adapters on synthetic tasks, merge every pair many ways, score and rank them."""
     from raymerge.demo import prepare_demo
     from raymerge.plan import load_plan
+    from raymerge.report import build_report
 
     with _exit_on_error():
         console.print(f"Building a tiny Llama-architecture world in {out}/world …")
-        spec = prepare_demo(out, workers)
+        spec = prepare_demo(out, workers, log=console.print)
         the_plan = load_plan(spec)
         _print_plan(the_plan.summary())
         _run_and_report(the_plan, address)
+        result = build_report(the_plan.output)
+        _print_leaderboard(result, top=10)
+        console.print(_verdict(result))
         console.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
-        console.print(f"Manifest: {the_plan.output}/manifest.jsonl")
+        console.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
+
+
+def _verdict(result) -> str:
+    """Does the best merge beat every single adapter on mean eval loss?"""
+    if not result.references:
+        return ""
+    singles = {
+        name: sum(s[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
+        for name, s in result.references["adapters"].items()
+    }
+    best = result.rows[0]
+    name, single = min(singles.items(), key=lambda item: item[1])
+    if best["mean_loss"] < single:
+        return (
+            f"The best merge ({best['adapters']}, {best['combination_type']}, weights "
+            f"{best['weights']}) has mean loss {best['mean_loss']:.4f}, below the best single "
+            f"adapter ({name}: {single:.4f})."
+        )
+    return (
+        f"No merge beats the best single adapter ({name}: mean loss {single:.4f}); the best "
+        f"merge reaches {best['mean_loss']:.4f}."
+    )
+
+
+@app.command()
+def report(
+    output: str = typer.Argument(..., help="A sweep's output (local path or s3://)."),
+    metric: str = typer.Option(
+        "mean_loss", help="Rank by mean_loss, an eval set's loss, or NAME.perplexity."
+    ),
+    out: str | None = typer.Option(None, help="Where to write (default: beside the manifest)."),
+    top: int = typer.Option(10, help="Rows shown here (the CSV has them all)."),
+) -> None:
+    """Leaderboard of a sweep with evaluation: a table here, leaderboard.csv and report.html."""
+    from raymerge import storage
+    from raymerge.report import build_report
+
+    with _exit_on_error():
+        location = output if storage.is_remote(output) else str(Path(output).resolve())
+        result = build_report(location, out=out, metric=metric)
+        _print_leaderboard(result, top)
+        console.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
+
+
+def _print_leaderboard(result, top: int) -> None:
+    table = Table(title=f"Best merges by {result.metric} (lower is better)")
+    for column in ("#", "adapters", "weights", "type", "mean loss", *result.eval_sets):
+        table.add_column(column, justify="right" if column not in ("adapters", "type") else "left")
+    for rank, row in enumerate(result.rows[:top], start=1):
+        losses = [f"{row[f'{n}.loss']:.4f}" for n in result.eval_sets]
+        table.add_row(
+            str(rank), row["adapters"], row["weights"], row["combination_type"],
+            f"{row['mean_loss']:.4f}", *losses,
+        )  # fmt: skip
+    if result.references:
+        base = result.references["base"]
+        losses = [f"{base[n]['loss']:.4f}" for n in result.eval_sets]
+        mean = sum(base[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
+        table.add_row("ref", "base model", "", "", f"{mean:.4f}", *losses, style="dim")
+        for name, scores in result.references["adapters"].items():
+            losses = [f"{scores[n]['loss']:.4f}" for n in result.eval_sets]
+            mean = sum(scores[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
+            table.add_row("ref", f"{name} alone", "", "", f"{mean:.4f}", *losses, style="dim")
+    console.print(table)
 
 
 @app.command("submit")

@@ -383,7 +383,8 @@ def _ray_session(address: str | None) -> Iterator[bool]:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a new instance, never a stale one found in /tmp/ray/ray_current_cluster.
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {exc}"

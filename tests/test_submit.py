@@ -36,6 +36,9 @@ def token_head():
     gcs, dashboard, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES")}
     env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # Its session files, ray_current_cluster included, stay out of /tmp/ray: a head killed by a
+    # signal leaves that file behind, and a later plain ray.init() would try to join it.
+    env["RAY_TMPDIR"] = str(home / "ray")
     # The cluster's Python is this one (as in an image with raymerge installed).
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
