@@ -125,6 +125,9 @@ def _weight_plots(rows, eval_sets, references) -> str | None:
         weights = row["_line"]["weights"]
         if len(weights) == 2 and sum(weights) != 0:
             pairs.setdefault(row["adapters"], []).append(row)
+    for pair, members in pairs.items():  # weights summing to 1 make one curve per type
+        normalised = [r for r in members if abs(sum(r["_line"]["weights"]) - 1) < 1e-6]
+        pairs[pair] = normalised or members
     if not pairs:
         return None
     shown = sorted(pairs)[:6]
@@ -155,7 +158,11 @@ def _weight_plots(rows, eval_sets, references) -> str | None:
         ax.set_xlabel(f"share of weight on {first}")
         ax.set_ylabel("eval loss")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.01),
+               ncol=min(5, len(labels)), fontsize=8)  # fmt: skip
+    fig.suptitle("eval loss by eval set and type; dotted: base model; stars: each adapter alone",
+                 fontsize=9, y=1.02)  # fmt: skip
     return _figure_png(fig)
 
 

@@ -89,3 +89,13 @@ def s3(s3_endpoint):
     bucket = f"test-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
     return fs, bucket
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo's world, trained once: base model with tokenizer, task adapters, eval sets."""
+    from raymerge.demo import prepare_demo
+
+    folder = tmp_path_factory.mktemp("demo") / "raymerge-demo"
+    prepare_demo(folder, workers=2, log=lambda _: None)
+    return folder

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from raymerge.demo import prepare_demo
 from raymerge.plan import load_plan
 from raymerge.spec import load_spec
 
@@ -24,10 +23,11 @@ def test_example_spec_is_valid(job):
     assert spec.combinations and spec.adapters
 
 
-def test_local_demo_job_plans_against_the_demo_world(tmp_path):
-    prepare_demo(tmp_path / "raymerge-demo", workers=2)
+def test_local_demo_job_plans_against_the_demo_world(demo_dir, tmp_path):
+    shutil.copytree(demo_dir, tmp_path / "raymerge-demo")
     (tmp_path / "jobs").mkdir()
     shutil.copy(JOBS[0].parent / "local-demo.yaml", tmp_path / "jobs" / "local-demo.yaml")
     plan = load_plan(tmp_path / "jobs" / "local-demo.yaml")
     # 3 pairs x 2 weightings x (linear + 2 ties + dare_ties) + cat + 2 svd ranks
     assert plan.counts() == {"linear": 6, "ties": 12, "dare_ties": 6, "cat": 1, "svd": 2}
+    assert sorted(plan.eval_sets) == ["reverse", "sums", "upper"]
