@@ -194,10 +194,7 @@ class MergeWorker:
         with tempfile.TemporaryDirectory(prefix="raymerge-eval-") as tmp:
             for file_name, data in contents.items():
                 (Path(tmp) / file_name).write_bytes(data)
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._model, tmp, adapter_name=name)
-            else:
-                self._peft.load_adapter(tmp, adapter_name=name)
+            self._load_into_peft(tmp, name)
         try:
             return self._score(name)
         finally:
@@ -312,17 +309,12 @@ class MergeWorker:
             self._loaded.move_to_end(name)
             return self._loaded[name]
         started = time.perf_counter()
-        path = storage.local_copy(self.adapter_uris[name], self.storage_options)
-        weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
+        path, weights = self._local_adapter(name)
         if weights.suffix == ".safetensors":
             self._check_base_copies(name, weights)
-        self._record_provenance(name, path, weights)
         # PEFT keeps adapters in ModuleDicts, whose keys cannot hold '.': use our own names.
         peft_name = f"adapter_{next(self._names)}"
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=peft_name)
-        else:
-            self._peft.load_adapter(str(path), adapter_name=peft_name)
+        self._load_into_peft(path, peft_name)
         peft_engine.cast_adapter(self._peft, peft_name, peft_engine.COMPUTE_DTYPE)
         self._loaded[name] = peft_name
         self._bytes[name] = peft_engine.adapter_bytes(self._peft, peft_name)
@@ -336,9 +328,7 @@ class MergeWorker:
             self._tensors.move_to_end(name)
             return self._tensors[name]
         started = time.perf_counter()
-        path = storage.local_copy(self.adapter_uris[name], self.storage_options)
-        weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
-        self._record_provenance(name, path, weights)
+        path, weights = self._local_adapter(name)
         if weights.suffix == ".safetensors":
             state = load_file(str(weights))
         else:  # admitted by the plan only with allow_pickle: true
@@ -349,6 +339,23 @@ class MergeWorker:
         self.adapter_loads += 1
         self.load_seconds += time.perf_counter() - started
         return self._tensors[name]
+
+    def _local_adapter(self, name: str) -> tuple[Path, Path]:
+        """Adapter `name`'s local folder (node cache for remote ones) and weights file; records
+        its provenance for merge.json."""
+        path = storage.local_copy(self.adapter_uris[name], self.storage_options)
+        weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
+        self._record_provenance(name, path, weights)
+        return path, weights
+
+    def _load_into_peft(self, path: Path | str, adapter_name: str) -> None:
+        """Load an adapter folder into the PeftModel, wrapping the base model on first use."""
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(
+                self._model, str(path), adapter_name=adapter_name
+            )
+        else:
+            self._peft.load_adapter(str(path), adapter_name=adapter_name)
 
     def _record_provenance(self, name: str, path: Path, weights: Path) -> None:
         if name not in self._provenance:

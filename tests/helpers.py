@@ -12,6 +12,16 @@ from transformers import AutoModelForCausalLM
 
 from raymerge.world import World
 
+PRUNED_SVD_TYPES = ["ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def write_spec(folder: Path, spec: dict[str, Any], name: str = "sweep.yaml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    PRUNED_SVD_TYPES,
     assert_merge_matches,
     base_spec,
     best_rank_k,
@@ -70,12 +71,7 @@ GROUPS = [
             {"combination_type": "cat"},
             {"combination_type": "svd", "svd_rank": 10},
             {
-                "combination_type": [
-                    "ties_svd",
-                    "dare_linear_svd",
-                    "dare_ties_svd",
-                    "magnitude_prune_svd",
-                ],
+                "combination_type": PRUNED_SVD_TYPES,
                 "density": 0.5,
             },
         ],
@@ -161,16 +157,7 @@ def test_tensors_equal_peft(features, world, adapters, combination_type):
         assert_merge_matches(actual, expected, record, rel=1e-6)
 
 
-EXACT = [
-    (["rs1", "rs2"], "cat"),
-    (["rs1", "rs2"], "svd"),
-    (["pattern", "a"], "cat"),
-    (["pattern", "a"], "svd"),
-    (["emb1", "emb2"], "cat"),
-    (["emb1", "emb2"], "svd"),
-    (["a", "d", "b"], "cat"),
-    (["a", "d", "b"], "svd"),
-]
+EXACT = [case for case in CONFORMANCE if case[1] in ("cat", "svd")]
 
 
 @pytest.mark.parametrize(("adapters", "combination_type"), EXACT)

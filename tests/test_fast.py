@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_spec, best_rank_k, relative_error, write_spec
+from helpers import PRUNED_SVD_TYPES, base_spec, best_rank_k, relative_error, write_spec
 from safetensors.torch import load_file
 
 from raymerge.engines import fast
@@ -36,12 +36,7 @@ GROUPS = [
             {"combination_type": "svd", "svd_rank": [4, 12, 30]},
             {"combination_type": "svd", "svd_clamp": 0.9},
             {
-                "combination_type": [
-                    "ties_svd",
-                    "dare_linear_svd",
-                    "dare_ties_svd",
-                    "magnitude_prune_svd",
-                ],
+                "combination_type": PRUNED_SVD_TYPES,
                 "density": 0.5,
             },
         ],

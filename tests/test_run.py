@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import assert_merge_matches, base_spec, reference_merge, reload_merged, write_spec
+from helpers import (
+    PRUNED_SVD_TYPES,
+    assert_merge_matches,
+    base_spec,
+    reference_merge,
+    reload_merged,
+    write_spec,
+)
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
@@ -40,12 +47,7 @@ ALL_TYPES_SPEC = [
             {"combination_type": "svd", "svd_rank": 6},
             {"combination_type": "svd", "svd_clamp": 0.9},
             {
-                "combination_type": [
-                    "ties_svd",
-                    "dare_linear_svd",
-                    "dare_ties_svd",
-                    "magnitude_prune_svd",
-                ],
+                "combination_type": PRUNED_SVD_TYPES,
                 "density": 0.5,
             },
         ],

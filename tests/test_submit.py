@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,16 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import base_spec, write_spec
+from helpers import base_spec, free_port, write_spec
 
 from raymerge.manifest import read_manifest
 from raymerge.plan import load_plan
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +26,7 @@ def token_head():
     stopped by signalling that process. Yields (job API address, token, client environment)."""
     home = Path(tempfile.mkdtemp(prefix="rm-head-"))  # no ~/.ray/auth_token of the session's
     token = secrets.token_hex(24)
-    gcs, dashboard, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    gcs, dashboard, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES")}
     env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     # Its session files, ray_current_cluster included, stay out of /tmp/ray: a head killed by a
