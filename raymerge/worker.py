@@ -36,6 +36,7 @@ from raymerge.errors import MergeError
 from raymerge.plan import MergeTask
 
 log = logging.getLogger(__name__)
+CONFIG_CACHE_ENTRIES = 256
 
 AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -95,7 +96,8 @@ class MergeWorker:
         self._provenance: dict[str, dict[str, Any]] = {}  # spec name -> location and digests
         self._names = itertools.count()
         self._tensors: OrderedDict[str, fast.AdapterTensors] = OrderedDict()  # fast engine's cache
-        self._config_json: dict[tuple, bytes] = {}  # merged config bytes, by inputs and rank
+        # Merged config bytes by inputs and rank (bounded: memory must not grow with the sweep).
+        self._config_json: OrderedDict[tuple, bytes] = OrderedDict()
         self._model = self._load_base_model(task_type, torch_dtype, gpu_headroom_gb)
         # PEFT walks modules in this order; the fast engine follows it to draw the same masks.
         self._module_order = [name for name, _ in self._model.named_modules()]
@@ -248,6 +250,8 @@ class MergeWorker:
                 config_key = (task.adapters, config.r)
                 if config_key not in self._config_json:
                     self._config_json[config_key] = fast.config_json(config)
+                    if len(self._config_json) > CONFIG_CACHE_ENTRIES:
+                        self._config_json.popitem(last=False)
                 weights_file, config_file = manifest.ADAPTER_FILES
                 contents = {
                     weights_file: save_safetensors(state, metadata={"format": "pt"}),
