@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,12 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Merge LoRA adapters at scale: a sweep spec in, merged adapters out, on Ray.",
 )
-# soft_wrap: paths and URIs stay whole on one line, for copying and for logs.
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+# soft_wrap: paths and URIs stay whole on one line, for copying and for logs. Off a terminal
+# (job logs, pipes) tables get 120 columns rather than rich's default 80.
+_COLUMNS = os.environ.get("COLUMNS", "")
+_WIDTH = None if sys.stdout.isatty() else int(_COLUMNS) if _COLUMNS.isdigit() else 120
+console = Console(soft_wrap=True, width=_WIDTH)
+err_console = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 
 @app.command()
@@ -146,7 +150,8 @@ def report(
 def _print_leaderboard(result, top: int) -> None:
     table = Table(title=f"Best merges by {result.metric} (lower is better)")
     for column in ("#", "adapters", "weights", "type", "mean loss", *result.eval_sets):
-        table.add_column(column, justify="right" if column not in ("adapters", "type") else "left")
+        left = column in ("adapters", "type")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for rank, row in enumerate(result.rows[:top], start=1):
         losses = [f"{row[f'{n}.loss']:.4f}" for n in result.eval_sets]
         table.add_row(
