@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
-from helpers import free_port
+from helpers import free_port, wait_for_http
 
 from raymerge.world import AdapterShape, build_world
 
@@ -57,16 +55,7 @@ def s3_endpoint():
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.2)
+    wait_for_http(f"{endpoint}/moto-api/", server, 30, "the moto S3 server")
     yield endpoint
     server.terminate()
     server.wait(timeout=10)

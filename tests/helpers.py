@@ -15,6 +15,43 @@ from raymerge.world import World
 PRUNED_SVD_TYPES = ["ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]
 
 
+EQUAL_RANK_GROUP = {
+    "adapters": ["a", "b", "c"],
+    "weights": [[0.6, -0.3, 0.5]],
+    "methods": [
+        {"combination_type": "linear"},
+        {"combination_type": "ties", "density": 0.5, "majority_sign_method": "frequency"},
+        {"combination_type": ["dare_linear", "dare_ties", "magnitude_prune"], "density": 0.6},
+    ],
+}
+"""The equal-rank types over three adapters with different lora_alpha and a negative weight."""
+
+
+def wait_for_http(url: str, process, timeout: float, what: str, accept_http_errors=False) -> None:
+    """Poll `url` until the server answers; fail if `process` exits or time runs out. With
+    `accept_http_errors`, an HTTP error (a 401 asking for a token) also means it is up."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            if accept_http_errors:
+                return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{what} did not start")
+        time.sleep(0.3)
+
+
 def free_port() -> int:
     import socket
 

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PRUNED_SVD_TYPES, base_spec, best_rank_k, relative_error, write_spec
+from helpers import (
+    EQUAL_RANK_GROUP,
+    PRUNED_SVD_TYPES,
+    base_spec,
+    best_rank_k,
+    relative_error,
+    write_spec,
+)
 from safetensors.torch import load_file
 
 from raymerge.engines import fast
@@ -19,15 +26,7 @@ from raymerge.worker import MergeWorker
 from raymerge.world import AdapterShape, build_adapter
 
 GROUPS = [
-    {  # equal ranks, three adapters, lora_alpha != r, a negative weight
-        "adapters": ["a", "b", "c"],
-        "weights": [[0.6, -0.3, 0.5]],
-        "methods": [
-            {"combination_type": "linear"},
-            {"combination_type": "ties", "density": 0.5, "majority_sign_method": "frequency"},
-            {"combination_type": ["dare_linear", "dare_ties", "magnitude_prune"], "density": 0.6},
-        ],
-    },
+    EQUAL_RANK_GROUP,
     {  # ranks 8, 4 and 8
         "adapters": ["a", "d", "b"],
         "weights": [[0.7, -0.4, 0.2]],

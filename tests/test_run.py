@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    EQUAL_RANK_GROUP,
     PRUNED_SVD_TYPES,
     assert_merge_matches,
     base_spec,
@@ -28,16 +29,7 @@ from raymerge.manifest import read_manifest
 from raymerge.plan import load_plan
 
 ALL_TYPES_SPEC = [
-    # Equal-rank types over three adapters with different lora_alpha and a negative weight.
-    {
-        "adapters": ["a", "b", "c"],
-        "weights": [[0.6, -0.3, 0.5]],
-        "methods": [
-            {"combination_type": "linear"},
-            {"combination_type": "ties", "density": 0.5, "majority_sign_method": "frequency"},
-            {"combination_type": ["dare_linear", "dare_ties", "magnitude_prune"], "density": 0.6},
-        ],
-    },
+    EQUAL_RANK_GROUP,
     # Rank-changing types over adapters of ranks 8 and 4.
     {
         "adapters": ["a", "d"],

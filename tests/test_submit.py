@@ -8,13 +8,10 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import base_spec, free_port, write_spec
+from helpers import base_spec, free_port, wait_for_http, write_spec
 
 from raymerge.manifest import read_manifest
 from raymerge.plan import load_plan
@@ -43,20 +40,11 @@ def token_head():
     log = open(home / "head.log", "w")  # noqa: SIM115 (the head writes it until teardown)
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # 401: up, and asking for the token
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                head.kill()
-                pytest.fail(
-                    "the Ray head did not start:\n" + (home / "head.log").read_text()[-3000:]
-                )
-            time.sleep(0.5)
+    try:
+        wait_for_http(f"{address}/api/version", head, 120, "the Ray head", accept_http_errors=True)
+    finally:
+        if head.poll() is not None:
+            print((home / "head.log").read_text()[-3000:])
     client_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     yield address, token, client_env
     head.terminate()
