@@ -8,13 +8,19 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from raymerge import storage
-from raymerge.errors import InputError
+from raymerge.errors import InputError, MergeError
+
+if TYPE_CHECKING:
+    from raymerge.engines import AdapterTensors
+    from raymerge.layout import Layout
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -187,3 +193,82 @@ def read_base_shapes(uri: str, storage_options: dict[str, Any] | None = None):
         header = read_safetensors_header(where, storage.join(uri, shard), storage_options)
         shapes.update({k: v["shape"] for k, v in header.items()})
     return shapes
+
+
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+PEFT_PREFIX = "base_model.model."
+
+
+def load_adapter_tensors(
+    name: str, uri: str, storage_options: dict[str, Any] | None, layout: Layout, device
+) -> AdapterTensors:
+    """Adapter `name`'s config and factors (float32 on `device`) with its provenance, checked:
+    a file that cannot be read or a tensor holding NaN/Inf is a MergeError naming both."""
+    import pickle
+
+    import torch
+    from peft import LoraConfig
+    from safetensors import SafetensorError
+
+    from raymerge.engines import AdapterTensors
+    from raymerge.layout import peft_fan_in_fan_out
+
+    where = f"adapter {name!r} ({uri})"
+    try:
+        folder = storage.local_copy(uri, storage_options)
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"{where}: cannot be fetched: {type(exc).__name__}: {exc}") from exc
+    weights = next((folder / f for f in WEIGHT_FILES if (folder / f).exists()), None)
+    if weights is None:
+        raise MergeError(f"{where}: {' or '.join(WEIGHT_FILES)} has disappeared; restore it")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:  # admitted by the plan only with allow_pickle: true
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        config = LoraConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise MergeError(
+            f"{where}: {weights.name} or {CONFIG_FILE} cannot be read ({type(exc).__name__}: "
+            f"{exc}); was it truncated or replaced while the sweep ran? Check it and run again"
+        ) from exc
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        for part in LORA_PARTS:
+            suffix = f".{part}.weight" if part in ("lora_A", "lora_B") else f".{part}"
+            if key.endswith(suffix):
+                if not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise MergeError(
+                        f"{where}: {key} in {weights.name} holds {bad} non-finite value(s) "
+                        "(NaN or Inf); every merge with this adapter fails: fix or retrain it"
+                    )
+                module = key.removeprefix(PEFT_PREFIX)[: -len(suffix)]
+                parts.setdefault(module, {})[part] = tensor.to(device=device, dtype=torch.float32)
+    factors, embedding = {}, set()
+    for module, found in parts.items():
+        if "lora_A" in found:
+            factors[module] = (found["lora_A"], found["lora_B"])
+        else:
+            factors[module] = (found["lora_embedding_A"], found["lora_embedding_B"])
+            embedding.add(module)
+    config.inference_mode = True  # as PeftModel.from_pretrained loads it
+    config.fan_in_fan_out = peft_fan_in_fan_out(config.fan_in_fan_out, list(factors), layout)
+    provenance = {
+        "name": name,
+        "uri": uri,
+        "weights_file": weights.name,
+        "weights_sha256": file_sha256(weights),
+        "config_sha256": file_sha256(folder / CONFIG_FILE),
+    }
+    return AdapterTensors(name, config, factors, folder, frozenset(embedding), provenance)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -111,10 +111,10 @@ PRUNING_DENSITY = 0.5
 
 
 def _method(combination_type: str) -> dict[str, Any]:
-    from raymerge.methods import COMBINATION_TYPES
+    from raymerge.methods import method as lookup
 
     method: dict[str, Any] = {"combination_type": combination_type}
-    if COMBINATION_TYPES[combination_type].prunes:
+    if "density" in lookup(combination_type).required():
         method["density"] = PRUNING_DENSITY
     return method
 

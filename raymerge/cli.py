@@ -30,12 +30,30 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Merge LoRA adapters at scale: a sweep spec in, merged adapters out, on Ray.",
 )
-# soft_wrap: paths and URIs stay whole on one line, for copying and for logs. Off a terminal
-# (job logs, pipes) tables get 120 columns rather than rich's default 80.
-_COLUMNS = os.environ.get("COLUMNS", "")
-_WIDTH = None if sys.stdout.isatty() else int(_COLUMNS) if _COLUMNS.isdigit() else 120
-console = Console(soft_wrap=True, width=_WIDTH)
-err_console = Console(stderr=True, soft_wrap=True, width=_WIDTH)
+
+
+def _width() -> int | None:
+    """Off a terminal (job logs, pipes) tables get COLUMNS or 120 columns rather than rich's
+    default 80; read when a command runs, not at import."""
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else 120
+
+
+class _Consoles:
+    """stdout and stderr consoles, made on first use. soft_wrap: paths and URIs stay whole on one
+    line, for copying and for logs."""
+
+    def __getattr__(self, name: str) -> Console:
+        if name not in ("out", "err"):
+            raise AttributeError(name)
+        console = Console(stderr=name == "err", soft_wrap=True, width=_width())
+        setattr(self, name, console)
+        return console
+
+
+_consoles = _Consoles()
 
 
 @app.command()
@@ -66,6 +84,11 @@ def run(
         None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local instance)."
     ),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed merge."),
+    rebuild_changed: bool = typer.Option(
+        False,
+        "--rebuild-changed",
+        help="Redo the committed merges made from an adapter that has changed since.",
+    ),
 ) -> None:
     """Run every merge of SPEC on Ray; merges already done in the output are skipped."""
     from raymerge.plan import load_plan
@@ -78,7 +101,7 @@ def run(
             "engine": engine,
         }
         the_plan = load_plan(spec, overrides)
-        _run_and_report(the_plan, address, fail_fast)
+        _run_and_report(the_plan, address, fail_fast, rebuild_changed)
 
 
 @app.command()
@@ -93,16 +116,18 @@ def demo(
     from raymerge.report import build_report
 
     with _exit_on_error():
-        console.print(f"Building a tiny Llama-architecture world in {out}/world …")
-        spec = prepare_demo(out, workers, log=console.print)
+        _consoles.out.print(f"Building a tiny Llama-architecture world in {out}/world …")
+        spec = prepare_demo(out, workers, log=_consoles.out.print)
         the_plan = load_plan(spec)
         _print_plan(the_plan.summary())
         _run_and_report(the_plan, address)
         result = build_report(the_plan.output)
         _print_leaderboard(result, top=10)
-        console.print(_verdict(result))
-        console.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
-        console.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
+        _consoles.out.print(_verdict(result))
+        _consoles.out.print(
+            f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/"
+        )
+        _consoles.out.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
 
 
 def _verdict(result) -> str:
@@ -144,7 +169,7 @@ def report(
         location = output if storage.is_remote(output) else str(Path(output).resolve())
         result = build_report(location, out=out, metric=metric)
         _print_leaderboard(result, top)
-        console.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
+        _consoles.out.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
 
 
 def _print_leaderboard(result, top: int) -> None:
@@ -167,7 +192,7 @@ def _print_leaderboard(result, top: int) -> None:
             losses = [f"{scores[n]['loss']:.4f}" for n in result.eval_sets]
             mean = sum(scores[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
             table.add_row("ref", f"{name} alone", "", "", f"{mean:.4f}", *losses, style="dim")
-    console.print(table)
+    _consoles.out.print(table)
 
 
 @app.command("submit")
@@ -186,12 +211,12 @@ def submit_job(
 
     with _exit_on_error():
         job_id = jobs.submit(spec, address, ship_raymerge=ship_raymerge)
-        console.print(f"Submitted job {job_id}")
+        _consoles.out.print(f"Submitted job {job_id}")
         if not follow:
-            console.print(f"Follow it with: raymerge logs {job_id} --follow")
+            _consoles.out.print(f"Follow it with: raymerge logs {job_id} --follow")
             return
         final = jobs.follow(job_id, address, lambda text: print(text, end="", flush=True))
-        console.print(f"Job {job_id} {final}")
+        _consoles.out.print(f"Job {job_id} {final}")
         if final != "SUCCEEDED":
             raise typer.Exit(1)
 
@@ -206,7 +231,7 @@ def job_status(
 
     with _exit_on_error():
         info = jobs.status(job_id, address)
-        console.print(f"{info['job_id']}: {info['status']} {info['message']}".rstrip())
+        _consoles.out.print(f"{info['job_id']}: {info['status']} {info['message']}".rstrip())
         if info["status"] in ("FAILED", "STOPPED"):
             raise typer.Exit(1)
 
@@ -243,13 +268,14 @@ def bench_plan(
     """Time and peak memory of the driver planning and dispatch-ordering a huge sweep."""
     from raymerge.bench import bench_plan as measure
 
-    figures = measure(merges, workers, cache)
+    with _exit_on_error():
+        figures = measure(merges, workers, cache)
     table = Table(title="raymerge bench plan", show_header=False)
     table.add_column()
     table.add_column(justify="right")
     for key, value in figures.items():
         table.add_row(key.replace("_", " "), str(value))
-    console.print(table)
+    _consoles.out.print(table)
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2))
 
@@ -269,17 +295,18 @@ def bench_merge(
     """Time one sweep four ways: plain PEFT loop, engine peft, engine fast, and the I/O floor."""
     from raymerge.bench import bench_merge as measure
 
-    figures = measure(
-        out,
-        hidden_size=hidden_size,
-        layers=layers,
-        rank=rank,
-        adapters=adapters,
-        targets=tuple(t for t in targets.split(",") if t),
-        types=tuple(t for t in types.split(",") if t),
-        threads=threads,
-        log=console.print,
-    )
+    with _exit_on_error():
+        figures = measure(
+            out.resolve(),
+            hidden_size=hidden_size,
+            layers=layers,
+            rank=rank,
+            adapters=adapters,
+            targets=tuple(t for t in targets.split(",") if t),
+            types=tuple(t for t in types.split(",") if t),
+            threads=threads,
+            log=_consoles.out.print,
+        )
     merges = figures["world"]["merges_per_type"]
     table = Table(title=f"merges/s ({merges} merges per type) and ratios")
     headers = {
@@ -296,21 +323,29 @@ def bench_merge(
         table.add_column(header, justify="right")
     for name, row in figures["types"].items():
         table.add_row(name, *(str(row[key]) for key in headers))
-    console.print(table)
+    _consoles.out.print(table)
     for way in ("plain_peft_loop", "raymerge_peft", "raymerge_fast"):
-        console.print(f"{way}: end to end {figures[way]['end_to_end_seconds']} s")
+        _consoles.out.print(f"{way}: end to end {figures[way]['end_to_end_seconds']} s")
     if json_out:
         json_out.write_text(json.dumps(figures, indent=2))
 
 
-def _run_and_report(the_plan, address: str | None, fail_fast: bool = False) -> None:
+def _run_and_report(
+    the_plan, address: str | None, fail_fast: bool = False, rebuild_changed: bool = False
+) -> None:
     from raymerge.driver import run_sweep
 
     with _ProgressBar() as bar:
-        summary = run_sweep(the_plan, address=address, progress=bar, fail_fast=fail_fast)
+        summary = run_sweep(
+            the_plan,
+            address=address,
+            progress=bar,
+            fail_fast=fail_fast,
+            rebuild_changed=rebuild_changed,
+        )
     _print_summary(summary.to_json())
     if summary.not_run:
-        err_console.print(f"Stopped at the first failure: {summary.not_run} merges not run.")
+        _consoles.err.print(f"Stopped at the first failure: {summary.not_run} merges not run.")
     if summary.failed or summary.not_run:
         raise typer.Exit(1)
 
@@ -336,8 +371,8 @@ class _ProgressBar:
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[workers]}"),
-            console=console,
-            disable=not console.is_terminal,
+            console=_consoles.out,
+            disable=not _consoles.out.is_terminal,
         )
         self._task = None
         self._total = 0
@@ -354,24 +389,23 @@ class _ProgressBar:
 
     def start(self, total: int, skipped: int) -> None:
         if skipped:
-            console.print(f"Skipping {skipped} merges already done in the output.")
+            _consoles.out.print(f"Skipping {skipped} merges already done in the output.")
         self._total = total
         self._started = self._last_log = time.monotonic()
         self._task = self._progress.add_task("merge", total=total, workers="")
 
-    def advance(self, result: dict[str, Any]) -> None:
+    def advance(self, result) -> None:
         self._done += 1
-        worker = result.get("worker")
-        if worker is not None:
-            self._per_worker[worker] = self._per_worker.get(worker, 0) + 1
+        if result.worker is not None:
+            self._per_worker[result.worker] = self._per_worker.get(result.worker, 0) + 1
         self._progress.update(self._task, advance=1, workers=self._worker_rates())
-        if result["status"] != "done":
-            console.print(Text(f"merge {result['merge_id']} failed: {result['error']}", "red"))
+        if not result.done:
+            _consoles.out.print(Text(f"merge {result.merge_id} failed: {result.error}", "red"))
         now = time.monotonic()
-        if not console.is_terminal and now - self._last_log >= self.LOG_EVERY_S:
+        if not _consoles.out.is_terminal and now - self._last_log >= self.LOG_EVERY_S:
             self._last_log = now
             rate = self._done / (now - self._started)
-            console.print(
+            _consoles.out.print(
                 f"merged {self._done}/{self._total} ({rate:.1f}/s) {self._worker_rates()}"
             )
 
@@ -382,20 +416,20 @@ class _ProgressBar:
 
 
 def _print_plan(summary: dict[str, Any]) -> None:
-    console.print(f"Plan: {summary['total']} merges → {summary['output']}")
+    _consoles.out.print(f"Plan: {summary['total']} merges → {summary['output']}")
     table = Table()
     table.add_column("combination type")
     table.add_column("merges", justify="right")
     for name, count in summary["by_type"].items():
         table.add_row(name, str(count))
-    console.print(table)
+    _consoles.out.print(table)
     adapters = Table(title="Adapters")
     for column in ("name", "r", "lora_alpha"):
         adapters.add_column(column)
     adapters.add_column("location", overflow="fold")
     for name, info in summary["adapters"].items():
         adapters.add_row(name, str(info["r"]), str(info["lora_alpha"]), info["uri"])
-    console.print(adapters)
+    _consoles.out.print(adapters)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -411,9 +445,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     )
     table.add_row("per worker", per_worker)
     table.add_row("output", summary["output"])
-    console.print(table)
+    _consoles.out.print(table)
     for failure in summary["failures"][:10]:
-        err_console.print(Text(f"failed {failure['merge_id']}: {failure['error']}", "red"))
+        _consoles.err.print(Text(f"failed {failure['merge_id']}: {failure['error']}", "red"))
 
 
 class _exit_on_error:
@@ -424,8 +458,14 @@ class _exit_on_error:
 
     def __exit__(self, kind, exc, tb) -> bool:
         if isinstance(exc, RaymergeError):
-            err_console.print(Text(f"error: {exc}", style="red"))
+            _consoles.err.print(Text(f"error: {exc}", style="red"))
             raise typer.Exit(exc.exit_code)
+        if exc is not None and not isinstance(exc, typer.Exit):
+            from raymerge import storage
+
+            if isinstance(exc, storage.errors()):  # the store or disk, not a bug: one line
+                _consoles.err.print(Text(f"error: storage: {storage.describe(exc)}", "red"))
+                raise typer.Exit(1)
         return False
 
 

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from raymerge.adapters import AdapterInfo
+from raymerge.adapters import WEIGHT_FILES, AdapterInfo
+from raymerge.errors import MergeError
+from raymerge.layout import Layer, Layout
+from raymerge.methods import METHODS, RankRule
+
+if TYPE_CHECKING:
+    from raymerge.engines import AdapterTensors
 
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\."
@@ -160,32 +167,27 @@ def expected_rank(config: dict[str, Any], module: str) -> int:
     return config["r"]
 
 
-def base_shape_problems(info: AdapterInfo, base_shapes: dict[str, list[int]]) -> list[str]:
-    """Each LoRA factor against the shape of the base weight it adapts."""
+def base_shape_problems(info: AdapterInfo, layout: Layout) -> list[str]:
+    """Each LoRA factor against the base model's layer it adapts, oriented by the layer's type
+    (as PEFT does: a Conv1D weight is (in, out) whatever the config's fan_in_fan_out says)."""
     if not info.tensors:
         return []
     where = f"adapter {info.name!r}"
     modules, _ = lora_modules(info.tensors)
-    fan_in_fan_out = bool(info.config.get("fan_in_fan_out"))
     problems, missing = [], []
     for module in modules.values():
-        key = _base_key(module.name, base_shapes)
-        if key is None:
+        layer = layout.layers.get(module.name)
+        if layer is None:
             missing.append(module.name)
             continue
-        shape = base_shapes[key]
-        if module.embedding or fan_in_fan_out:  # stored as (in, out), unlike nn.Linear
-            in_features, out_features = shape[0], shape[1]
-        else:
-            out_features, in_features = shape[0], shape[1]
-        if module.a_shape[1] != in_features or module.b_shape[0] != out_features:
+        if module.a_shape[1] != layer.in_features or module.b_shape[0] != layer.out_features:
             if len(problems) == 3:
                 problems.append(f"{where}: further modules not checked")
                 break
             problems.append(
                 f"{where}: {module.name} has lora_A {list(module.a_shape)} and lora_B "
-                f"{list(module.b_shape)}, which do not fit the base model's {key} of shape "
-                f"{shape}; is it an adapter for another model?"
+                f"{list(module.b_shape)}, which do not fit the base model's {module.name}.weight "
+                f"of shape {weight_shape(layer)}; is it an adapter for another model?"
             )
     if missing:
         listed = ", ".join(missing[:3]) + (
@@ -197,29 +199,53 @@ def base_shape_problems(info: AdapterInfo, base_shapes: dict[str, list[int]]) ->
         )
     for key, shape in info.tensors.items():
         match = BASE_LAYER_KEY.match(key)
-        base_key = _base_key(match["module"], base_shapes) if match else None
-        if match and base_key is not None and list(shape) != list(base_shapes[base_key]):
+        layer = layout.layers.get(match["module"]) if match else None
+        if layer is not None and list(shape) != weight_shape(layer):
             problems.append(
-                f"{where}: {key} has shape {shape} but the base model's {base_key} is "
-                f"{base_shapes[base_key]}: the adapter resized the vocabulary, which a merge "
+                f"{where}: {key} has shape {shape} but the base model's {match['module']}.weight "
+                f"is {weight_shape(layer)}: the adapter resized the vocabulary, which a merge "
                 "cannot carry; merge adapters trained without resizing"
             )
     return problems
 
 
-def _base_key(module: str, base_shapes: dict[str, list[int]]) -> str | None:
-    """The base checkpoint's weight for a module path (with or without the model's prefix)."""
-    for candidate in (module, module.split(".", 1)[-1]):
-        if f"{candidate}.weight" in base_shapes:
-            return f"{candidate}.weight"
-    return None
+def weight_shape(layer: Layer) -> list[int]:
+    """The shape of a layer's weight as the checkpoint stores it."""
+    if layer.kind in ("conv1d", "embedding"):  # Conv1D is (in, out); Embedding (vocab, dim)
+        return [layer.in_features, layer.out_features]
+    return [layer.out_features, layer.in_features]
+
+
+def check_embedding_copies(adapter: AdapterTensors, model) -> None:
+    """An embedding LoRA may carry a full copy of the embedding (PEFT saves one beside it).
+
+    Loading it overwrites the held base model's weights, so it must equal them exactly.
+    """
+    import torch
+    from safetensors import safe_open
+
+    weights = Path(adapter.folder, adapter.provenance.get("weights_file", WEIGHT_FILES[0]))
+    if weights.suffix != ".safetensors":
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            match = BASE_LAYER_KEY.match(key)
+            if not match:
+                continue
+            module = model.get_submodule(match["module"])
+            held = getattr(module, "base_layer", module).weight
+            theirs = f.get_tensor(key).to(device=held.device, dtype=held.dtype)
+            if not torch.equal(theirs, held.data):
+                raise MergeError(
+                    f"adapter {adapter.name!r} carries its own {match['module']} weights, which "
+                    "differ from the base model's (a trained or resized embedding); a merge "
+                    "cannot carry them: use adapters saved with save_embedding_layers=False"
+                )
 
 
 def group_problems(index: int, combination_types: list[str], infos: list[AdapterInfo]) -> list[str]:
     """Rules that depend on the combination type: rank_pattern breaks the equal-rank types."""
-    from raymerge.methods import COMBINATION_TYPES
-
-    equal_rank = [t for t in combination_types if COMBINATION_TYPES[t].equal_rank]
+    equal_rank = [t for t in combination_types if METHODS[t].rank is RankRule.EQUAL]
     problems = []
     if equal_rank:
         for info in infos:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -22,14 +23,20 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raymerge import manifest
-from raymerge.errors import ClusterError
-from raymerge.plan import MergeTask, Plan
+from raymerge import inputs, manifest, storage
+from raymerge.errors import ClusterError, StorageError
+from raymerge.plan import Plan
 from raymerge.schedule import LocalityScheduler, RoundRobinScheduler
+from raymerge.task import MergeResult, MergeTask, Status
 from raymerge.worker import MergeWorker
+
+log = logging.getLogger(__name__)
 
 TASKS_IN_FLIGHT_PER_WORKER = 2  # one merging, one queued: no idle gap between tasks
 MANIFEST_FLUSH_SECONDS = 30.0
+MANIFEST_CLOSE_SECONDS = 300.0
+"""How long the driver keeps trying to write the manifest when the store does not answer at the
+end of a run (RAYMERGE_MANIFEST_TIMEOUT overrides it)."""
 MAX_FAILURES_IN_SUMMARY = 100
 
 
@@ -38,7 +45,7 @@ class Progress(Protocol):
 
     def start(self, total: int, skipped: int) -> None: ...
 
-    def advance(self, result: dict[str, Any]) -> None: ...
+    def advance(self, result: MergeResult) -> None: ...
 
 
 @dataclass
@@ -55,31 +62,48 @@ class WorkerStats:
 
 @dataclass
 class RunSummary:
-    """The figures of one run, also written to `<output>/summary.json`."""
+    """The figures of one run, also written to `<output>/summary.json`. Totals of what workers
+    did (done, adapter loads, bytes) are derived from the per-worker figures."""
 
     output: str
     total: int
-    done: int = 0
     skipped: int = 0
     failed: int = 0
     not_run: int = 0
-    """Tasks left undone: --fail-fast stopped the run, or every worker died."""
+    """Tasks left undone: --fail-fast stopped the run, the output became unwritable, or every
+    worker died."""
     retries: int = 0
-    """Tasks run again because their worker died."""
+    """Tasks run again because their worker died or the store was unreachable."""
     seconds: float = 0.0
     """Wall time of the run, Ray start and model loading included."""
     merge_seconds: float = 0.0
     """Time from the first task dispatched to the last result (workers loaded)."""
     merges_per_s: float = 0.0
     """Merges done per second of `merge_seconds`."""
-    adapter_loads: int = 0
-    bytes_written: int = 0
     workers: dict[str, WorkerStats] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     """The first failures (merge_id and error); all of them are in the manifest."""
+    stopped_by: str | None = None
+    """Why dispatching stopped early (a fatal storage error), if it did."""
+
+    @property
+    def done(self) -> int:
+        return sum(w.done for w in self.workers.values())
+
+    @property
+    def adapter_loads(self) -> int:
+        return sum(w.adapter_loads for w in self.workers.values())
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self.workers.values())
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.update(
+            done=self.done, adapter_loads=self.adapter_loads, bytes_written=self.bytes_written
+        )
+        return data
 
 
 def run_sweep(
@@ -89,63 +113,110 @@ def run_sweep(
     progress: Progress | None = None,
     start_timeout: float = 600.0,
     fail_fast: bool = False,
+    rebuild_changed: bool = False,
 ) -> RunSummary:
     """Run every merge of `plan` that is not committed yet; returns the run's summary.
 
     Uses the Ray instance this process is connected to, else `address`, else RAY_ADDRESS, else
     starts a local one. Merges already committed under the output (merge.json present) are
-    skipped, so rerunning a spec resumes it; with `fail_fast` the run stops dispatching at the
-    first failed merge.
+    skipped, so rerunning a spec resumes it, after checking that the inputs are those the
+    committed merges were made from (`rebuild_changed` redoes the merges of changed inputs);
+    with `fail_fast` the run stops dispatching at the first failed merge.
     """
     started = time.perf_counter()
-    options = plan.spec.storage_options
-    committed = manifest.committed_merge_ids(plan.output, options)
-    total = skipped = 0
-    for task in plan.tasks():
-        total += 1
-        skipped += task.merge_id in committed
-    summary = RunSummary(output=plan.output, total=total, skipped=skipped)
+    try:
+        committed, digests, writer = _prepare_output(plan, rebuild_changed)
+    except storage.errors() as exc:
+        raise StorageError(
+            f"the output {plan.output} cannot be read or written: {storage.describe(exc)}; "
+            "check the location, its permissions and free space"
+        ) from exc
+    total = plan.total()
+    summary = RunSummary(output=plan.output, total=total)
     if progress:
-        progress.start(total - skipped, skipped)
-
-    writer = manifest.ManifestWriter(plan.output, options)
-    _carry_over_committed(plan, committed, writer)
-    pending = (task for task in plan.tasks() if task.merge_id not in committed)
-    if total > skipped:
+        progress.start(max(0, total - len(committed)), min(len(committed), total))
+    pending = _pending(plan, committed, summary)
+    first = next(pending, None)
+    if first is None:  # everything is committed already: no cluster needed
+        writer.close()
+        summary.seconds = round(time.perf_counter() - started, 3)
+        manifest.write_summary(plan.output, summary.to_json(), plan.spec.storage_options)
+        return summary
+    pending = itertools.chain([first], pending)
+    try:
         with _ray_session(address) as fixed_size:
-            workers, groups = _start_workers(plan, start_timeout, fixed_size)
-            if plan.eval_sets and manifest.read_references(plan.output, options) is None:
-                references = ray.get(workers[0].score_references.remote(plan.adapters_used()))
-                manifest.write_references(plan.output, references, options)
-            dispatch_started = time.perf_counter()
+            workers, groups = _start_workers(plan, start_timeout, fixed_size, digests)
             try:
-                _Dispatch(plan, workers, pending, writer, summary, progress, fail_fast).run()
+                _score_references(plan, workers)
+                dispatch_started = time.perf_counter()
+                try:
+                    _Dispatch(plan, workers, pending, writer, summary, progress, fail_fast).run()
+                finally:
+                    summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
             finally:
-                summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
                 for worker in workers.values():
                     ray.kill(worker, no_restart=True)
                 for group in groups:
                     remove_placement_group(group)
-    writer.close()
+    except BaseException:
+        writer.discard()  # segments published so far stay for the next run
+        raise
+    timeout = float(os.environ.get("RAYMERGE_MANIFEST_TIMEOUT", MANIFEST_CLOSE_SECONDS))
+    writer.close(timeout=timeout)
     summary.seconds = round(time.perf_counter() - started, 3)
     if summary.merge_seconds:
         summary.merges_per_s = round(summary.done / summary.merge_seconds, 3)
-    manifest.write_summary(plan.output, summary.to_json(), options)
+    with contextlib.suppress(*storage.errors()):  # the figures are also returned and printed
+        manifest.write_summary(plan.output, summary.to_json(), plan.spec.storage_options)
+    if summary.stopped_by:
+        raise StorageError(summary.stopped_by)
     return summary
 
 
-def _carry_over_committed(plan: Plan, committed: set[str], writer: manifest.ManifestWriter) -> None:
-    """Keep the manifest lines of merges done by earlier runs; rebuild any that went missing."""
+def _pending(plan: Plan, committed: set[str], summary: RunSummary) -> Iterator[MergeTask]:
+    """The plan's tasks that are not committed yet (counting the others as skipped)."""
+    for task in plan.tasks():
+        if task.merge_id in committed:
+            summary.skipped += 1
+        else:
+            yield task
+
+
+def _prepare_output(plan: Plan, rebuild_changed: bool):
+    """Before any cluster work: the output is writable, its merges were made from these inputs,
+    and the manifest lines of earlier runs are carried over (rebuilt where missing)."""
     options = plan.spec.storage_options
-    listed = set()
-    for line in manifest.read_manifest(plan.output, options):
+    storage.check_writable(plan.output, options)
+    committed = manifest.committed_merge_ids(plan.output, options)
+    digests = inputs.current_digests(plan)
+    redo = inputs.check_unchanged(plan, digests, committed, rebuild_changed)
+    committed -= redo
+    manifest.write_inputs(plan.output, inputs.inputs_record(plan, digests), options)
+    writer = manifest.ManifestWriter(plan.output, options)
+    writer.carry(_carried_lines(plan, committed))
+    return committed, {name: d["weights_sha256"] for name, d in digests.items()}, writer
+
+
+def _carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:
+    """The manifest lines of merges done by earlier runs (streamed); those lost with a killed
+    driver are rebuilt from their merge.json."""
+    options = plan.spec.storage_options
+    listed: set[str] = set()
+    for line in manifest.iter_lines(plan.output, options):
         merge_id = line.get("merge_id")
-        if line.get("status") == "done" and merge_id in committed and merge_id not in listed:
-            writer.add(line)
+        if line.get("status") == Status.DONE and merge_id in committed and merge_id not in listed:
             listed.add(merge_id)
+            yield line
     missing = committed - listed  # committed after the last manifest flush of a killed run
     for record in manifest.read_records(plan.output, sorted(missing), options):
-        writer.add(manifest.manifest_line(plan.output, record))
+        yield manifest.manifest_line(plan.output, record)
+
+
+def _score_references(plan: Plan, workers: dict[int, Any]) -> None:
+    options = plan.spec.storage_options
+    if plan.eval_sets and manifest.read_references(plan.output, options) is None:
+        references = ray.get(workers[0].score_references.remote(plan.adapters_used()))
+        manifest.write_references(plan.output, references, options)
 
 
 class _Dispatch:
@@ -184,9 +255,9 @@ class _Dispatch:
             else:
                 self._finished(ref)
             if time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS:
-                self.writer.flush()
+                self.writer.flush()  # in the background: never blocks dispatch
                 last_flush = time.monotonic()
-        for task in self.scheduler.drain():  # left only by --fail-fast, or if every worker died
+        for task in self.scheduler.drain():  # left by --fail-fast, a fatal error, or dead workers
             if self.stopping:
                 self.summary.not_run += 1
             else:
@@ -206,44 +277,51 @@ class _Dispatch:
     def _finished(self, ref) -> None:
         index, task = self.in_flight.pop(ref)
         try:
-            result = ray.get(ref)
+            result: MergeResult = ray.get(ref)
         except RayActorError as exc:
             self._worker_died(index, task, exc)
             return
         stats = self.summary.workers[str(index)]
-        stats.adapter_loads += result["adapter_loads"]
-        stats.busy_seconds = round(stats.busy_seconds + result["seconds"], 3)
-        self.summary.adapter_loads += result["adapter_loads"]
-        self.cached[index] = set(result["cached"])
-        if result["status"] == "done":
+        stats.adapter_loads += result.adapter_loads
+        stats.busy_seconds = round(stats.busy_seconds + result.seconds, 3)
+        self.cached[index] = set(result.cached)
+        if result.done:
             line = manifest.manifest_line(
-                self.plan.output,
-                result["record"],
-                result["adapter_loads"],
-                result.get("load_seconds"),
+                self.plan.output, result.record, result.adapter_loads, result.load_seconds
             )
             stats.done += 1
             stats.bytes_written += line["bytes"]
-            self.summary.done += 1
-            self.summary.bytes_written += line["bytes"]
             self.writer.add(line)
             if self.progress:
                 self.progress.advance(result)
+        elif result.retryable and self._retry(task):
+            log.warning("merge %s will be retried: %s", task.merge_id, result.error)
         else:
             stats.failed += 1
-            self._record_failure(task, result["error"], index)
-            self.stopping = self.stopping or self.fail_fast
+            self._record_failure(task, result.error or "failed", index)
+            if result.fatal and not self.stopping:
+                self.summary.stopped_by = (
+                    f"the sweep stopped: {result.error}. Free space or fix permissions, then run "
+                    "the same spec again: committed merges are kept"
+                )
+            self.stopping = self.stopping or self.fail_fast or result.fatal
         self._feed(index)
+
+    def _retry(self, task: MergeTask) -> bool:
+        """Queue `task` again if it has retries left."""
+        attempts = self.attempts.get(task.merge_id, 0) + 1
+        self.attempts[task.merge_id] = attempts
+        if attempts > self.plan.spec.task_retries:
+            return False
+        self.summary.retries += 1
+        self.scheduler.retry(task)
+        return True
 
     def _worker_died(self, index: int, task: MergeTask, exc: Exception) -> None:
         """Retry the task anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
-        attempts = self.attempts.get(task.merge_id, 0) + 1
-        self.attempts[task.merge_id] = attempts
-        if attempts <= self.plan.spec.task_retries:
-            self.summary.retries += 1
-            self.scheduler.retry(task)
-        else:
-            error = f"worker died {attempts} times running it: {_first_line(exc)}"
+        if not self._retry(task):
+            attempts = self.attempts[task.merge_id]
+            error = f"worker died {attempts} times running it: {_root_error(exc)}"
             self._record_failure(task, error, index)
         self.cached[index] = set()
         if index in self.workers and index not in self.probes.values():
@@ -273,59 +351,30 @@ class _Dispatch:
             self.summary.failures.append({"merge_id": task.merge_id, "error": error})
         self.writer.add(manifest.failure_line(task, self.uris, error))
         if self.progress:
-            failed = {"merge_id": task.merge_id, "status": "failed", "error": error}
-            self.progress.advance({**failed, "worker": worker})
+            self.progress.advance(MergeResult.failure(task, worker=worker, error=error))
 
 
-def _evaluate_config(plan: Plan) -> dict[str, Any] | None:
-    if not plan.eval_sets:
-        return None
-    config = plan.spec.evaluate
-    return {
-        "datasets": plan.eval_sets,
-        "max_samples": config.max_samples,
-        "batch_size": config.batch_size,
-        "max_length": config.max_length,
-    }
-
-
-def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool):
-    """Start `workers` actors, each in its own placement group, and wait until each holds the
-    base model. Returns the actors by index and their placement groups."""
+def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=None):
+    """Start `workers` actors, each in its own placement group, and wait until each is up.
+    Returns the actors by index and their placement groups."""
     spec = plan.spec
     if fixed_size:
         _check_resources(spec)
-    first = next(iter(plan.adapters.values()))
-    cache_bytes = int(spec.adapter_cache_gb * 2**30) if spec.adapter_cache_gb else None
+    config = plan.worker_config()
     # One bundle per worker, STRICT_PACK: a worker's GPUs are reserved together, on one node.
     bundle = {"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker}
     groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(spec.workers)]
-    workers = {}
-    for i, group in enumerate(groups):
-        workers[i] = (
-            ray.remote(MergeWorker)
-            .options(
-                num_cpus=spec.cpus_per_worker,
-                num_gpus=spec.gpus_per_worker,
-                max_restarts=spec.max_worker_restarts,
-                max_concurrency=1,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
-            )
-            .remote(
-                i,
-                plan.base_model,
-                plan.adapter_uris(),
-                plan.output,
-                spec.storage_options,
-                task_type=first.task_type,
-                num_threads=max(1, int(spec.cpus_per_worker)),
-                torch_dtype=spec.torch_dtype,
-                gpu_headroom_gb=spec.gpu_headroom_gb,
-                adapter_cache_bytes=cache_bytes,
-                engine=spec.engine,
-                evaluate=_evaluate_config(plan),
-            )
-        )
+    actor = ray.remote(MergeWorker)
+    workers = {
+        i: actor.options(
+            num_cpus=spec.cpus_per_worker,
+            num_gpus=spec.gpus_per_worker,
+            max_restarts=spec.max_worker_restarts,
+            max_concurrency=1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
+        ).remote(i, config, digests)
+        for i, group in enumerate(groups)
+    }
 
     def give_up():
         for worker in workers.values():
@@ -345,7 +394,7 @@ def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool):
         ) from None
     except RayActorError as exc:
         give_up()
-        raise ClusterError(f"a merge worker failed to start: {_first_line(exc)}") from None
+        raise ClusterError(f"a merge worker failed to start: {_root_error(exc)}") from None
     return workers, groups
 
 
@@ -395,9 +444,12 @@ def _ray_session(address: str | None) -> Iterator[bool]:
         ray.shutdown()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+def _root_error(exc: BaseException) -> str:
+    """The line saying what went wrong: the cause's first line when Ray wraps one, else the
+    last line of Ray's message (Ray ends it with the error its traceback led to)."""
     cause = exc.__cause__ or getattr(exc, "cause", None)
     if cause is not None:
-        text = f"{type(cause).__name__}: {cause}"
-    return text.splitlines()[-1] if text else type(exc).__name__
+        lines = f"{type(cause).__name__}: {cause}".strip().splitlines()
+        return lines[0]
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__

@@ -42,3 +42,9 @@ class MergeError(RaymergeError):
     """One merge failed for its own reason; the sweep records it and goes on."""
 
     exit_code = 1
+
+
+class StorageError(RaymergeError):
+    """The output cannot be written (no space, no permission, a store that stays unreachable)."""
+
+    exit_code = 1

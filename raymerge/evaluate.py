@@ -9,8 +9,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,3 +87,66 @@ def score(model, batches: list[dict]) -> dict[str, float]:
         "perplexity": round(math.exp(min(loss, 700)), 6),
         "tokens": tokens,
     }
+
+
+class Scorer:
+    """Scores merged adapters (as written) and references on the held base model."""
+
+    def __init__(self, base, config, storage_options: dict[str, Any] | None = None):
+        self.base = base
+        self.config = config
+        self.storage_options = storage_options or {}
+        self._batches: dict[str, list] | None = None
+        self._names = itertools.count()
+
+    def batches(self) -> dict[str, list]:
+        """The eval sets, tokenized once with the base model's tokenizer."""
+        if self._batches is None:
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self.base.local_location())
+            self._batches = {
+                name: make_batches(
+                    tokenizer,
+                    load_texts(name, entry["uri"], self.config.max_samples, self.storage_options),
+                    self.config.batch_size,
+                    self.config.max_length,
+                )
+                for name, entry in self.config.datasets.items()
+            }
+        return self._batches
+
+    def score_files(self, files: dict[str, bytes]) -> dict[str, dict[str, float]]:
+        """Score a merged adapter as written: its files, loaded as a user would load them."""
+        name = f"eval_{next(self._names)}"
+        with tempfile.TemporaryDirectory(prefix="raymerge-eval-") as tmp:
+            for file_name, data in files.items():
+                (Path(tmp) / file_name).write_bytes(data)
+            model = self.base.load_adapter(tmp, name)
+        try:
+            return self._score(model, name)
+        finally:
+            model.delete_adapter(name)
+
+    def references(self, inputs) -> dict[str, Any]:
+        """The base model alone and each input adapter alone, on every eval set."""
+        references: dict[str, Any] = {"base": self._score(self.base.peft, None), "adapters": {}}
+        for adapter in inputs:
+            name = f"ref_{next(self._names)}"
+            model = self.base.load_adapter(adapter.folder, name)
+            try:
+                references["adapters"][adapter.name] = self._score(model, name)
+            finally:
+                model.delete_adapter(name)
+        return references
+
+    def _score(self, model, adapter: str | None) -> dict[str, dict[str, float]]:
+        """Metrics per eval set with only `adapter` active (None: the base model alone)."""
+        batches = self.batches()
+        if model is None or not model.peft_config:
+            return {ds: score(self.base.model, b) for ds, b in batches.items()}
+        if adapter is None:
+            with model.disable_adapter():
+                return {ds: score(model, b) for ds, b in batches.items()}
+        model.set_adapter(adapter)
+        return {ds: score(model, b) for ds, b in batches.items()}

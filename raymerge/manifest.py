@@ -4,38 +4,62 @@
     <output>/merges/<merge_id>/adapter_config.json
     <output>/merges/<merge_id>/merge.json     written last: the commit marker
     <output>/manifest.jsonl                   one line per merge (status done or failed)
+    <output>/manifest-segments/*.jsonl        lines of a run not compacted yet (append-only)
+    <output>/inputs.json                      the digests of the inputs every merge was made from
     <output>/summary.json                     the run's figures
 
 A merge folder without merge.json is incomplete: it is never listed and is redone on resume.
+Object stores cannot append, so a run publishes its new manifest lines as new segment objects
+(bytes uploaded over a sweep: O(merges)), and compacts everything into manifest.jsonl once, when
+it ends; a run that was killed leaves segments, which every reader includes and the next run
+compacts.
+
+Example:
+    >>> line = {"merge_id": "0123456789abcdef", "status": "done"}
+    >>> merge_dir("s3://bucket/run", line["merge_id"])
+    's3://bucket/run/merges/0123456789abcdef'
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
-import re
+import secrets
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from raymerge import storage
-from raymerge.plan import MergeTask
+from raymerge.errors import StorageError
+from raymerge.task import MergeTask, Status
+
+log = logging.getLogger(__name__)
 
 MERGES = "merges"
 MERGE_JSON = "merge.json"
 MANIFEST = "manifest.jsonl"
+SEGMENTS = "manifest-segments"
+INPUTS = "inputs.json"
 SUMMARY = "summary.json"
 REFERENCES = "references.json"
-MERGE_ID = re.compile(r"[0-9a-f]{16}")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 """The files of a merged adapter, as PEFT's save_pretrained writes them."""
+RECORDS_PER_READ = 1000
+
+
+def is_merge_id(value: str) -> bool:
+    return len(value) == 16 and all(c in "0123456789abcdef" for c in value)
 
 
 def merge_dir(output: str, merge_id: str) -> str:
     """Where merge `merge_id` lives. Ids are hex hashes, so no name can reach outside `output`."""
-    if not MERGE_ID.fullmatch(merge_id):
+    if not is_merge_id(merge_id):
         raise ValueError(f"{merge_id!r} is not a merge id (16 hex digits)")
     return storage.join(output, MERGES, merge_id)
 
@@ -53,21 +77,24 @@ def merge_record(
     seconds: float,
     worker: dict[str, Any],
     versions: dict[str, str],
+    warnings: list[str] | None = None,
 ) -> dict[str, Any]:
     """The content of merge.json: what the merged adapter is, and how it was made.
 
     `inputs` holds, per input adapter in merge order, its name, uri and the sha256 of its
-    weights file and config.
+    weights file and config. `files` are the merged adapter's files with their sizes and digests
+    (with `kept: false` when the files were not written, keep-top-k).
     """
     return {
         "merge_id": task.merge_id,
-        "status": "done",
+        "status": Status.DONE.value,
         "adapters": inputs,
         "weights": list(task.weights),
         "combination_type": task.combination_type,
         "params": task.params,
         "seed": task.seed,
         "merge_seed": task.merge_seed,
+        **({"trial": task.trial} if task.trial is not None else {}),
         "compute_dtype": compute_dtype,
         "output_dtype": task.output_dtype,
         "base_model": base_model,
@@ -75,6 +102,7 @@ def merge_record(
         **({"engine_fallback": engine_fallback} if engine_fallback else {}),
         "files": files,
         **({"metrics": metrics} if metrics else {}),
+        "warnings": warnings or [],
         "seconds": round(seconds, 4),
         "worker": worker,
         "versions": versions,
@@ -84,13 +112,16 @@ def merge_record(
 
 def commit_merge(output: str, record: dict[str, Any], storage_options=None) -> None:
     """Write merge.json: the last write of a merge, after which it counts as done."""
-    uri = storage.join(merge_dir(output, record["merge_id"]), MERGE_JSON)
-    storage.write_bytes(uri, json.dumps(record, indent=2).encode(), storage_options)
+    storage.write_bytes(record_uri(output, record["merge_id"]), _json(record), storage_options)
+
+
+def record_uri(output: str, merge_id: str) -> str:
+    return storage.join(merge_dir(output, merge_id), MERGE_JSON)
 
 
 def read_committed(output: str, merge_id: str, storage_options=None) -> dict[str, Any] | None:
     """A merge's merge.json record if it is committed, else None."""
-    uri = storage.join(merge_dir(output, merge_id), MERGE_JSON)
+    uri = record_uri(output, merge_id)
     if not storage.exists(uri, storage_options):
         return None
     return json.loads(storage.read_bytes(uri, storage_options))
@@ -110,13 +141,18 @@ def manifest_line(
     keys = ("merge_id", "status", "weights", "combination_type", "params", "seed")
     return {
         **{k: record[k] for k in keys},
-        "adapters": [{"name": a["name"], "uri": a["uri"]} for a in record["adapters"]],
+        **({"trial": record["trial"]} if "trial" in record else {}),
+        "adapters": [
+            {"name": a["name"], "uri": a["uri"], "weights_sha256": a.get("weights_sha256")}
+            for a in record["adapters"]
+        ],
         "path": merge_dir(output, record["merge_id"]),
+        "kept": all(f.get("kept", True) for f in record["files"].values()),
         "seconds": record["seconds"],
         "worker": record["worker"]["index"],
         "adapter_loads": adapter_loads,
         "load_seconds": None if load_seconds is None else round(load_seconds, 4),
-        "bytes": sum(f["bytes"] for f in record["files"].values()),
+        "bytes": sum(f["bytes"] for f in record["files"].values() if f.get("kept", True)),
         **({"metrics": record["metrics"]} if "metrics" in record else {}),
     }
 
@@ -125,12 +161,13 @@ def failure_line(task: MergeTask, adapter_uris: dict[str, str], error: str) -> d
     """The manifest's line for a merge that failed (nothing of it is committed)."""
     return {
         "merge_id": task.merge_id,
-        "status": "failed",
+        "status": Status.FAILED.value,
         "adapters": [{"name": n, "uri": adapter_uris[n]} for n in task.adapters],
         "weights": list(task.weights),
         "combination_type": task.combination_type,
         "params": task.params,
         "seed": task.seed,
+        **({"trial": task.trial} if task.trial is not None else {}),
         "error": error,
     }
 
@@ -143,66 +180,182 @@ def committed_merge_ids(output: str, storage_options=None) -> set[str]:
         for uri in storage.find(storage.join(output, MERGES), storage_options)
         if uri.endswith(marker)
     )
-    return {merge_id for merge_id in found if MERGE_ID.fullmatch(merge_id)}
+    return {merge_id for merge_id in found if is_merge_id(merge_id)}
+
+
+def manifest_sources(output: str, storage_options=None) -> list[str]:
+    """manifest.jsonl (if any) and the segments runs left, oldest first."""
+    sources = []
+    compacted = storage.join(output, MANIFEST)
+    if storage.exists(compacted, storage_options):
+        sources.append(compacted)
+    segments = storage.find(storage.join(output, SEGMENTS), storage_options)
+    sources += sorted(uri for uri in segments if uri.endswith(".jsonl"))
+    return sources
+
+
+def iter_lines(output: str, storage_options=None) -> Iterator[dict[str, Any]]:
+    """Every line of the manifest and of its segments, streamed, in order (a merge may appear
+    more than once: failed in one run, done in a later one)."""
+    for uri in manifest_sources(output, storage_options):
+        for text in storage.iter_text_lines(uri, storage_options):
+            if text.strip():
+                yield json.loads(text)
 
 
 def read_manifest(output: str, storage_options=None) -> list[dict[str, Any]]:
-    """The manifest's lines (empty if there is none yet)."""
-    uri = storage.join(output, MANIFEST)
-    if not storage.exists(uri, storage_options):
-        return []
-    text = storage.read_bytes(uri, storage_options).decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """One line per merge (a done line over a failed one, else the latest), in first-seen
+    order; empty if there is no manifest yet."""
+    latest: dict[str, dict[str, Any]] = {}
+    for line in iter_lines(output, storage_options):
+        merge_id = line.get("merge_id")
+        previous = latest.get(merge_id)
+        if previous is None or line.get("status") == Status.DONE or previous["status"] != "done":
+            latest[merge_id] = line
+    return list(latest.values())
 
 
-def read_records(output: str, merge_ids: Iterable[str], storage_options=None) -> list[dict]:
-    """The merge.json records of some committed merges (fetched concurrently on S3)."""
-    uris = [storage.join(merge_dir(output, m), MERGE_JSON) for m in merge_ids]
-    return [json.loads(data) for data in storage.read_many(uris, storage_options).values()]
+def read_records(output: str, merge_ids: Iterable[str], storage_options=None) -> Iterator[dict]:
+    """The merge.json records of some committed merges (fetched concurrently on S3, in chunks)."""
+    ids = iter(merge_ids)
+    while chunk := list(itertools.islice(ids, RECORDS_PER_READ)):
+        uris = [record_uri(output, m) for m in chunk]
+        for data in storage.read_many(uris, storage_options).values():
+            yield json.loads(data)
 
 
 def write_references(output: str, references: dict[str, Any], storage_options=None) -> None:
     """The base model's and each input adapter's own scores, the yardstick for every merge."""
-    data = json.dumps(references, indent=2).encode()
-    storage.write_bytes(storage.join(output, REFERENCES), data, storage_options)
+    storage.write_bytes(storage.join(output, REFERENCES), _json(references), storage_options)
 
 
 def read_references(output: str, storage_options=None) -> dict[str, Any] | None:
-    uri = storage.join(output, REFERENCES)
+    return _read_json(storage.join(output, REFERENCES), storage_options)
+
+
+def write_inputs(output: str, inputs: dict[str, Any], storage_options=None) -> None:
+    """The digests of the inputs the output's merges are made from."""
+    storage.write_bytes(storage.join(output, INPUTS), _json(inputs), storage_options)
+
+
+def read_inputs(output: str, storage_options=None) -> dict[str, Any] | None:
+    return _read_json(storage.join(output, INPUTS), storage_options)
+
+
+def write_summary(output: str, summary: dict[str, Any], storage_options=None) -> None:
+    storage.write_bytes(storage.join(output, SUMMARY), _json(summary), storage_options)
+
+
+def _read_json(uri: str, storage_options) -> dict[str, Any] | None:
     if not storage.exists(uri, storage_options):
         return None
     return json.loads(storage.read_bytes(uri, storage_options))
 
 
-def write_summary(output: str, summary: dict[str, Any], storage_options=None) -> None:
-    data = json.dumps(summary, indent=2).encode()
-    storage.write_bytes(storage.join(output, SUMMARY), data, storage_options)
+def _json(value: Any) -> bytes:
+    return json.dumps(value, indent=2).encode()
 
 
 class ManifestWriter:
-    """Collects manifest lines in a local spool file and publishes the whole manifest on flush.
+    """The manifest of one run: lines go to a local spool file; `flush` publishes the lines added
+    since the last flush as one new segment object, in a background thread (dispatch never waits
+    for the store); `close` compacts everything into manifest.jsonl and removes the segments.
 
-    Object stores cannot append, so the manifest is republished whole (atomically) at each flush.
-    The spool keeps driver memory flat however many merges the sweep has.
+    Driver memory stays flat however many merges the sweep has: lines live in the spool file.
     """
 
-    def __init__(self, output: str, storage_options=None):
-        self._uri = storage.join(output, MANIFEST)
+    def __init__(self, output: str, storage_options=None, run_id: str | None = None):
+        self.output = output
         self._options = storage_options
+        self.run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         fd, name = tempfile.mkstemp(prefix="raymerge-manifest-", suffix=".jsonl")
         self._spool_path = Path(name)
         self._spool = os.fdopen(fd, "w")
+        self._published = 0  # spool bytes already in a segment (or carried over: listed already)
+        self._segments = itertools.count()
+        self._lock = threading.Lock()
+        self._uploads = ThreadPoolExecutor(1, thread_name_prefix="raymerge-manifest")
+        self._pending: Future | None = None
         self.lines = 0
+        self.bytes_uploaded = 0
+        self.flush_errors = 0
 
     def add(self, line: dict[str, Any]) -> None:
-        self._spool.write(json.dumps(line) + "\n")
-        self.lines += 1
+        with self._lock:
+            self._spool.write(json.dumps(line) + "\n")
+            self.lines += 1
+
+    def carry(self, lines: Iterable[dict[str, Any]]) -> None:
+        """Lines already listed by an earlier run: kept in the compacted manifest, not uploaded
+        again as a segment."""
+        for line in lines:
+            self.add(line)
+        with self._lock:
+            self._spool.flush()
+            self._published = self._spool.tell()
 
     def flush(self) -> None:
-        self._spool.flush()
-        storage.upload_file(self._spool_path, self._uri, self._options)
+        """Publish the new lines as a segment, in the background; never blocks, never raises (a
+        failed upload is retried by the next flush, and reported at close)."""
+        if self._pending is not None and not self._pending.done():
+            return  # the store is slow: the next flush takes these lines too
+        self._pending = self._uploads.submit(self._publish_new_lines)
 
-    def close(self) -> None:
-        self.flush()
+    def _publish_new_lines(self) -> None:
+        with self._lock:
+            self._spool.flush()
+            end = self._spool.tell()
+        if end == self._published:
+            return
+        with open(self._spool_path, "rb") as spool:
+            spool.seek(self._published)
+            data = spool.read(end - self._published)
+        name = f"{self.run_id}-{next(self._segments):06d}.jsonl"
+        try:
+            storage.write_bytes(storage.join(self.output, SEGMENTS, name), data, self._options)
+        except storage.errors() as exc:  # retried at the next flush
+            self.flush_errors += 1
+            log.warning(
+                "could not publish manifest lines (retried later): %s", storage.describe(exc)
+            )
+            return
+        self.bytes_uploaded += len(data)
+        self._published = end
+
+    def close(self, timeout: float = 300.0) -> None:
+        """Compact every line listed so far (earlier runs' included) into manifest.jsonl and
+        remove the segments; retries a store that does not answer for up to `timeout` seconds,
+        then raises StorageError naming the file (the merges themselves are committed: a rerun
+        rebuilds the manifest from them)."""
+        self._uploads.shutdown(wait=True)
+        with self._lock:
+            self._spool.close()
+        target = storage.join(self.output, MANIFEST)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    old_segments = [
+                        uri for uri in manifest_sources(self.output, self._options) if uri != target
+                    ]
+                    storage.write(target, self._spool_path, self._options)
+                    self.bytes_uploaded += self._spool_path.stat().st_size
+                    storage.remove(old_segments, self._options)
+                    return
+                except storage.errors() as exc:
+                    if storage.is_fatal(exc) or time.monotonic() > deadline:
+                        raise StorageError(
+                            f"could not write {target}: {storage.describe(exc)}. Every merge "
+                            "listed as done is committed (its merge.json is written); run the "
+                            "same spec again to rebuild the manifest"
+                        ) from exc
+                    log.warning("manifest not written yet, retrying: %s", storage.describe(exc))
+                    time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        finally:
+            self._spool_path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Stop without compacting (the segments stay for the next run)."""
+        self._uploads.shutdown(wait=True)
         self._spool.close()
         self._spool_path.unlink(missing_ok=True)

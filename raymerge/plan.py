@@ -1,13 +1,21 @@
 """Lazy expansion of a sweep spec into merge tasks, the merge identity, and pre-flight checks.
 
 Every check that needs no cluster runs here, before anything is written, and all problems are
-reported together.
+reported together. The plan is never materialised: tasks are generated group by group, and a
+merge that an earlier group (or an earlier entry of its own group) already stands for is dropped
+by testing the definitions, not by remembering ids, so memory stays flat however large the sweep.
 
 Example:
-    >>> plan = load_plan("jobs/demo.yaml")  # doctest: +SKIP
-    >>> next(plan.tasks()).merge_id  # doctest: +SKIP
-    '5d1c0a9be2f4417e'
-"""
+    >>> spec = parse_spec({"base_model": "b", "adapters": {"x": "x", "y": "y", "z": "z"},
+    ...     "output": "o", "combinations": [
+    ...         {"choose": 2, "weights": [[0.5, 0.5]], "methods": [{"combination_type": "cat"}]},
+    ...         {"adapters": ["x", "y"], "weights": [[0.5, 0.5], [1, 1]],
+    ...          "methods": [{"combination_type": "cat"}]}]})
+    >>> [(c.adapters, c.weights) for c in candidates(spec)]
+    [(('x', 'y'), (0.5, 0.5)), (('x', 'z'), (0.5, 0.5)), (('y', 'z'), (0.5, 0.5)), (('x', 'y'), (1.0, 1.0))]
+    >>> len(merge_id([("x", "x"), ("y", "y")], [0.5, 0.5], "cat", {}, seed=0))
+    16
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -16,37 +24,16 @@ import itertools
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from raymerge import compat, storage
-from raymerge.adapters import AdapterInfo, inspect_adapter, inspect_base_model, read_base_shapes
+from raymerge.adapters import AdapterInfo, inspect_adapter, inspect_base_model
 from raymerge.errors import InputError, SpecError
-from raymerge.methods import COMBINATION_TYPES
+from raymerge.methods import METHODS, RankRule
 from raymerge.spec import ChooseGroup, SweepSpec, parse_spec, read_spec_file
-
-
-@dataclass(frozen=True)
-class MergeTask:
-    """One merge: which adapters, with which weights, how. Small enough to ship to any worker."""
-
-    merge_id: str
-    adapters: tuple[str, ...]
-    """Adapter names, in merge order."""
-    weights: tuple[float, ...]
-    combination_type: str
-    params: dict[str, Any]
-    """The combination type's parameters, PEFT's names, defaults filled in."""
-    seed: int
-    """The sweep's seed."""
-    merge_seed: int
-    """This merge's own random seed (DARE masks), derived from its identity."""
-    output_dtype: str
-    """dtype the merged adapter is written in (the arithmetic is float32)."""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"adapters": list(self.adapters), "weights": list(self.weights)}
+from raymerge.task import EvalConfig, MergeTask, WorkerConfig
 
 
 def merge_id(
@@ -86,6 +73,100 @@ def merge_seed(merge_id_: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+class Candidate(NamedTuple):
+    """One merge of the plan before it gets its identity."""
+
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...]
+    combination_type: str
+    params: dict[str, Any]
+
+
+def _canonical(value: Any) -> str:
+    """Equality as the merge id sees it (-0.0 and 0.0 differ there, so they differ here)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def group_names(group, spec: SweepSpec) -> list[str]:
+    if isinstance(group, ChooseGroup):
+        return list(group.from_ if group.from_ is not None else spec.adapters)
+    return list(group.adapters)
+
+
+def _adapter_sets(group, spec: SweepSpec) -> Iterator[tuple[str, ...]]:
+    names = list(dict.fromkeys(group_names(group, spec)))
+    if isinstance(group, ChooseGroup):
+        yield from itertools.combinations(names, group.choose)
+    else:
+        yield tuple(names)
+
+
+def _makes_set(group, spec: SweepSpec, names: tuple[str, ...]) -> bool:
+    """Whether `group` generates the adapter set `names` (in that order)."""
+    members = list(dict.fromkeys(group_names(group, spec)))
+    if not isinstance(group, ChooseGroup):
+        return tuple(members) == names
+    position = {name: i for i, name in enumerate(members)}
+    return (
+        len(names) == group.choose
+        and all(name in position for name in names)
+        and all(position[a] < position[b] for a, b in itertools.pairwise(names))
+    )
+
+
+def _makes_method(method, combination_type: str, params: dict[str, Any]) -> bool:
+    """Whether a `methods` entry expands to (combination_type, params)."""
+    if combination_type not in (method.combination_type or []):
+        return False
+    defaults = METHODS[combination_type].defaults()
+    for name, value in params.items():
+        grid = getattr(method, name) or [defaults[name]]
+        if _canonical(value) not in {_canonical(v) for v in grid}:
+            return False
+    return True
+
+
+def _makes(group, spec: SweepSpec, candidate: Candidate) -> bool:
+    """Whether `group` generates `candidate` (a membership test on its definition)."""
+    weights = _canonical([float(w) for w in candidate.weights])
+    return (
+        _makes_set(group, spec, candidate.adapters)
+        and any(_canonical([float(w) for w in v]) == weights for v in group.weights)
+        and any(
+            _makes_method(m, candidate.combination_type, candidate.params) for m in group.methods
+        )
+    )
+
+
+def candidates(spec: SweepSpec) -> Iterator[Candidate]:
+    """Every merge of the spec once, group by group, in a deterministic order.
+
+    Repeats are dropped by construction: within a group, weight vectors and grid values are
+    de-duplicated and a method entry's merge that an earlier entry of the group makes is skipped;
+    across groups, a merge that an earlier group's definition makes is skipped.
+    """
+    for g, group in enumerate(spec.combinations):
+        earlier = spec.combinations[:g]
+        vectors = list({_canonical([float(w) for w in v]): v for v in group.weights}.values())
+        methods = list(group.methods)
+        for names in _adapter_sets(group, spec):
+            for weights in vectors:
+                for m, method in enumerate(methods):
+                    seen = set()
+                    for combination_type, params in method.expand():
+                        key = _canonical([combination_type, params])
+                        if key in seen or any(
+                            _makes_method(other, combination_type, params) for other in methods[:m]
+                        ):
+                            continue
+                        seen.add(key)  # bounded by one entry's grid, not by the sweep
+                        candidate = Candidate(
+                            names, tuple(float(w) for w in weights), combination_type, params
+                        )
+                        if not any(_makes(other, spec, candidate) for other in earlier):
+                            yield candidate
+
+
 @dataclass
 class Plan:
     """A validated sweep: resolved locations, inspected adapters, and its tasks (lazily)."""
@@ -103,37 +184,39 @@ class Plan:
     def adapter_uris(self) -> dict[str, str]:
         return {name: info.uri for name, info in self.adapters.items()}
 
+    @property
+    def task_type(self) -> str | None:
+        """The adapters' PEFT task type (the first one set, in spec order)."""
+        return next((a.task_type for a in self.adapters.values() if a.task_type), None)
+
     def tasks(self) -> Iterator[MergeTask]:
-        """Every merge, group by group; a merge listed by two groups comes once."""
-        seen: set[str] = set()
-        for group in self.spec.combinations:
-            for names in _adapter_sets(group, self.spec):
-                located = [(name, self.spec.adapters[name].strip().rstrip("/")) for name in names]
-                output_dtype = self.output_dtype(names)
-                for weights in group.weights:
-                    for method in group.methods:
-                        for combination_type, params in method.expand():
-                            mid = merge_id(
-                                located,
-                                weights,
-                                combination_type,
-                                params,
-                                self.spec.seed,
-                                output_dtype,
-                            )
-                            if mid in seen:
-                                continue
-                            seen.add(mid)
-                            yield MergeTask(
-                                merge_id=mid,
-                                adapters=tuple(names),
-                                weights=tuple(weights),
-                                combination_type=combination_type,
-                                params=params,
-                                seed=self.spec.seed,
-                                merge_seed=merge_seed(mid),
-                                output_dtype=output_dtype,
-                            )
+        """Every merge, group by group; a merge listed twice comes once."""
+        for candidate in candidates(self.spec):
+            yield self.task(candidate)
+
+    def task(self, candidate: Candidate, trial: int | None = None) -> MergeTask:
+        """The merge task for a candidate: its identity, seed and output dtype."""
+        located = [(n, self.spec.adapters[n].strip().rstrip("/")) for n in candidate.adapters]
+        output_dtype = self.output_dtype(candidate.adapters)
+        mid = merge_id(
+            located,
+            candidate.weights,
+            candidate.combination_type,
+            candidate.params,
+            self.spec.seed,
+            output_dtype,
+        )
+        return MergeTask(
+            merge_id=mid,
+            adapters=tuple(candidate.adapters),
+            weights=tuple(candidate.weights),
+            combination_type=candidate.combination_type,
+            params=candidate.params,
+            seed=self.spec.seed,
+            merge_seed=merge_seed(mid),
+            output_dtype=output_dtype,
+            trial=trial,
+        )
 
     def output_dtype(self, names: tuple[str, ...]) -> str:
         """The spec's output_dtype, else the inputs' common dtype, else float32."""
@@ -143,13 +226,42 @@ class Plan:
         return dtypes.pop() if len(dtypes) == 1 else "float32"
 
     def counts(self) -> dict[str, int]:
-        """Number of merges per combination type."""
-        return dict(Counter(task.combination_type for task in self.tasks()))
+        """Number of merges per combination type (no merge is hashed or built to count it)."""
+        return dict(Counter(c.combination_type for c in candidates(self.spec)))
+
+    def total(self) -> int:
+        return sum(self.counts().values())
 
     def adapters_used(self) -> list[str]:
         """Names of the adapters that some merge uses, in spec order."""
-        used = {name for group in self.spec.combinations for name in _group_names(group, self.spec)}
+        used = {name for group in self.spec.combinations for name in group_names(group, self.spec)}
         return [name for name in self.spec.adapters if name in used]
+
+    def worker_config(self) -> WorkerConfig:
+        """What every worker of this sweep is started with."""
+        spec = self.spec
+        evaluate = None
+        if self.eval_sets:
+            evaluate = EvalConfig(
+                datasets={name: {"uri": uri} for name, uri in self.eval_sets.items()},
+                max_samples=spec.evaluate.max_samples,
+                batch_size=spec.evaluate.batch_size,
+                max_length=spec.evaluate.max_length,
+            )
+        cache_bytes = int(spec.adapter_cache_gb * 2**30) if spec.adapter_cache_gb else None
+        return WorkerConfig(
+            base_model=self.base_model,
+            adapter_uris=self.adapter_uris(),
+            output=self.output,
+            storage_options=dict(spec.storage_options),
+            task_type=self.task_type,
+            num_threads=max(1, int(spec.cpus_per_worker)),
+            torch_dtype=spec.torch_dtype,
+            gpu_headroom_gb=spec.gpu_headroom_gb,
+            adapter_cache_bytes=cache_bytes,
+            engine=spec.engine,
+            evaluate=evaluate,
+        )
 
     def summary(self) -> dict[str, Any]:
         """The plan in machine-readable form (without the task list)."""
@@ -180,14 +292,14 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     """
     spec_path = Path(spec_path).resolve()
     base_dir = spec_path.parent
-    overrides = dict(overrides or {})
-    if overrides.get("output"):
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if isinstance(overrides.get("output"), str) and overrides["output"].strip():
         overrides["output"] = storage.resolve(overrides["output"], Path.cwd())
     raw = read_spec_file(spec_path)
     spec_problems: list[str] = []
     input_problems: list[str] = []
     try:
-        spec = parse_spec({**raw, **{k: v for k, v in overrides.items() if v is not None}})
+        spec = parse_spec({**raw, **overrides})
     except SpecError as exc:
         spec, spec_problems = None, exc.problems
 
@@ -198,7 +310,7 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     adapters: dict[str, AdapterInfo] = {}
     if isinstance(raw_adapters, dict):
         for name, location in raw_adapters.items():
-            if not isinstance(location, str):
+            if not isinstance(location, str) or not location.strip():
                 continue
             try:
                 uri = storage.resolve(location, base_dir)
@@ -214,17 +326,17 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     base_model = output = ""
     eval_sets: dict[str, str] = {}
     if spec is not None:
+        spec_problems.extend(_duplicate_locations(spec, base_dir))
         try:
             base_model = _resolve_base_model(spec.base_model, base_dir, storage_options)
-            input_problems.extend(
-                _base_shape_problems(base_model, adapters, base_dir, storage_options)
-            )
+            input_problems.extend(_base_problems(spec, base_model, adapters, base_dir))
         except InputError as exc:
             input_problems.extend(exc.problems)
         except ValueError as exc:
             spec_problems.append(f"base_model: {exc}")
         try:
             output = storage.resolve(spec.output, base_dir)
+            spec_problems.extend(_output_problems(output, base_model, adapters, storage_options))
         except ValueError as exc:
             spec_problems.append(f"output: {exc}")
         spec_problems.extend(_group_problems(spec))
@@ -240,6 +352,16 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     return Plan(spec, spec_path, base_model, output, adapters, eval_sets)
 
 
+def validate_offline(spec_path: str | Path) -> SweepSpec:
+    """Every check that reads no input (the spec's keys, values and cross-key rules): what
+    `raymerge submit` runs before anything leaves this machine."""
+    spec = parse_spec(read_spec_file(spec_path))
+    problems = _group_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
 def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str, Any]) -> str:
     if storage.looks_like_hub_id(location, base_dir):
         return location  # resolved by from_pretrained on the workers; not checkable offline
@@ -248,7 +370,88 @@ def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str
     return uri
 
 
+BASE_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _base_problems(
+    spec: SweepSpec, base_model: str, adapters: dict[str, AdapterInfo], base_dir: Path
+) -> list[str]:
+    """Every adapter's factors against the base model's layers (from its config, on the meta
+    device: no weight read), and its weights where the sweep needs them."""
+    if storage.looks_like_hub_id(base_model, base_dir):
+        return []  # not readable offline: from_pretrained checks shapes on the workers
+    from raymerge.layout import layout_from_config_json
+
+    options = spec.storage_options
+    config = storage.read_bytes(storage.join(base_model, "config.json"), options)
+    task_type = next((a.task_type for a in adapters.values() if a.task_type), None)
+    try:
+        layout = layout_from_config_json(config, task_type)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return [
+            f"base_model {base_model}: transformers cannot build this model from its "
+            f"config.json ({type(exc).__name__}: {exc}); is it a transformers model?"
+        ]
+    problems = [p for info in adapters.values() for p in compat.base_shape_problems(info, layout)]
+    needs_weights = spec.evaluate is not None or spec.engine == "peft"
+    if needs_weights and not any(
+        storage.exists(storage.join(base_model, f), options) for f in BASE_WEIGHT_FILES
+    ):
+        why = "evaluate" if spec.evaluate is not None else "engine: peft"
+        files = ", ".join(BASE_WEIGHT_FILES)
+        problems.append(
+            f"base_model {base_model}: has config.json but no weights ({files}), which `{why}` "
+            "needs; save the model with save_pretrained"
+        )
+    return problems
+
+
+def _duplicate_locations(spec: SweepSpec, base_dir: Path) -> list[str]:
+    """One location under two names would merge an adapter with itself."""
+    by_location: dict[str, list[str]] = {}
+    for name, location in spec.adapters.items():
+        try:
+            by_location.setdefault(storage.resolve(location, base_dir), []).append(name)
+        except ValueError:
+            continue  # reported with the adapter
+    return [
+        f"adapters: {', '.join(names)} name the same location ({location}); give each adapter "
+        "once (a merge of an adapter with itself is a reweighting: change its weight instead)"
+        for location, names in by_location.items()
+        if len(names) > 1
+    ]
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def _output_problems(
+    output: str, base_model: str, adapters: dict[str, AdapterInfo], storage_options
+) -> list[str]:
+    """The output must be a folder of its own: not a file, not inside an input."""
+    problems = []
+    inputs = [(f"adapter {n!r}", info.uri) for n, info in adapters.items()]
+    if base_model and ("://" in base_model or base_model.startswith("/")):
+        inputs.append(("base_model", base_model))
+    for what, uri in inputs:
+        if _inside(output, uri):
+            problems.append(
+                f"output: {output} is inside the folder of {what} ({uri}); merges would be "
+                "written among its files: choose an output outside every input"
+            )
+    if not problems and storage.is_file(output, storage_options):
+        problems.append(
+            f"output: {output} is an existing file; give a folder (new, or one a run of this "
+            "spec wrote)"
+        )
+    return problems
 
 
 def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[str, str], list]:
@@ -258,12 +461,13 @@ def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[s
     for name, location in spec.evaluate.datasets.items():
         try:
             uri = storage.resolve(location, base_dir)
-            if storage.exists(uri, options):
-                found[name] = uri
-            else:
-                problems.append(f"evaluate.datasets.{name}: {uri} does not exist")
-        except Exception as exc:
-            problems.append(f"evaluate.datasets.{name}: {location}: {exc}")
+        except ValueError as exc:
+            problems.append(f"evaluate.datasets.{name}: {exc}")
+            continue
+        if storage.exists(uri, options):
+            found[name] = uri
+        else:
+            problems.append(f"evaluate.datasets.{name}: {uri} does not exist")
     local_base = base_model and not storage.looks_like_hub_id(base_model, base_dir)
     if local_base and not any(
         storage.exists(storage.join(base_model, f), options) for f in TOKENIZER_FILES
@@ -276,39 +480,13 @@ def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[s
     return found, problems
 
 
-def _base_shape_problems(
-    base_model: str, adapters: dict[str, AdapterInfo], base_dir: Path, storage_options
-) -> list[str]:
-    """Every adapter's factors against the base model's weight shapes (headers only)."""
-    if storage.looks_like_hub_id(base_model, base_dir):
-        return []  # not readable offline: from_pretrained checks shapes on the workers
-    shapes = read_base_shapes(base_model, storage_options)
-    if shapes is None:
-        return []
-    return [p for info in adapters.values() for p in compat.base_shape_problems(info, shapes)]
-
-
-def _group_names(group, spec: SweepSpec) -> list[str]:
-    if isinstance(group, ChooseGroup):
-        return list(group.from_ if group.from_ is not None else spec.adapters)
-    return list(group.adapters)
-
-
-def _adapter_sets(group, spec: SweepSpec) -> Iterator[tuple[str, ...]]:
-    names = _group_names(group, spec)
-    if isinstance(group, ChooseGroup):
-        yield from itertools.combinations(names, group.choose)
-    else:
-        yield tuple(names)
-
-
 def _group_problems(spec: SweepSpec) -> list[str]:
     """Checks across keys: names exist, no duplicates, weights fit, choose fits."""
     problems = []
     known = ", ".join(spec.adapters)
     for i, group in enumerate(spec.combinations):
         key = f"combinations[{i}].{'from' if isinstance(group, ChooseGroup) else 'adapters'}"
-        names = _group_names(group, spec)
+        names = group_names(group, spec)
         for name in dict.fromkeys(names):
             if name not in spec.adapters:
                 problems.append(
@@ -336,21 +514,14 @@ def _compatibility_problems(spec: SweepSpec, adapters: dict[str, AdapterInfo]) -
     problems = []
     used: set[str] = set()
     for i, group in enumerate(spec.combinations):
-        names = [n for n in dict.fromkeys(_group_names(group, spec)) if n in adapters]
+        names = [n for n in dict.fromkeys(group_names(group, spec)) if n in adapters]
         used.update(names)
         types = [t for method in group.methods for t in method.combination_type or []]
         problems.extend(compat.group_problems(i, types, [adapters[n] for n in names]))
         ranks = {n: adapters[n].rank for n in names}
         if len(set(ranks.values())) < 2:
             continue
-        equal_rank_types = sorted(
-            {
-                t
-                for method in group.methods
-                for t in method.combination_type or []
-                if COMBINATION_TYPES[t].equal_rank
-            }
-        )
+        equal_rank_types = sorted({t for t in types if METHODS[t].rank is RankRule.EQUAL})
         if equal_rank_types:
             listed = ", ".join(f"{n} r={r}" for n, r in ranks.items())
             problems.append(

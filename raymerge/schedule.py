@@ -17,7 +17,7 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Collection, Iterator
 
-from raymerge.plan import MergeTask
+from raymerge.task import MergeTask
 
 WINDOW_TASKS = 4096
 """Upcoming tasks held in memory for locality decisions."""

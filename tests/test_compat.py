@@ -133,8 +133,8 @@ def test_pickle_adapter_is_refused_unless_allowed_then_loaded_safely(world, tmp_
     plan = load_plan(write_spec(tmp_path, spec))
     [task] = plan.tasks()
     result = _worker(world, plan).merge(task)
-    assert result["status"] == "done", result
-    assert result["record"]["adapters"][1]["weights_file"] == "adapter_model.bin"
+    assert result.done, result
+    assert result.record["adapters"][1]["weights_file"] == "adapter_model.bin"
     expected = reference_merge(
         world.base_model, [world.adapters["a"], path], [0.5, 0.5], "linear", {}, seed=0
     )
@@ -147,15 +147,7 @@ def test_pickle_adapter_is_refused_unless_allowed_then_loaded_safely(world, tmp_
 
 def _worker(world, plan) -> MergeWorker:
     """A merge worker in this process (no Ray), for checks that need its internals."""
-    return MergeWorker(
-        0,
-        plan.base_model,
-        plan.adapter_uris(),
-        plan.output,
-        {},
-        task_type="CAUSAL_LM",
-        engine=plan.spec.engine,
-    )
+    return MergeWorker(0, plan.worker_config())
 
 
 def test_truncated_safetensors_is_named(world, tmp_path):
@@ -232,8 +224,8 @@ def test_embedding_copy_that_differs_from_the_base_fails_the_merge(world, tmp_pa
     plan = load_plan(write_spec(tmp_path, spec))  # same shape: only the values tell
     [task] = plan.tasks()
     result = _worker(world, plan).merge(task)
-    assert result["status"] == "failed"
-    assert "adapter 'x' carries its own model.embed_tokens weights" in result["error"]
+    assert result.status == "failed"
+    assert "adapter 'x' carries its own model.embed_tokens weights" in result.error
     assert not Path(merge_dir(plan.output, task.merge_id)).exists()
 
 
@@ -245,11 +237,11 @@ def test_merge_arithmetic_is_float32_on_a_bfloat16_base(world, tmp_path):
     plan = load_plan(write_spec(tmp_path, spec))
     [task] = plan.tasks()
     worker = _worker(world, plan)
-    assert next(worker._model.parameters()).dtype == torch.bfloat16
+    assert next(worker.base.model.parameters()).dtype == torch.bfloat16
     result = worker.merge(task)
-    assert result["status"] == "done", result
-    assert result["record"]["compute_dtype"] == "float32"
-    assert result["record"]["output_dtype"] == "float32"  # the inputs' dtype
+    assert result.done, result
+    assert result.record["compute_dtype"] == "float32"
+    assert result.record["output_dtype"] == "float32"  # the inputs' dtype
     expected = reference_merge(
         world.base_model,
         [world.adapters["a"], world.adapters["b"]],
@@ -261,7 +253,7 @@ def test_merge_arithmetic_is_float32_on_a_bfloat16_base(world, tmp_path):
     actual = load_file(Path(merge_dir(plan.output, task.merge_id), "adapter_model.safetensors"))
     assert {t.dtype for t in actual.values()} == {torch.float32}
     expected = {k.replace(".merged", ""): v for k, v in expected.items()}
-    assert_merge_matches(actual, expected, result["record"], rel=1e-5)
+    assert_merge_matches(actual, expected, result.record, rel=1e-5)
 
 
 def test_output_dtype_from_the_spec(world, tmp_path):

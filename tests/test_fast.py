@@ -17,10 +17,12 @@ from helpers import (
     relative_error,
     write_spec,
 )
+from peft import LoraConfig
 from safetensors.torch import load_file
 
-from raymerge.engines import fast
+from raymerge.engines import AdapterTensors, fast
 from raymerge.manifest import merge_dir
+from raymerge.methods import METHODS
 from raymerge.plan import load_plan
 from raymerge.worker import MergeWorker
 from raymerge.world import AdapterShape, build_adapter
@@ -67,19 +69,11 @@ def outputs(world, tmp_path_factory):
             world, root / engine, adapters=adapters, combinations=GROUPS, engine=engine
         )
         plan = load_plan(write_spec(root, spec, f"{engine}.yaml"))
-        worker = MergeWorker(
-            0,
-            plan.base_model,
-            plan.adapter_uris(),
-            plan.output,
-            {},
-            task_type="CAUSAL_LM",
-            engine=engine,
-        )
+        worker = MergeWorker(0, plan.worker_config())
         for task in plan.tasks():
             result = worker.merge(task)
-            assert result["status"] == "done", result
-            assert result["record"]["engine"] == engine
+            assert result.done, result
+            assert result.record["engine"] == engine
         results[engine] = plan
     return results
 
@@ -166,10 +160,10 @@ def test_low_rank_svd_equals_the_dense_svd(outputs):
 
 def test_low_rank_svd_is_the_best_rank_k_approximation():
     torch.manual_seed(0)
-    config = fast.LoraConfig(r=8, lora_alpha=16, target_modules=["q"])
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q"])
     adapters = [
-        fast.AdapterTensors(config, {"q": (torch.randn(8, 96), torch.randn(80, 8))})
-        for _ in range(3)
+        AdapterTensors(f"x{i}", config, {"q": (torch.randn(8, 96), torch.randn(80, 8))})
+        for i in range(3)
     ]
     weights = [0.5, -1.0, 0.25]
     exact = sum(
@@ -177,7 +171,8 @@ def test_low_rank_svd_is_the_best_rank_k_approximation():
         for a, w in zip(adapters, weights, strict=True)
     )
     for rank in (1, 5, 24, 40):
-        state, merged = fast.merge(adapters, weights, "svd", {"svd_rank": rank}, 0, ["q"])
+        params = {"svd_rank": rank}
+        state, merged = fast.merge_tensors(adapters, weights, METHODS["svd"], params, 0, ["q"])
         lora_a, lora_b = (
             state[f"{fast.PREFIX}q.lora_A.weight"],
             state[f"{fast.PREFIX}q.lora_B.weight"],
@@ -196,9 +191,6 @@ def test_embedding_targets_fall_back_to_peft_and_say_why(world, tmp_path):
     spec["combinations"][0]["adapters"] = ["e1", "e2"]
     plan = load_plan(write_spec(tmp_path, spec))
     [task] = plan.tasks()
-    worker = MergeWorker(
-        0, plan.base_model, plan.adapter_uris(), plan.output, {}, task_type="CAUSAL_LM"
-    )
-    record = worker.merge(task)["record"]
+    record = MergeWorker(0, plan.worker_config()).merge(task).record
     assert record["engine"] == "peft"
     assert "embedding targets" in record["engine_fallback"]

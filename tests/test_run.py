@@ -24,7 +24,7 @@ from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
 from raymerge.driver import run_sweep
-from raymerge.errors import ClusterError
+from raymerge.errors import ClusterError, InputError
 from raymerge.manifest import read_manifest
 from raymerge.plan import load_plan
 
@@ -111,7 +111,8 @@ def test_sweep_completes_with_manifest_and_summary(sweep):
         for key in ("weights", "combination_type", "params", "seed"):
             assert line[key] == record[key]
         assert line["adapters"] == [
-            {"name": a["name"], "uri": a["uri"]} for a in record["adapters"]
+            {"name": a["name"], "uri": a["uri"], "weights_sha256": a["weights_sha256"]}
+            for a in record["adapters"]
         ]
     # Both workers took part, and each loaded an adapter at most once.
     assert {r["worker"]["index"] for r in records.values()} == {0, 1}
@@ -266,11 +267,45 @@ def test_dare_merges_are_reproducible(world, ray_cluster, tmp_path):
         assert reseeded.read_bytes() != ours.read_bytes(), task.combination_type
 
 
+def test_a_merge_only_sweep_needs_no_base_weights(world, ray_cluster, tmp_path):
+    """The fast engine never reads a base weight: a base model folder with only its config.json
+    merges exactly as the full one does; sweeps that need the weights are refused at plan time."""
+    bare = tmp_path / "base-without-weights"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((world.base_model / "config.json").read_bytes())
+    spec = base_spec(world, tmp_path / "out", base_model=str(bare), workers=1)
+    spec["combinations"][0]["methods"] = [{"combination_type": ["linear", "svd"]}]
+    plan = load_plan(write_spec(tmp_path, spec))
+    summary = run_sweep(plan)
+    assert (summary.done, summary.failed) == (2, 0)
+    for line in read_manifest(plan.output):
+        record = json.loads(Path(line["path"], "merge.json").read_text())
+        expected = reference_merge(
+            world.base_model,
+            [world.adapters["a"], world.adapters["b"]],
+            record["weights"],
+            record["combination_type"],
+            record["params"],
+            seed=record["merge_seed"],
+        )
+        actual = get_peft_model_state_dict(
+            reload_merged(world.base_model, Path(line["path"])), adapter_name="merged"
+        )
+        assert_merge_matches(actual, expected, record, rel=1e-6)
+
+    spec["engine"] = "peft"
+    with pytest.raises(InputError) as caught:
+        load_plan(write_spec(tmp_path, spec))
+    assert f"base_model {bare}: has config.json but no weights" in str(caught.value)
+    assert "`engine: peft` needs" in str(caught.value)
+
+
 def test_worker_that_cannot_load_the_base_model_is_a_clear_error(world, ray_cluster, tmp_path):
-    broken = tmp_path / "base-without-weights"
+    broken = tmp_path / "base-with-broken-weights"
     broken.mkdir()
     (broken / "config.json").write_bytes((world.base_model / "config.json").read_bytes())
-    spec = base_spec(world, tmp_path / "out", base_model=str(broken), workers=1)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    spec = base_spec(world, tmp_path / "out", base_model=str(broken), workers=1, engine="peft")
     plan = load_plan(write_spec(tmp_path, spec))
     with pytest.raises(ClusterError) as caught:
         run_sweep(plan, start_timeout=120)

@@ -1,4 +1,4 @@
-"""S3 end to end against a real S3 protocol server (moto) on 127.0.0.1: inputs and outputs."""
+"""S3 end to end against a real object store (SeaweedFS) on 127.0.0.1: inputs and outputs."""
 
 from __future__ import annotations
 

@@ -3,12 +3,14 @@ fail-fast, transient storage errors, placement groups."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -220,7 +222,7 @@ def _client_error(code: str, status: int) -> ClientError:
     return ClientError(response, "PutObject")
 
 
-def test_transient_storage_errors_are_retried_with_backoff():
+def test_transient_storage_errors_are_retried_with_jittered_backoff():
     calls = []
 
     def flaky():
@@ -232,8 +234,16 @@ def test_transient_storage_errors_are_retried_with_backoff():
                 raise OSError(5, "Please reduce your request rate") from exc
         return "ok"
 
-    assert storage.retrying(flaky, delays=(0.05, 0.1, 0.2)) == "ok"
-    assert len(calls) == 3 and calls[2] - calls[1] >= 0.1
+    assert storage.retrying(flaky, attempts=4, min_wait=0.01) == "ok"
+    assert len(calls) == 3
+
+    # Full jitter: the n-th wait is drawn from [0, min_wait * 2**n], never a lockstep delay.
+    wait = storage.backoff(min_wait=0.5, max_wait=16)
+    for attempt in (1, 3, 6):
+        state = types.SimpleNamespace(attempt_number=attempt)
+        draws = [wait(state) for _ in range(200)]
+        assert all(0 <= d <= min(16, 0.5 * 2**attempt) for d in draws)
+        assert len(set(draws)) > 150  # spread out, not one fixed delay
 
     permanent = []
 
@@ -242,8 +252,22 @@ def test_transient_storage_errors_are_retried_with_backoff():
         raise FileNotFoundError("s3://bucket/nope")
 
     with pytest.raises(FileNotFoundError):
-        storage.retrying(missing, delays=(0.01,))
+        storage.retrying(missing, min_wait=0.01)
     assert permanent == [1]
+
+    gave_up = []
+
+    def down():
+        gave_up.append(1)
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(ConnectionRefusedError):
+        storage.retrying(down, attempts=3, min_wait=0.01)
+    assert len(gave_up) == 3  # bounded: the error surfaces after the last attempt
+
     assert storage.is_transient(ConnectionResetError())
     assert storage.is_transient(_client_error("InternalError", 500))
     assert not storage.is_transient(_client_error("AccessDenied", 403))
+    assert storage.is_fatal(_client_error("AccessDenied", 403))
+    assert storage.is_fatal(OSError(errno.ENOSPC, "No space left on device"))
+    assert not storage.is_fatal(ConnectionResetError())

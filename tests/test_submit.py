@@ -96,21 +96,29 @@ def test_a_submission_without_the_token_is_refused_clearly(world, token_head, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_job_with_an_invalid_spec_fails_with_the_message_in_its_logs(world, token_head, tmp_path):
+def test_an_invalid_spec_is_refused_before_submission_and_bad_inputs_fail_the_job(
+    world, token_head, tmp_path
+):
     address, token, env = token_head
+    env = {**env, "RAY_AUTH_TOKEN": token}
     spec = base_spec(world, tmp_path / "out")
     spec["combinations"][0]["methods"] = [{"combination_type": "avg"}]
-    path = write_spec(tmp_path, spec)
-    result = _raymerge(
-        "submit", str(path), "--address", address, "--follow", env={**env, "RAY_AUTH_TOKEN": token}
-    )
+    result = _raymerge("submit", str(write_spec(tmp_path, spec)), "--address", address, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "unknown combination type 'avg'" in result.stderr
+    assert "raysubmit_" not in result.stdout  # refused here: nothing was shipped
+
+    # Inputs are checked on the cluster, where they are read: the job fails, saying why.
+    spec = base_spec(world, tmp_path / "out")
+    spec["adapters"]["b"] = str(tmp_path / "not-on-the-cluster")
+    path = write_spec(tmp_path, spec, "inputs.yaml")
+    result = _raymerge("submit", str(path), "--address", address, "--follow", env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
-    assert "unknown combination type 'avg'" in output
+    assert "adapter 'b'" in output and "does not exist" in output
     assert "FAILED" in output
     assert not (tmp_path / "out").exists()
     job_id = next(w for w in result.stdout.split() if w.startswith("raysubmit_"))
-    logs = _raymerge("logs", job_id, "--address", address, env={**env, "RAY_AUTH_TOKEN": token})
-    assert "unknown combination type 'avg'" in logs.stdout
-    info = json.dumps(logs.stdout)
-    assert token not in info
+    logs = _raymerge("logs", job_id, "--address", address, env=env)
+    assert "adapter 'b'" in logs.stdout
+    assert token not in json.dumps(logs.stdout)

@@ -1,16 +1,19 @@
-"""The fast engine: every combination type straight from the adapters' tensors.
-
-It performs PEFT's `add_weighted_adapter` arithmetic (the same merge_utils functions, called in
-the same order, so DARE draws the same masks from the same seed) without injecting a PEFT adapter
-into the model, saving it and deleting it for every merge. And `svd` never forms the dense d x d
-delta: sum_i w_i s_i B_i A_i has rank at most R = sum_i r_i, so its truncated SVD comes from QR
-factorisations of the stacked factors and an R x R SVD, in O(d R^2) instead of O(d^3).
-
-Pure functions: tensors and configs in, tensors and a config out. No Ray, no storage.
+"""The fast engine: every combination type computed straight from the adapters' tensors, with
+PEFT's own arithmetic in PEFT's module order, batched over modules of equal shapes. Adapter
+tensors and configs in, the merged adapter's files out. No Ray, no storage.
 
 Example:
-    >>> state, config = merge([math, code], [0.5, 0.5], "svd", {"svd_rank": 8, ...}, seed=0,
-    ...                       module_order=[...])  # doctest: +SKIP
+    >>> import torch
+    >>> from peft import LoraConfig
+    >>> from raymerge.methods import METHODS
+    >>> config = LoraConfig(r=2, lora_alpha=2, target_modules=["q"])
+    >>> a = AdapterTensors("a", config, {"q": (torch.ones(2, 3), torch.ones(4, 2))})
+    >>> b = AdapterTensors("b", config, {"q": (torch.ones(2, 3), -torch.ones(4, 2))})
+    >>> state, merged = merge_tensors([a, b], [1.0, 1.0], METHODS["cat"], {}, seed=0,
+    ...                              layout=["q"])
+    >>> delta = state[PREFIX + "q.lora_B.weight"] @ state[PREFIX + "q.lora_A.weight"]
+    >>> merged.r, float(delta.abs().sum())
+    (4, 0.0)
 """
 
 from __future__ import annotations
@@ -20,90 +23,63 @@ import json
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
 import torch
-from peft import LoraConfig
-from peft.utils import merge_utils
-from peft.utils.other import get_pattern_key
+from safetensors.torch import save as save_safetensors
+
+from raymerge.engines import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterTensors,
+    MergedAdapter,
+    scaled_output,
+)
+from raymerge.layout import Layout, peft_fan_in_fan_out
+from raymerge.methods import METHODS, Form, Method
 
 ENGINE = "fast"
 PREFIX = "base_model.model."
 
-_COMBINE = {
-    "linear": merge_utils.task_arithmetic,
-    "svd": merge_utils.task_arithmetic,
-    "ties": merge_utils.ties,
-    "ties_svd": merge_utils.ties,
-    "dare_linear": merge_utils.dare_linear,
-    "dare_linear_svd": merge_utils.dare_linear,
-    "dare_ties": merge_utils.dare_ties,
-    "dare_ties_svd": merge_utils.dare_ties,
-    "magnitude_prune": merge_utils.magnitude_prune,
-    "magnitude_prune_svd": merge_utils.magnitude_prune,
-}
-"""How each type combines the inputs' tensors: PEFT's own functions, keyed by PEFT's names."""
 
+class FastEngine:
+    """The fast engine bound to one base model's layout (module order, layer kinds)."""
 
-@dataclass(frozen=True)
-class AdapterTensors:
-    """One input adapter, ready to merge: its config and, per module, (A, B) in float32."""
+    name = ENGINE
 
-    config: LoraConfig
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    embedding: frozenset[str] = frozenset()
-    """Modules whose factors are embedding LoRAs (lora_embedding_A/B)."""
+    def __init__(self, layout: Layout, config_cache_entries: int = 256):
+        self.layout = layout
+        self._config_json: dict[tuple, bytes] = {}
+        self._config_cache_entries = config_cache_entries
 
-    @property
-    def rank(self) -> int:
-        """The largest rank, by which PEFT sizes merged factors."""
-        return max([self.config.r, *(self.config.rank_pattern or {}).values()])
+    def unsupported(self, task, inputs: Sequence[AdapterTensors]) -> str | None:
+        return unsupported(inputs, METHODS[task.combination_type])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.factors.values())
-
-    def scaling(self, module: str) -> float:
-        """The module's LoRA scaling as PEFT computes it (rank/alpha patterns, rsLoRA)."""
-        config = self.config
-        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
-        alpha = config.alpha_pattern.get(
-            get_pattern_key(config.alpha_pattern, module), config.lora_alpha
+    def merge(self, task, inputs: Sequence[AdapterTensors]) -> MergedAdapter:
+        method = METHODS[task.combination_type]
+        state, config = merge_tensors(
+            inputs, task.weights, method, task.params, task.merge_seed, self.layout
         )
-        return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        state = scaled_output(state, task.output_dtype, f"merge {task.merge_id}")
+        key = (tuple(a.name for a in inputs), config.r)
+        if key not in self._config_json:
+            if len(self._config_json) >= self._config_cache_entries:
+                self._config_json.pop(next(iter(self._config_json)))
+            self._config_json[key] = config_json(config)
+        files = {
+            WEIGHTS_FILE: save_safetensors(state, metadata={"format": "pt"}),
+            CONFIG_FILE: self._config_json[key],
+        }
+        return MergedAdapter(files, ENGINE)
 
 
-def adapter_tensors(
-    config: LoraConfig, state_dict: dict[str, torch.Tensor], device: torch.device | str = "cpu"
-) -> AdapterTensors:
-    """Group a saved adapter's tensors by module, as float32 on `device`."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-            suffix = f".{part}.weight" if part in ("lora_A", "lora_B") else f".{part}"
-            if key.endswith(suffix):
-                module = key.removeprefix(PREFIX)[: -len(suffix)]
-                parts.setdefault(module, {})[part] = tensor.to(device=device, dtype=torch.float32)
-    factors, embedding = {}, set()
-    for module, found in parts.items():
-        if "lora_A" in found:
-            factors[module] = (found["lora_A"], found["lora_B"])
-        else:
-            factors[module] = (found["lora_embedding_A"], found["lora_embedding_B"])
-            embedding.add(module)
-    return AdapterTensors(config, factors, frozenset(embedding))
-
-
-def unsupported(adapters: Sequence[AdapterTensors], combination_type: str) -> str | None:
-    """Why the fast engine cannot merge these adapters (the worker then uses PEFT's path)."""
+def unsupported(adapters: Sequence[AdapterTensors], method: Method) -> str | None:
+    """Why the fast engine cannot merge these adapters exactly (PEFT's path then runs)."""
     init = adapters[0].config.init_lora_weights
-    if combination_type.startswith("dare") and init not in (True, False, "gaussian"):
+    if method.random and init not in (True, False, "gaussian"):
         return f"DARE masks after init_lora_weights={init!r} (it could not draw PEFT's masks)"
     for adapter in adapters:
-        if adapter.config.fan_in_fan_out:
-            return "fan_in_fan_out (Conv1D) layers"
         if adapter.embedding:
             return "embedding targets (PEFT also writes the base embedding beside them)"
         if any(a.dim() != 2 for a, _ in adapter.factors.values()):
@@ -114,48 +90,46 @@ def unsupported(adapters: Sequence[AdapterTensors], combination_type: str) -> st
     return None
 
 
-def merge(
+def merge_tensors(
     adapters: Sequence[AdapterTensors],
     weights: Sequence[float],
-    combination_type: str,
+    method: Method,
     params: dict[str, Any],
     seed: int,
-    module_order: Sequence[str],
-) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    layout: Layout | Sequence[str],
+) -> tuple[dict[str, torch.Tensor], Any]:
     """The merged adapter's tensors (as PEFT saves them, float32) and its config.
 
-    `module_order` is the base model's `named_modules()` order, in which PEFT walks the modules:
-    the random types must draw their masks in that order to match it.
+    `layout` (or just the module order) is the base model's: PEFT walks modules in
+    `named_modules()` order, and the random types draw their masks in that order, from `seed`, to
+    match it. Draws happen in a forked RNG: the worker's own random state is left as it was.
     """
-    if combination_type.startswith("dare"):  # the only types that draw random numbers
-        torch.manual_seed(seed)
-    new_rank = _merged_rank(adapters, combination_type, params)
-    position = {name: i for i, name in enumerate(module_order)}
+    if not isinstance(layout, Layout):
+        layout = Layout("", tuple(layout), {})
+    new_rank = method.merged_rank([a.rank for a in adapters], params)
+    position = {name: i for i, name in enumerate(layout.order)}
     modules = sorted(
         {m for adapter in adapters for m in adapter.factors},
         key=lambda m: (position.get(m, len(position)), m),
     )
-    if combination_type.startswith("dare"):
-        _replay_peft_initialisation(adapters, modules, new_rank)
-    state = {}
-    if combination_type == "linear":
-        state = _linear_batched(adapters, weights, modules)
-        modules = []
-    for module in modules:
-        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if module in a.factors]
-        if combination_type == "cat":
-            lora_a, lora_b = _cat(module, present, new_rank)
-        elif combination_type.endswith("svd"):
-            lora_a, lora_b = _svd(module, present, combination_type, params, new_rank)
+    device = next(iter(adapters[0].factors.values()))[0].device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=method.random):
+        if method.random:
+            torch.manual_seed(seed)
+            _replay_peft_initialisation(adapters, modules, new_rank)
+        if method.form is Form.CONCAT:
+            state = _cat(adapters, weights, modules, new_rank)
+        elif method.form is Form.DELTA_SVD:
+            state = _delta_svd(adapters, weights, modules, method, params, new_rank, layout)
         else:
-            lora_a, lora_b = _factorwise(module, present, combination_type, params)
-        # + 0.0 turns -0.0 into 0.0: equal values, and equal bytes whichever path made them.
-        state[f"{PREFIX}{module}.lora_A.weight"] = (lora_a + 0.0).contiguous()
-        state[f"{PREFIX}{module}.lora_B.weight"] = (lora_b + 0.0).contiguous()
-    return state, merged_config(adapters, new_rank)
+            state = _factorwise(adapters, weights, modules, method, params)
+    config = merged_config(adapters, new_rank)
+    config.fan_in_fan_out = peft_fan_in_fan_out(config.fan_in_fan_out, modules, layout)
+    return state, config
 
 
-def config_json(config: LoraConfig) -> bytes:
+def config_json(config) -> bytes:
     """adapter_config.json's bytes, exactly as PeftConfig.save_pretrained writes them."""
     output = config.to_dict()
     for key, value in output.items():
@@ -164,7 +138,7 @@ def config_json(config: LoraConfig) -> bytes:
     return json.dumps(output, indent=2, sort_keys=True).encode()
 
 
-def merged_config(adapters: Sequence[AdapterTensors], new_rank: int) -> LoraConfig:
+def merged_config(adapters: Sequence[AdapterTensors], new_rank: int):
     """PEFT's merged config (the first input's, with r = lora_alpha = the new rank and the union
     of target modules), with use_rslora off (the factors carry the scaling) and target_modules
     sorted (so that the file's bytes do not depend on hash order)."""
@@ -187,8 +161,20 @@ def merged_config(adapters: Sequence[AdapterTensors], new_rank: int) -> LoraConf
     return config
 
 
+def _entry(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> dict[str, torch.Tensor]:
+    # + 0.0 turns -0.0 into 0.0: equal values, and equal bytes whichever path made them.
+    return {
+        f"{PREFIX}{module}.lora_A.weight": (lora_a + 0.0).contiguous(),
+        f"{PREFIX}{module}.lora_B.weight": (lora_b + 0.0).contiguous(),
+    }
+
+
+def _present(adapters, weights, module: str) -> list[tuple[AdapterTensors, float]]:
+    return [(a, w) for a, w in zip(adapters, weights, strict=True) if module in a.factors]
+
+
 def _replay_peft_initialisation(adapters, modules: list[str], new_rank: int) -> None:
-    """Consume the CPU random stream as PEFT's path does before it draws DARE masks.
+    """Consume the random stream as PEFT's path does before it draws DARE masks.
 
     add_weighted_adapter first injects a new adapter into every target module: two nn.Linear
     layers, each initialised by kaiming_uniform_, then PEFT's own init of A (init_lora_weights
@@ -207,74 +193,26 @@ def _replay_peft_initialisation(adapters, modules: list[str], new_rank: int) -> 
             torch.empty(new_rank, in_features).normal_()
 
 
-def _merged_rank(adapters, combination_type: str, params: dict[str, Any]) -> int:
-    ranks = [a.rank for a in adapters]
-    if combination_type == "cat":
-        return sum(ranks)
-    if combination_type.endswith("svd"):
-        return params.get("svd_rank") or max(ranks)
-    return ranks[0]
+def _draw_masks(tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> list[torch.Tensor]:
+    """DARE's Bernoulli(density) masks, one per tensor, in order, as PEFT draws them."""
+    density = params["density"]
+    if density >= 1:  # PEFT draws nothing then
+        return [torch.ones_like(t) for t in tensors]
+    return [torch.bernoulli(torch.full_like(t, density)) for t in tensors]
 
 
-def _cat(module: str, present, new_rank: int):
+def _cat(adapters, weights, modules: list[str], new_rank: int) -> dict[str, torch.Tensor]:
     """Stacked factors: A_i scaled by w_i * s_i, zero rows up to the summed rank (as PEFT)."""
-    a_parts = [a.factors[module][0] * w * a.scaling(module) for a, w in present]
-    b_parts = [a.factors[module][1] for a, _ in present]
-    lora_a = torch.cat(a_parts, dim=0)
-    lora_b = torch.cat(b_parts, dim=1)
-    if lora_a.shape[0] < new_rank:
-        lora_a = torch.cat([lora_a, lora_a.new_zeros(new_rank - lora_a.shape[0], lora_a.shape[1])])
-        lora_b = torch.cat(
-            [lora_b, lora_b.new_zeros(lora_b.shape[0], new_rank - lora_b.shape[1])], 1
-        )
-    return lora_a, lora_b
-
-
-def _factorwise(module: str, present, combination_type: str, params: dict[str, Any]):
-    """linear, ties, dare_*, magnitude_prune: combine the A's and the B's separately, each input
-    weighted by sqrt(|w s|) (the sign on A's side), exactly as PEFT does."""
-    weights_a, weights_b = _factor_weights(present, module)
-    tensors_a = [adapter.factors[module][0] for adapter, _ in present]
-    tensors_b = [adapter.factors[module][1] for adapter, _ in present]
-    device = tensors_a[0].device
-    combined = []
-    for tensors, weights in ((tensors_a, weights_a), (tensors_b, weights_b)):
-        combined.append(
-            _combine(combination_type, tensors, torch.tensor(weights).to(device), params)
-        )
-    return combined[0].to(tensors_a[0].dtype), combined[1].to(tensors_b[0].dtype)
-
-
-def _linear_batched(adapters, weights, modules: list[str]) -> dict[str, torch.Tensor]:
-    """`linear` for many modules at once: modules with the same inputs, shapes and scalings are
-    stacked and summed in one operation (PEFT's task_arithmetic, per element the same sums)."""
-    groups: dict[tuple, list[str]] = {}
-    for module in modules:
-        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if module in a.factors]
-        key = tuple(
-            (
-                id(a),
-                w,
-                a.scaling(module),
-                tuple(a.factors[module][0].shape),
-                tuple(a.factors[module][1].shape),
-            )
-            for a, w in present
-        )
-        groups.setdefault(key, []).append(module)
     state = {}
-    for group in groups.values():
-        present = [(a, w) for a, w in zip(adapters, weights, strict=True) if group[0] in a.factors]
-        weights_a, weights_b = _factor_weights(present, group[0])
-        for side, side_weights in ((0, weights_a), (1, weights_b)):
-            stacked = torch.stack(
-                [torch.stack([a.factors[m][side] for m in group]) for a, _ in present]
-            )
-            w = torch.tensor(side_weights).to(stacked.device).view(-1, 1, 1, 1)
-            merged = (stacked * w).sum(dim=0)
-            part = "lora_A" if side == 0 else "lora_B"
-            for i, module in enumerate(group):
-                state[f"{PREFIX}{module}.{part}.weight"] = merged[i] + 0.0
+    for module in modules:
+        present = _present(adapters, weights, module)
+        lora_a = torch.cat([a.factors[module][0] * w * a.scaling(module) for a, w in present])
+        lora_b = torch.cat([a.factors[module][1] for a, _ in present], dim=1)
+        if lora_a.shape[0] < new_rank:
+            missing = new_rank - lora_a.shape[0]
+            lora_a = torch.cat([lora_a, lora_a.new_zeros(missing, lora_a.shape[1])])
+            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], missing)], 1)
+        state.update(_entry(module, lora_a, lora_b))
     return state
 
 
@@ -289,31 +227,92 @@ def _factor_weights(present, module: str) -> tuple[list[float], list[float]]:
     return weights_a, weights_b
 
 
-def _combine(combination_type: str, tensors, weights: torch.Tensor, params: dict[str, Any]):
-    function = _COMBINE[combination_type]
-    kwargs = {}
-    if "density" in params:
-        kwargs["density"] = params["density"]
-    if combination_type in ("ties", "ties_svd", "dare_ties", "dare_ties_svd"):
-        kwargs["majority_sign_method"] = params.get("majority_sign_method", "total")
-    return function(tensors, weights, **kwargs)
+def _factorwise(adapters, weights, modules: list[str], method: Method, params):
+    """linear, ties, dare_*, magnitude_prune: the A's and the B's combined separately, each input
+    weighted by sqrt(|w s|) (the sign on A's side), exactly as PEFT does, for many modules at
+    once: modules with the same inputs, shapes and weights are stacked and combined together."""
+    masks: dict[tuple[str, int], list[torch.Tensor]] = {}
+    groups: dict[tuple, list[str]] = {}
+    for module in modules:
+        present = _present(adapters, weights, module)
+        if method.random:  # PEFT's order: module by module, A's then B's, input by input
+            for side in (0, 1):
+                tensors = [a.factors[module][side] for a, _ in present]
+                masks[module, side] = _draw_masks(tensors, params)
+        weights_a, weights_b = _factor_weights(present, module)
+        key = tuple(
+            (id(a), w_a, w_b, *_shapes(a, module))
+            for (a, _), w_a, w_b in zip(present, weights_a, weights_b, strict=True)
+        )
+        groups.setdefault(key, []).append(module)
+    state = {}
+    for group in groups.values():
+        present = _present(adapters, weights, group[0])
+        merged = []
+        for side, side_weights in zip((0, 1), _factor_weights(present, group[0]), strict=True):
+            stacked = torch.stack(
+                [torch.stack([a.factors[m][side] for m in group]) for a, _ in present]
+            )
+            group_masks = None
+            if method.random:
+                group_masks = torch.stack(
+                    [torch.stack([masks[m, side][i] for m in group]) for i in range(len(present))]
+                )
+            weight = torch.tensor(side_weights).to(stacked.device)
+            merged.append(method.combine(stacked, weight, params, group_masks))
+        for i, module in enumerate(group):
+            state.update(_entry(module, merged[0][i], merged[1][i]))
+    return state
 
 
-def _svd(module: str, present, combination_type: str, params: dict[str, Any], new_rank: int):
+def _shapes(adapter: AdapterTensors, module: str) -> tuple:
+    a, b = adapter.factors[module]
+    return tuple(a.shape), tuple(b.shape)
+
+
+def _delta_svd(
+    adapters, weights, modules: list[str], method: Method, params, new_rank: int, layout: Layout
+):
     """The *svd types: the combined delta refactored to rank `new_rank`."""
-    clamp, driver = params.get("svd_clamp"), params.get("svd_driver")
-    if combination_type == "svd" and clamp is None and driver is None:
-        return _low_rank_svd(module, present, new_rank)
-    # Pruned deltas are dense by nature; clamping depends on the singular vectors' signs, and a
-    # cuSOLVER driver is a request for the dense routine: all three take PEFT's dense path.
+    state = {}
+    low_rank = (
+        method.combine is METHODS["svd"].combine
+        and params.get("svd_clamp") is None
+        and params.get("svd_driver") is None
+    )
+    for module in modules:
+        present = _present(adapters, weights, module)
+        if low_rank:
+            lora_a, lora_b = _low_rank_svd(module, present, new_rank)
+        else:
+            layer = layout.layers.get(module)
+            transposed = layer is not None and layer.fan_in_fan_out
+            lora_a, lora_b = _dense_svd(module, present, method, params, new_rank, transposed)
+        state.update(_entry(module, lora_a, lora_b))
+    return state
+
+
+def _dense_svd(module: str, present, method: Method, params, new_rank: int, transposed: bool):
+    """Pruned deltas are dense by nature; clamping depends on the singular vectors' signs, and a
+    cuSOLVER driver is a request for the dense routine: all three take PEFT's dense path.
+
+    PEFT combines the deltas in the layer's own weight layout, (in, out) for a Conv1D layer
+    (`transposed`), so DARE's masks are drawn in that layout too, then transposed back."""
     deltas = [(a.factors[module][1] @ a.factors[module][0]) * a.scaling(module) for a, _ in present]
-    weights = torch.tensor([w for _, w in present]).to(deltas[0].device)
-    delta = _combine(combination_type, deltas, weights, params)
+    if transposed:
+        deltas = [delta.T for delta in deltas]
+    stacked = torch.stack(deltas).unsqueeze(1)  # one "module" of the delta's shape
+    masks = torch.stack(_draw_masks(deltas, params)).unsqueeze(1) if method.random else None
+    weights = torch.tensor([w for _, w in present]).to(stacked.device)
+    delta = method.combine(stacked, weights, params, masks)[0]
+    if transposed:
+        delta = delta.T
     u, s, vh = torch.linalg.svd(
-        delta, full_matrices=params.get("svd_full_matrices", True), driver=driver
+        delta, full_matrices=params.get("svd_full_matrices", True), driver=params.get("svd_driver")
     )
     u = u[:, :new_rank] @ torch.diag(s[:new_rank])
     vh = vh[:new_rank, :]
+    clamp = params.get("svd_clamp")
     if clamp is not None:
         high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
         u, vh = u.clamp(-high, high), vh.clamp(-high, high)

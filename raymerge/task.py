@@ -1,0 +1,113 @@
+"""The typed messages between driver and workers: what goes out (`MergeTask`, `WorkerConfig`)
+and what comes back (`MergeResult`, `Status`). Small and dependency-free, so that a worker process
+never imports the planner.
+
+Example:
+    >>> task = MergeTask("0123456789abcdef", ("math", "code"), (0.5, 0.5), "linear", {}, 0, 7,
+    ...                  "float32")
+    >>> task.to_json()["adapters"]
+    ['math', 'code']
+    >>> MergeResult.failure(task, worker=0, error="boom").status is Status.FAILED
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    """A merge's outcome, as written in merge.json and the manifest."""
+
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    """One merge: which adapters, with which weights, how. Small enough to ship to any worker."""
+
+    merge_id: str
+    adapters: tuple[str, ...]
+    """Adapter names, in merge order."""
+    weights: tuple[float, ...]
+    combination_type: str
+    params: dict[str, Any]
+    """The combination type's parameters, PEFT's names, defaults filled in."""
+    seed: int
+    """The sweep's seed."""
+    merge_seed: int
+    """This merge's own random seed (DARE masks), derived from its identity."""
+    output_dtype: str
+    """dtype the merged adapter is written in (the arithmetic is float32)."""
+    trial: int | None = None
+    """The search trial that proposed this merge (None for grid merges)."""
+    keep_files: bool = True
+    """Write the adapter's files (False: record and score it, keep only merge.json)."""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self) | {"adapters": list(self.adapters), "weights": list(self.weights)}
+        if self.trial is None:
+            data.pop("trial")
+        return data
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What a worker scores each merge on (resolved locations, validated by the plan)."""
+
+    datasets: dict[str, dict[str, Any]]
+    """Eval set name -> {"uri": ..., "kind": text | choice | generate, kind options...}."""
+    max_samples: int = 64
+    batch_size: int = 8
+    max_length: int = 128
+    adapters_per_pass: int = 1
+    lm_eval: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, built once by the plan and shipped to each worker."""
+
+    base_model: str
+    """Resolved base model location (absolute path or URI), or a hub id."""
+    adapter_uris: dict[str, str]
+    output: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    task_type: str | None = None
+    num_threads: int = 1
+    torch_dtype: str = "auto"
+    gpu_headroom_gb: float = 2.0
+    adapter_cache_bytes: int | None = None
+    engine: str = "fast"
+    evaluate: EvalConfig | None = None
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a worker reports for one task. `record` is merge.json's content when done."""
+
+    merge_id: str
+    status: Status
+    worker: int | None
+    adapter_loads: int = 0
+    load_seconds: float = 0.0
+    seconds: float = 0.0
+    cached: tuple[str, ...] = ()
+    """Adapters the worker holds after this task (the scheduler's locality hint)."""
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    retryable: bool = False
+    """The failure was transient (storage unreachable): the task may run again."""
+    fatal: bool = False
+    """The failure will hit every merge (output unwritable, disk full): stop the sweep."""
+
+    @classmethod
+    def failure(cls, task: MergeTask, *, worker: int | None, error: str, **extra) -> MergeResult:
+        return cls(task.merge_id, Status.FAILED, worker, error=error, **extra)
+
+    @property
+    def done(self) -> bool:
+        return self.status is Status.DONE
