@@ -1,8 +1,9 @@
 """The only module that knows fsspec/s3fs: locations, reads, atomic writes, the input cache.
 
-A location is a local path, a `file://` URI or an `s3://` URI. S3-compatible stores (MinIO, SeaweedFS)
-are reached through `storage_options` (`client_kwargs.endpoint_url` or `endpoint_url`) or the
-`AWS_ENDPOINT_URL` environment variable; credentials always come from the standard AWS chain.
+A location is a local path, a `file://` URI or an `s3://` URI. S3-compatible stores (MinIO,
+SeaweedFS) are reached through `storage_options` (`client_kwargs.endpoint_url` or
+`endpoint_url`) or the `AWS_ENDPOINT_URL` environment variable; credentials always come from the
+standard AWS chain. Every call has connect and read timeouts and bounded retries.
 
 Example:
     >>> resolve("adapters/math", Path("/jobs"))

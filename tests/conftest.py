@@ -8,7 +8,8 @@ import pytest
 
 from raymerge.world import AdapterShape, build_world
 
-# Credentials for the local S3 store (it accepts any), set before Ray starts so its workers inherit them.
+# Credentials for the local S3 store (it accepts any), set before Ray starts so that its
+# workers inherit them.
 os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
     AWS_SECRET_ACCESS_KEY="testing",

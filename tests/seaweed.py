@@ -91,7 +91,7 @@ class SeaweedFS:
                 fs.pipe_file(f"{probe}/ping", b"ok")
                 if fs.cat_file(f"{probe}/ping") == b"ok":
                     return
-            except Exception:  # noqa: BLE001 (not up yet: any error means wait)
+            except Exception:  # not up yet: any error means wait
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weed server not ready in {timeout:.0f} s: {self.log_tail()}")
