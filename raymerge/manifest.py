@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -51,6 +52,8 @@ REFERENCES = "references.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 """The files of a merged adapter, as PEFT's save_pretrained writes them."""
 RECORDS_PER_READ = 1000
+SEGMENT_UPLOAD_SECONDS = 30.0
+"""How long one background segment upload keeps retrying (the next flush takes its lines)."""
 
 
 def is_merge_id(value: str) -> bool:
@@ -312,7 +315,8 @@ class ManifestWriter:
             data = spool.read(end - self._published)
         name = f"{self.run_id}-{next(self._segments):06d}.jsonl"
         try:
-            storage.write_bytes(storage.join(self.output, SEGMENTS, name), data, self._options)
+            with storage.deadline(SEGMENT_UPLOAD_SECONDS):
+                storage.write_bytes(storage.join(self.output, SEGMENTS, name), data, self._options)
         except storage.errors() as exc:  # retried at the next flush
             self.flush_errors += 1
             log.warning(
@@ -327,20 +331,22 @@ class ManifestWriter:
         remove the segments; retries a store that does not answer for up to `timeout` seconds,
         then raises StorageError naming the file (the merges themselves are committed: a rerun
         rebuilds the manifest from them)."""
-        self._uploads.shutdown(wait=True)
+        deadline = time.monotonic() + timeout
+        if self._pending is not None:  # a segment upload still retrying: give it the same time
+            with contextlib.suppress(TimeoutError):
+                self._pending.result(timeout=timeout)
+        self._uploads.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._spool.close()
         target = storage.join(self.output, MANIFEST)
-        deadline = time.monotonic() + timeout
         try:
             while True:
                 try:
-                    old_segments = [
-                        uri for uri in manifest_sources(self.output, self._options) if uri != target
-                    ]
-                    storage.write(target, self._spool_path, self._options)
-                    self.bytes_uploaded += self._spool_path.stat().st_size
-                    storage.remove(old_segments, self._options)
+                    with storage.deadline(max(0.0, deadline - time.monotonic())):
+                        sources = manifest_sources(self.output, self._options)
+                        storage.write(target, self._spool_path, self._options)
+                        self.bytes_uploaded += self._spool_path.stat().st_size
+                        storage.remove([uri for uri in sources if uri != target], self._options)
                     return
                 except storage.errors() as exc:
                     if storage.is_fatal(exc) or time.monotonic() > deadline:

@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import hashlib
 import json
@@ -22,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -34,7 +37,7 @@ from tenacity import (
     before_sleep_log,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -197,6 +200,22 @@ def backoff(min_wait: float = 0.5, max_wait: float = 16.0):
     return wait_random_exponential(multiplier=min_wait, max=max_wait)
 
 
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "raymerge_storage_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Storage calls in this block stop retrying once `seconds` have passed (a caller's bound on
+    all its calls together, below each call's own)."""
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
 def retrying(
     operation: Callable[[], T],
     *,
@@ -205,11 +224,15 @@ def retrying(
     min_wait: float = 0.5,
 ) -> T:
     """Run a storage operation, retrying transient failures with exponential backoff and full
-    jitter, at most `attempts` times and `max_seconds` in all; other errors at once."""
+    jitter, at most `attempts` times and `max_seconds` in all (less inside `deadline`); other
+    errors at once."""
+    until = _deadline.get()
+    if until is not None:
+        max_seconds = max(0.0, min(max_seconds, until - time.monotonic()))
     retryer = Retrying(
         retry=retry_if_exception(is_transient),
         wait=backoff(min_wait),
-        stop=stop_after_attempt(attempts) | stop_after_delay(max_seconds),
+        stop=stop_after_attempt(attempts) | stop_before_delay(max_seconds),
         before_sleep=before_sleep_log(log, logging.WARNING),
         reraise=True,
     )

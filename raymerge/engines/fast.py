@@ -36,6 +36,7 @@ from raymerge.engines import (
     MergedAdapter,
     scaled_output,
 )
+from raymerge.errors import MergeError
 from raymerge.layout import Layout, peft_fan_in_fan_out
 from raymerge.methods import METHODS, Form, Method
 
@@ -307,6 +308,7 @@ def _dense_svd(module: str, present, method: Method, params, new_rank: int, tran
     delta = method.combine(stacked, weights, params, masks)[0]
     if transposed:
         delta = delta.T
+    _check_svd_input(module, delta)
     u, s, vh = torch.linalg.svd(
         delta, full_matrices=params.get("svd_full_matrices", True), driver=params.get("svd_driver")
     )
@@ -324,6 +326,7 @@ def _low_rank_svd(module: str, present, new_rank: int):
     Q_a R_a, so the delta is Q_b (R_b R_a^T) Q_a^T and the SVD of the small core gives it."""
     stacked_b = torch.cat([a.factors[module][1] * (w * a.scaling(module)) for a, w in present], 1)
     stacked_a = torch.cat([a.factors[module][0] for a, _ in present], 0)
+    _check_svd_input(module, stacked_b)
     q_b, r_b = torch.linalg.qr(stacked_b)
     q_a, r_a = torch.linalg.qr(stacked_a.T)
     u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T)
@@ -335,3 +338,12 @@ def _low_rank_svd(module: str, present, new_rank: int):
         lora_a = torch.cat([lora_a, lora_a.new_zeros(keep - lora_a.shape[0], in_features)])
         lora_b = torch.cat([lora_b, lora_b.new_zeros(out_features, keep - lora_b.shape[1])], 1)
     return lora_a, lora_b
+
+
+def _check_svd_input(module: str, matrix: torch.Tensor) -> None:
+    """An SVD of NaN or Inf fails obscurely (or not at all): say what happened instead."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise MergeError(
+            f"{module}: the weighted delta is not finite in float32 (are the weights too large?); "
+            "nothing was written"
+        )

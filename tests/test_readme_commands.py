@@ -1,0 +1,94 @@
+"""The README's commands, as written, from a fresh working directory with relative paths: the
+folder a user has after cloning and `make demo` (jobs/ and ./raymerge-demo), nothing absolute."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raymerge.manifest import read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+USING_IT = re.search(r"## Using it\n+```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+COVERED_ELSEWHERE = {
+    "raymerge run  SPEC --address auto": "test_scale (RAY_ADDRESS) and test_submit",
+    "raymerge run  SPEC --output s3://b/sweeps/x --workers 8 --gpus-per-worker 2": "test_s3",
+    "raymerge run  SPEC --fail-fast": "test_scale.test_fail_fast_stops_dispatching",
+    "raymerge submit SPEC --address http://HEAD:8265 --follow": "test_submit",
+}
+"""Commands with placeholders (a spec, a cluster): run by the tests named."""
+
+SMALL_WORLD = ["--hidden-size", "64", "--layers", "1", "--adapters", "3", "--types", "linear,svd"]
+"""bench merge's own defaults take minutes: the same command on a smaller world."""
+
+
+def _readme_commands() -> list[str]:
+    lines = [line.split("#")[0].rstrip() for line in USING_IT[1].splitlines()]
+    return [line for line in lines if line.startswith("raymerge ")]
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(demo_dir, tmp_path_factory):
+    """A working directory as a fresh clone has it after `make demo`."""
+    folder = tmp_path_factory.mktemp("clone")
+    shutil.copytree(ROOT / "jobs", folder / "jobs")
+    shutil.copytree(demo_dir, folder / "raymerge-demo")
+    return folder
+
+
+def _run(command: str, cwd: Path, ray_address: str, extra: list[str] = ()) -> str:
+    args = command.split()[1:] + list(extra)
+    result = subprocess.run(
+        [sys.executable, "-m", "raymerge", *args],
+        cwd=cwd,
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{command}\n{output[-4000:]}"
+    assert "Traceback" not in output, output[-4000:]
+    return result.stdout
+
+
+def test_every_readme_command_is_run_by_a_test():
+    commands = _readme_commands()
+    assert len(commands) >= 10
+    here = {"plan", "run", "report", "demo", "bench"}
+    for command in commands:
+        assert command in COVERED_ELSEWHERE or command.split()[1] in here, command
+
+
+def test_the_readme_commands_run_as_written(fresh_clone, ray_cluster):
+    ran = []
+    for command in _readme_commands():
+        if command in COVERED_ELSEWHERE:
+            continue
+        extra = SMALL_WORLD if command.strip() == "raymerge bench merge" else []
+        if command.startswith("raymerge bench plan"):
+            extra = ["--merges", "20000"]  # the same code path as 1,000,000, in a second
+        if command.startswith("raymerge report"):
+            command = "raymerge report raymerge-demo/local-sweep"  # OUTPUT of the run above
+        stdout = _run(command, fresh_clone, ray_cluster, extra)
+        ran.append(command)
+        if command.endswith("--json"):
+            assert json.loads(stdout)["total"] == 27
+        if command.startswith("raymerge demo"):
+            assert "Best merges by" in stdout and "Report: " in stdout
+            assert "single adapter" in stdout  # the verdict
+    assert len(ran) == 7, ran
+    demo = read_manifest(str(fresh_clone / "raymerge-demo" / "merges-out"))
+    assert len(demo) == 60 and all(line["status"] == "done" for line in demo)
+    local = read_manifest(str(fresh_clone / "raymerge-demo" / "local-sweep"))
+    assert len(local) == 27 and all(line["metrics"] for line in local)
+    assert (fresh_clone / "raymerge-demo" / "local-sweep" / "report.html").exists()
+    assert (fresh_clone / "raymerge-bench" / "fast" / "output" / "manifest.jsonl").exists()
