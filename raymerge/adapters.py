@@ -1,9 +1,9 @@
 """Reading an adapter's config and safetensors header from any location, before any cluster work.
 
-Example:
-    >>> info = inspect_adapter("math", "/adapters/math")  # doctest: +SKIP
-    >>> info.rank, info.base_model  # doctest: +SKIP
-    (8, 'meta-llama/Llama-3.1-8B')
+Usage (reads the adapter's folder, local or on S3)::
+
+    info = inspect_adapter("math", "s3://bucket/adapters/math")
+    info.rank, info.base_model   # (8, 'meta-llama/Llama-3.1-8B')
 """
 
 from __future__ import annotations
@@ -92,10 +92,8 @@ def inspect_adapter(
             tensors = {k: v["shape"] for k, v in header.items()}
             dtypes = {v["dtype"] for k, v in header.items() if "lora_" in k}
             dtype = SAFETENSORS_DTYPES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else dtype
-    except InputError:
-        raise
-    except Exception as exc:  # storage errors: permissions, network, bad endpoint
-        raise InputError(f"{where}: cannot be read: {type(exc).__name__}: {exc}") from None
+    except storage.errors() as exc:  # permissions, network, a bad endpoint
+        raise InputError(f"{where}: cannot be read: {storage.describe(exc)}") from exc
     return AdapterInfo(name, uri, config, weights, tensors, dtype)
 
 
@@ -109,12 +107,10 @@ def inspect_base_model(uri: str, storage_options: dict[str, Any] | None = None) 
                 "by save_pretrained, or give a hub id"
             )
         config = json.loads(storage.read_bytes(config_uri, storage_options))
-    except InputError:
-        raise
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"base_model {uri}: config.json is not valid JSON ({exc})") from None
-    except Exception as exc:
-        raise InputError(f"base_model {uri}: cannot be read: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"base_model {uri}: config.json is not valid JSON ({exc})") from exc
+    except storage.errors() as exc:
+        raise InputError(f"base_model {uri}: cannot be read: {storage.describe(exc)}") from exc
     if not isinstance(config, dict) or "model_type" not in config:
         raise InputError(
             f"base_model {uri}: config.json has no model_type; is it a transformers model?"

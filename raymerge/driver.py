@@ -1,10 +1,10 @@
 """The driver: connects to Ray, starts merge workers, feeds them tasks as they free up, retries
 tasks whose worker died, and keeps the manifest and summary. It knows nothing of the merge math.
 
-Example:
-    >>> summary = run_sweep(load_plan("jobs/local-demo.yaml"))  # doctest: +SKIP
-    >>> summary.done, summary.failed  # doctest: +SKIP
-    (27, 0)
+Usage (starts or joins a Ray cluster)::
+
+    summary = run_sweep(load_plan("jobs/local-demo.yaml"))
+    summary.done, summary.failed   # (27, 0)
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The leaderboard and report of a sweep with evaluation, from its manifest (local disk or S3).
 
-Example:
-    >>> result = build_report("s3://bucket/sweeps/run-1")  # doctest: +SKIP
-    >>> result.rows[0]["merge_id"], result.html_uri  # doctest: +SKIP
-    ('5d1c0a9be2f4417e', 's3://bucket/sweeps/run-1/report.html')
+Usage (reads the manifest, writes leaderboard.csv and report.html beside it)::
+
+    result = build_report("s3://bucket/sweeps/run-1")
+    result.rows[0]["merge_id"], result.html_uri
 """
 
 from __future__ import annotations

@@ -6,9 +6,13 @@ worker the tasks of the set it is working through, else the set that best overla
 already holds. The plan is never materialised: the window refills from the task iterator.
 
 Example:
-    >>> scheduler = LocalityScheduler(iter(tasks))  # doctest: +SKIP
-    >>> scheduler.next_for(worker=0, cached={"math", "code"})  # doctest: +SKIP
-    MergeTask(merge_id='...', adapters=('math', 'code'), ...)
+    >>> tasks = [MergeTask(f"{i:016x}", pair, (0.5, 0.5), "cat", {}, 0, i, "float32")
+    ...          for i, pair in enumerate([("a", "b"), ("c", "d"), ("c", "d")])]
+    >>> scheduler = LocalityScheduler(iter(tasks))
+    >>> scheduler.next_for(worker=0, cached={"c", "d"}).adapters
+    ('c', 'd')
+    >>> scheduler.next_for(worker=1, cached=set()).adapters  # the set nobody works through
+    ('a', 'b')
 """
 
 from __future__ import annotations

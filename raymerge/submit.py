@@ -8,10 +8,10 @@ role). The cluster's token is found by Ray itself in its standard places (RAY_AU
 RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); raymerge only turns token mode on when one exists, and
 never reads, prints or ships it.
 
-Example:
-    >>> job_id = submit("jobs/s3-sweep.yaml", "http://head:8265")  # doctest: +SKIP
-    >>> wait(job_id, "http://head:8265", poll_seconds=5)  # doctest: +SKIP
-    'SUCCEEDED'
+Usage (needs a cluster's job API)::
+
+    job_id = submit("jobs/s3-sweep.yaml", "http://head:8265")
+    wait(job_id, "http://head:8265", poll_seconds=5)   # 'SUCCEEDED'
 """
 
 from __future__ import annotations

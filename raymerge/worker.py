@@ -41,10 +41,10 @@ class MergeWorker:
     Input adapters stay loaded for later merges, least recently used first out once they hold
     more than `adapter_cache_bytes`; the adapters of the merge at hand are always kept.
 
-    Example (without Ray):
-        >>> worker = MergeWorker(0, plan.worker_config())  # doctest: +SKIP
-        >>> worker.merge(next(plan.tasks())).status  # doctest: +SKIP
-        <Status.DONE: 'done'>
+    Usage, in this process (without Ray)::
+
+        worker = MergeWorker(0, plan.worker_config())
+        worker.merge(next(plan.tasks())).status   # Status.DONE
     """
 
     def __init__(self, index: int, config: WorkerConfig, input_digests: dict | None = None):
@@ -108,8 +108,8 @@ class MergeWorker:
             return self._result(task, Status.DONE, started, loads, load_seconds, record=record)
         except RaymergeError as exc:  # the merge's own fault: named, recorded, the sweep goes on
             return self._result(task, Status.FAILED, started, loads, load_seconds, error=str(exc))
-        except storage.errors() as exc:
-            log.error("merge %s could not be written:\n%s", task.merge_id, traceback.format_exc())
+        except storage.errors() as exc:  # the store or the disk: one line, not a traceback
+            log.warning("merge %s could not be written: %s", task.merge_id, storage.describe(exc))
             return self._result(
                 task,
                 Status.FAILED,

@@ -2,10 +2,10 @@
 
 Used by the demo, the tests and the benchmark; nothing is downloaded.
 
-Example:
-    >>> world = build_world(Path("/tmp/w"), {"math": AdapterShape(r=8)})  # doctest: +SKIP
-    >>> world.adapters["math"]  # doctest: +SKIP
-    PosixPath('/tmp/w/adapters/math')
+Usage (writes a model and adapters, a few seconds)::
+
+    world = build_world(Path("/tmp/w"), {"math": AdapterShape(r=8)})
+    world.adapters["math"]   # PosixPath('/tmp/w/adapters/math')
 """
 
 from __future__ import annotations

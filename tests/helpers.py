@@ -10,19 +10,32 @@ import yaml
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from raymerge.methods import METHODS, Form, RankRule
 from raymerge.world import World
 
-PRUNED_SVD_TYPES = ["ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"]
+PEFT_TYPES = [m.name for m in METHODS.values() if m.peft]
+"""PEFT's combination types, from the registry: a new entry is covered by every test using it."""
+EQUAL_RANK_TYPES = [name for name in PEFT_TYPES if METHODS[name].rank is RankRule.EQUAL]
+RANK_CHANGING_TYPES = [name for name in PEFT_TYPES if METHODS[name].rank is not RankRule.EQUAL]
+PRUNED_SVD_TYPES = [
+    name
+    for name in PEFT_TYPES
+    if METHODS[name].form is Form.DELTA_SVD and "density" in METHODS[name].required()
+]
+
+
+def methods_for(types: list[str], **params: Any) -> list[dict[str, Any]]:
+    """One `methods` entry per type, each with the given parameters it takes."""
+    return [
+        {"combination_type": name, **{k: v for k, v in params.items() if METHODS[name].takes(k)}}
+        for name in types
+    ]
 
 
 EQUAL_RANK_GROUP = {
     "adapters": ["a", "b", "c"],
     "weights": [[0.6, -0.3, 0.5]],
-    "methods": [
-        {"combination_type": "linear"},
-        {"combination_type": "ties", "density": 0.5, "majority_sign_method": "frequency"},
-        {"combination_type": ["dare_linear", "dare_ties", "magnitude_prune"], "density": 0.6},
-    ],
+    "methods": methods_for(EQUAL_RANK_TYPES, density=0.6, majority_sign_method="frequency"),
 }
 """The equal-rank types over three adapters with different lora_alpha and a negative weight."""
 
@@ -50,6 +63,46 @@ def wait_for_http(url: str, process, timeout: float, what: str, accept_http_erro
             process.kill()
             pytest.fail(f"{what} did not start")
         time.sleep(0.3)
+
+
+def wait_for_commits(count_commits, count: int, running, timeout: float = 120) -> None:
+    """Until `count_commits()` reaches `count` while the sweep runs (`running()`: it must not end
+    first, nor stall)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while count_commits() < count:
+        assert running(), "the sweep ended before it could be disturbed"
+        assert time.monotonic() < deadline, "the sweep made no progress"
+        time.sleep(0.1)
+
+
+class SweepThread:
+    """run_sweep in a background thread of this process (on the session's Ray instance), so that
+    a test can disturb the store while it runs."""
+
+    def __init__(self, plan):
+        import threading
+
+        from raymerge.driver import run_sweep
+
+        self.summary = self.error = None
+
+        def target():
+            try:
+                self.summary = run_sweep(plan)
+            except Exception as exc:  # the test inspects it
+                self.error = exc
+
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the sweep still runs after {timeout:.0f} s"
 
 
 def free_port() -> int:
@@ -198,10 +251,16 @@ def is_low_rank_svd(record: dict) -> bool:
     )
 
 
-def assert_merge_matches(
-    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], record: dict, rel: float
+def compare_merge(
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    record: dict,
+    *,
+    rel: float,
+    svd_delta_rel: float,
 ) -> None:
-    """Tensor by tensor; for low-rank svd merges, module by module on B @ A (rel <= 1e-5)."""
+    """Tensor by tensor within `rel`; for low-rank svd merges, module by module on B @ A within
+    `svd_delta_rel` (their factors may differ by the sign of each singular vector)."""
     if not is_low_rank_svd(record):
         assert_tensors_match(actual, expected, rel)
         return
@@ -211,4 +270,27 @@ def assert_merge_matches(
             b_key = key.replace("lora_A", "lora_B")
             want = expected[b_key].double() @ expected[key].double()
             got = actual[b_key].double() @ actual[key].double()
-            assert relative_error(got, want) <= max(rel, 1e-5), key
+            assert relative_error(got, want) <= svd_delta_rel, key
+
+
+def assert_matches_peft(
+    base_model: Path,
+    adapter_dirs: list[Path],
+    record: dict,
+    merged_dir: Path,
+    *,
+    rel: float,
+    svd_delta_rel: float,
+) -> None:
+    """What raymerge wrote (reloaded with PeftModel.from_pretrained, as a user would) against
+    add_weighted_adapter on a PeftModel holding the same inputs (the user's own loop)."""
+    expected = reference_merge(
+        base_model,
+        adapter_dirs,
+        record["weights"],
+        record["combination_type"],
+        record["params"],
+        seed=record["merge_seed"],
+    )
+    actual = get_peft_model_state_dict(reload_merged(base_model, merged_dir), adapter_name="merged")
+    compare_merge(actual, expected, record, rel=rel, svd_delta_rel=svd_delta_rel)

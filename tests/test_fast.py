@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import (
     EQUAL_RANK_GROUP,
+    PEFT_TYPES,
     PRUNED_SVD_TYPES,
     base_spec,
     best_rank_k,
@@ -91,7 +92,9 @@ def _pairs(outputs):
 
 def test_both_engines_plan_the_same_merges(outputs):
     assert [t.merge_id for t, _ in _pairs(outputs)] == [t.merge_id for _, t in _pairs(outputs)]
-    assert len(list(outputs["fast"].tasks())) == 16
+    # equal-rank types + (cat, 3 svd ranks, svd_clamp, the pruned svd types) + (cat, svd)
+    expected = len(EQUAL_RANK_GROUP["methods"]) + 5 + len(PRUNED_SVD_TYPES) + 2
+    assert len(list(outputs["fast"].tasks())) == expected
 
 
 def test_fast_writes_the_same_adapter_as_peft_for_all_but_the_low_rank_svd(outputs):
@@ -111,7 +114,7 @@ def test_fast_writes_the_same_adapter_as_peft_for_all_but_the_low_rank_svd(outpu
             assert relative_error(fast_tensors[key], want) <= 1e-5, (task.combination_type, key)
         checked.add(task.combination_type)
     # dare_* included: the fast engine draws PEFT's masks from the same seed, in the same order
-    assert len(checked) == 11
+    assert checked == set(PEFT_TYPES)
 
 
 def test_deterministic_types_are_byte_identical(outputs):

@@ -5,16 +5,16 @@ half-written and nothing half-listed."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import base_spec, write_spec
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from raymerge.cli import app
 from raymerge.driver import run_sweep
 from raymerge.errors import InputError
 from raymerge.manifest import read_manifest
@@ -111,14 +111,8 @@ def test_a_changed_input_is_noticed_and_rebuilt_on_request(world, ray_cluster, t
     assert "--rebuild-changed" in problem and "new `output`" in problem
     assert _committed(plan.output) == set(stamps)  # nothing touched
 
-    result = subprocess.run(
-        [sys.executable, "-m", "raymerge", "run", str(path), "--rebuild-changed"],
-        env={**os.environ, "RAY_ADDRESS": ray_cluster},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = CliRunner().invoke(app, ["run", str(path), "--rebuild-changed"])
+    assert result.exit_code == 0, result.output
     new_digest = json.loads(Path(plan.output, "inputs.json").read_text())["adapters"][str(b)][
         "weights_sha256"
     ]
@@ -174,14 +168,10 @@ def mount(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def _cli_run(spec_path: Path, ray_address: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raymerge", "run", str(spec_path)],
-        env={**os.environ, "RAY_ADDRESS": ray_address},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli_run(spec_path: Path) -> tuple[int, str]:
+    """`raymerge run` in this process (on the session's Ray instance): exit code and output."""
+    result = CliRunner().invoke(app, ["run", str(spec_path)])
+    return result.exit_code, result.output
 
 
 def _no_partial_merges(output: Path) -> None:
@@ -198,11 +188,11 @@ def _no_partial_merges(output: Path) -> None:
 def test_a_read_only_output_is_one_clear_error(world, ray_cluster, tmp_path, mount):
     read_only = mount("ro", "ro,size=1m")
     spec = base_spec(world, read_only / "out")
-    result = _cli_run(write_spec(tmp_path, spec), ray_cluster)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert f"the output {read_only / 'out'} is not writable" in result.stderr
-    assert "Read-only file system" in result.stderr
+    code, output = _cli_run(write_spec(tmp_path, spec))
+    assert code == 1, output
+    assert "Traceback" not in output
+    assert f"the output {read_only / 'out'} is not writable" in output
+    assert "Read-only file system" in output
     assert list(read_only.iterdir()) == []
 
 
@@ -214,11 +204,11 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_a_rerun_completes(
     spec["combinations"][0]["weights"] = [[0.1 * i, 1.0] for i in range(1, 11)]
     spec["combinations"][0]["methods"] = [{"combination_type": "cat"}]  # ~64 KB each
     path = write_spec(tmp_path, spec)
-    result = _cli_run(path, ray_cluster)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert "No space left on device" in result.stderr
-    assert "run the same spec again" in result.stderr
+    code, output = _cli_run(path)
+    assert code == 1, output
+    assert "Traceback" not in output
+    assert "No space left on device" in output
+    assert "run the same spec again" in output
     output = small / "out"
     _no_partial_merges(output)
     committed = _committed(str(output))
@@ -230,9 +220,9 @@ def test_a_full_disk_stops_the_sweep_cleanly_and_a_rerun_completes(
     roomy = tmp_path / "roomy"
     shutil.copytree(output, roomy)
     spec["output"] = str(roomy)
-    rerun = _cli_run(write_spec(tmp_path, spec, "roomy.yaml"), ray_cluster)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"Skipping {len(committed)} merges already done" in rerun.stdout
+    code, output = _cli_run(write_spec(tmp_path, spec, "roomy.yaml"))
+    assert code == 0, output
+    assert f"Skipping {len(committed)} merges already done" in output
     lines = read_manifest(str(roomy))
     assert len(lines) == 10 and all(line["status"] == "done" for line in lines)
     _no_partial_merges(roomy)

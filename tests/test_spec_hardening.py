@@ -119,7 +119,7 @@ def test_an_output_that_is_not_a_folder_of_its_own_is_refused(world, tmp_path, c
     else:
         spec["output"] = "   "
         expected = ["output:", "blank"]
-    result = _raymerge("run", str(write_spec(tmp_path, spec)))
+    result = runner.invoke(app, ["run", str(write_spec(tmp_path, spec))])
     _refused(result, *expected)
     assert not (world.adapters["b"] / "merges-here").exists()
     assert not (world.base_model / "merges").exists()
@@ -138,7 +138,7 @@ def test_a_yaml_syntax_error_never_echoes_the_line(world, tmp_path):
     secret = "wJalrXUtnFEMI-K7MDENG-NEVER-ECHO"
     path = write_spec(tmp_path, base_spec(world, tmp_path / "out"))
     path.write_text(path.read_text() + f"storage_options: {{key: {secret}\n")
-    result = _raymerge("plan", str(path))
+    result = runner.invoke(app, ["plan", str(path)])
     output = _refused(result, "not valid YAML", "line")
     assert secret not in output
 

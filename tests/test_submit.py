@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,9 @@ def token_head():
     command += [f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}"]
     command += [f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2", "--num-gpus=2"]
     log = open(home / "head.log", "w")  # noqa: SIM115 (the head writes it until teardown)
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    head = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_http(f"{address}/api/version", head, 120, "the Ray head", accept_http_errors=True)
@@ -48,10 +51,11 @@ def token_head():
     client_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     yield address, token, client_env
     head.terminate()
-    try:
-        head.wait(timeout=60)
+    try:  # a graceful stop of every Ray process takes half a minute; ten seconds are enough
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        head.kill()
+        os.killpg(head.pid, signal.SIGKILL)  # the head and the Ray processes it started
+        head.wait(timeout=30)
     log.close()
 
 
