@@ -260,44 +260,62 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("plan")
 def bench_plan(
-    merges: int = typer.Option(1_000_000, help="Size of the synthetic sweep."),
+    merges: str = typer.Option("1000000", help="Sweep size, or sizes (comma-separated)."),
     workers: int = typer.Option(8, help="Simulated workers pulling tasks."),
     cache: int = typer.Option(8, help="Adapters each simulated worker keeps loaded."),
     json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
 ) -> None:
     """Time and peak memory of the driver planning and dispatch-ordering a huge sweep."""
-    from raymerge.bench import bench_plan as measure
+    from raymerge.bench.plan import bench_plans
 
     with _exit_on_error():
-        figures = measure(merges, workers, cache)
-    table = Table(title="raymerge bench plan", show_header=False)
-    table.add_column()
-    table.add_column(justify="right")
-    for key, value in figures.items():
-        table.add_row(key.replace("_", " "), str(value))
-    _consoles.out.print(table)
-    if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
+        sizes = _sizes(merges)
+        figures = bench_plans(sizes, workers, cache)
+        _print_rows("raymerge bench plan", figures, [str(n) for n in sizes])
+        _write_json(json_out, figures if len(figures) > 1 else figures[0])
+
+
+@bench_app.command("manifest")
+def bench_manifest(
+    out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the simulated output."),
+    lines: int = typer.Option(1_000_000, help="Merges of the simulated sweep."),
+    flush_every: int = typer.Option(833, help="Lines between flushes (30 s at 28 merges/s)."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """Bytes the manifest uploads over a long sweep, and a rerun's resume memory."""
+    from raymerge.bench.manifest import bench_manifest as measure
+
+    with _exit_on_error():
+        figures = measure((out / "manifest").resolve(), lines, flush_every)
+        _print_rows("raymerge bench manifest", [figures], ["value"])
+        _write_json(json_out, figures)
 
 
 @bench_app.command("merge")
 def bench_merge(
     out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
-    hidden_size: int = typer.Option(1024, help="Hidden size of the generated base model."),
-    layers: int = typer.Option(4, help="Decoder layers."),
-    rank: int = typer.Option(8, help="LoRA rank of every adapter."),
-    adapters: int = typer.Option(6, help="Adapters; the sweep merges every pair."),
-    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Target modules."),
-    types: str = typer.Option("linear,cat,ties,svd", help="Combination types to time."),
+    shape: str = typer.Option("default", help="default, or llama-8b (a real size, no weights)."),
+    hidden_size: int = typer.Option(1024, help="Hidden size of the default world."),
+    layers: int = typer.Option(4, help="Decoder layers of the default world."),
+    rank: int = typer.Option(8, help="LoRA rank of the default world's adapters."),
+    adapters: int = typer.Option(6, help="Adapters; each sweep merges every pair."),
+    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Default world's targets."),
+    types: str = typer.Option(
+        "linear,cat,ties,dare_linear,magnitude_prune,svd", help="Combination types to time."
+    ),
     threads: int = typer.Option(2, help="CPU threads for each way of merging."),
     json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
 ) -> None:
-    """Time one sweep four ways: plain PEFT loop, engine peft, engine fast, and the I/O floor."""
-    from raymerge.bench import bench_merge as measure
+    """A whole `raymerge run` per type against the plain PEFT loop and the I/O floor."""
+    from raymerge.bench.merge import bench_merge as measure
+    from raymerge.world import SHAPES
 
     with _exit_on_error():
+        if shape != "default" and shape not in SHAPES:
+            raise _usage(f"--shape {shape!r}: use default or one of {', '.join(SHAPES)}")
         figures = measure(
             out.resolve(),
+            shape=shape,
             hidden_size=hidden_size,
             layers=layers,
             rank=rank,
@@ -307,27 +325,69 @@ def bench_merge(
             threads=threads,
             log=_consoles.out.print,
         )
-    merges = figures["world"]["merges_per_type"]
-    table = Table(title=f"merges/s ({merges} merges per type) and ratios")
-    headers = {
-        "plain_peft_loop": "plain",
-        "raymerge_peft": "peft",
-        "raymerge_fast": "fast",
-        "io_floor": "I/O",
-        "fast_over_plain": "fast/plain",
-        "fast_over_peft": "fast/peft",
-        "fast_time_over_io_floor": "t_fast/t_IO",
-    }
-    table.add_column("type")
-    for header in headers.values():
-        table.add_column(header, justify="right")
-    for name, row in figures["types"].items():
-        table.add_row(name, *(str(row[key]) for key in headers))
+        rows = list(figures["types"].values())
+        _print_rows("merges/s, whole raymerge run (steady state)", rows, list(figures["types"]))
+        _consoles.out.print(f"driver peak RSS: {figures['driver_peak_rss_mb']} MB")
+        _write_json(json_out, figures)
+
+
+@bench_app.command("cluster")
+def bench_cluster(
+    out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
+    merges: int = typer.Option(100_000, help="Merges of the sweep."),
+    nodes: int = typer.Option(4, help="Simulated nodes."),
+    gpus_per_node: int = typer.Option(2, help="Logical GPUs per node (one worker each)."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """A large sweep on a simulated multi-node cluster: utilisation and the driver's cost."""
+    from raymerge.bench.cluster import bench_cluster as measure
+
+    with _exit_on_error():
+        figures = measure(
+            (out / "cluster").resolve(),
+            merges=merges,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            log=_consoles.out.print,
+        )
+        _print_rows("raymerge bench cluster", [figures], ["value"])
+        _write_json(json_out, figures)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise _usage(f"--merges {text!r}: give a number, or numbers separated by commas") from None
+    if not sizes or min(sizes) < 1:
+        raise _usage(f"--merges {text!r}: sizes must be at least 1")
+    return sizes
+
+
+def _usage(message: str):
+    from raymerge.errors import SpecError
+
+    return SpecError(message)
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]], names: list[str]) -> None:
+    """Figures as a table: one column per row given, one line per figure."""
+    table = Table(title=title)
+    table.add_column("figure")
+    for name in names:
+        table.add_column(name, justify="right")
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    for key in keys:
+        values = [row.get(key, "") for row in rows]
+        if any(isinstance(v, dict) for v in values):
+            values = [json.dumps(v) if isinstance(v, dict) else v for v in values]
+        table.add_row(key.replace("_", " "), *(str(v) for v in values))
     _consoles.out.print(table)
-    for way in ("plain_peft_loop", "raymerge_peft", "raymerge_fast"):
-        _consoles.out.print(f"{way}: end to end {figures[way]['end_to_end_seconds']} s")
-    if json_out:
-        json_out.write_text(json.dumps(figures, indent=2))
+
+
+def _write_json(path: Path | None, figures: Any) -> None:
+    if path is not None:
+        path.write_text(json.dumps(figures, indent=2))
 
 
 def _run_and_report(

@@ -58,6 +58,9 @@ class WorkerStats:
     bytes_written: int = 0
     busy_seconds: float = 0.0
     restarts: int = 0
+    peak_rss_mb: float = 0.0
+    node: str = ""
+    """The Ray node it ran on (when it started)."""
 
 
 @dataclass
@@ -145,12 +148,17 @@ def run_sweep(
     pending = itertools.chain([first], pending)
     try:
         with _ray_session(address) as fixed_size:
-            workers, groups = _start_workers(plan, start_timeout, fixed_size, digests)
+            workers, groups, nodes = _start_workers(plan, start_timeout, fixed_size, digests)
             try:
                 _score_references(plan, workers)
                 dispatch_started = time.perf_counter()
                 try:
-                    _Dispatch(plan, workers, pending, writer, summary, progress, fail_fast).run()
+                    dispatch = _Dispatch(
+                        plan, workers, pending, writer, summary, progress, fail_fast
+                    )
+                    for index, node in nodes.items():
+                        summary.workers[str(index)].node = node or ""
+                    dispatch.run()
                 finally:
                     summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
             finally:
@@ -284,6 +292,7 @@ class _Dispatch:
         stats = self.summary.workers[str(index)]
         stats.adapter_loads += result.adapter_loads
         stats.busy_seconds = round(stats.busy_seconds + result.seconds, 3)
+        stats.peak_rss_mb = max(stats.peak_rss_mb, result.peak_rss_mb)
         self.cached[index] = set(result.cached)
         if result.done:
             line = manifest.manifest_line(
@@ -383,7 +392,7 @@ def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=N
             remove_placement_group(group)
 
     try:
-        ray.get([w.info.remote() for w in workers.values()], timeout=start_timeout)
+        infos = ray.get([w.info.remote() for w in workers.values()], timeout=start_timeout)
     except GetTimeoutError:
         give_up()
         raise ClusterError(
@@ -395,7 +404,7 @@ def _start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=N
     except RayActorError as exc:
         give_up()
         raise ClusterError(f"a merge worker failed to start: {_root_error(exc)}") from None
-    return workers, groups
+    return workers, groups, {info["index"]: info["node_id"] for info in infos}
 
 
 def _check_resources(spec) -> None:

@@ -103,6 +103,8 @@ class MergeResult:
     """The failure was transient (storage unreachable): the task may run again."""
     fatal: bool = False
     """The failure will hit every merge (output unwritable, disk full): stop the sweep."""
+    peak_rss_mb: float = 0.0
+    """The worker process's peak resident memory so far."""
 
     @classmethod
     def failure(cls, task: MergeTask, *, worker: int | None, error: str, **extra) -> MergeResult:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import socket
 import time
 import traceback
@@ -78,9 +79,12 @@ class MergeWorker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs; the driver calls it to know the worker is (back) up."""
+        import ray
+
         return {
             "index": self.index,
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "pid": os.getpid(),
             "devices": self.base.devices(),
             "compute_device": str(self.base.device),
@@ -234,6 +238,7 @@ class MergeWorker:
             load_seconds=self.cache.load_seconds - load_seconds_before,
             seconds=time.perf_counter() - started,
             cached=tuple(sorted(self.cache.names())),
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **extra,
         )
 

@@ -120,3 +120,69 @@ def build_world(
         for i, (name, shape) in enumerate(adapters.items())
     }
     return World(base_model=base, adapters=built)
+
+
+SHAPES = {
+    "llama-8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+    },
+}
+"""Model configs of real sizes (Llama-3.1-8B's shapes), for benchmarks: nothing is downloaded."""
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_config_only_world(
+    root: Path,
+    shape: str,
+    adapters: list[str],
+    *,
+    rank: int = 16,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> World:
+    """A base model of a real size as config.json alone (merge-only sweeps need no weights) and
+    LoRA adapters with random factors of its exact shapes, written directly as PEFT saves them."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from raymerge.layout import layout_from_config
+
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    base = root / "base"
+    config.save_pretrained(base)
+    layout = layout_from_config(config, "CAUSAL_LM")
+    modules = [
+        name
+        for name, layer in layout.layers.items()
+        if layer.kind == "linear" and name.rsplit(".", 1)[-1] in targets
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    built = {}
+    for name in adapters:
+        tensors = {}
+        for module in modules:
+            layer = layout.layers[module]
+            prefix = f"base_model.model.{module}"
+            a = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
+            b = torch.randn(layer.out_features, rank, generator=generator) / rank
+            tensors[f"{prefix}.lora_A.weight"] = a.to(getattr(torch, dtype))
+            tensors[f"{prefix}.lora_B.weight"] = b.to(getattr(torch, dtype))
+        folder = root / "adapters" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=list(targets),
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=str(base),
+        ).save_pretrained(folder)
+        built[name] = folder
+    return World(base_model=base, adapters=built)

@@ -131,6 +131,7 @@ def _assert_each_merge_once(plan) -> None:
     assert all(line["status"] == "done" for line in lines)
     folders = sorted(p.name for p in Path(plan.output, "merges").iterdir())
     assert folders == planned
+    assert not list(Path(plan.output).glob("manifest-segments/*"))  # compacted at the end
     assert all(Path(plan.output, "merges", m, "merge.json").exists() for m in planned)
 
 
@@ -197,7 +198,7 @@ def test_each_worker_reserves_its_resources_in_a_strict_pack_placement_group(
     world, ray_cluster, tmp_path
 ):
     plan = load_plan(write_spec(tmp_path, base_spec(world, tmp_path / "out")))
-    workers, groups = _start_workers(plan, 120, fixed_size=False)
+    workers, groups, _ = _start_workers(plan, 120, fixed_size=False)
     try:
         assert len(groups) == 2
         for group in groups:

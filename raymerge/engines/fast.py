@@ -202,18 +202,45 @@ def _draw_masks(tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> list
     return [torch.bernoulli(torch.full_like(t, density)) for t in tensors]
 
 
-def _cat(adapters, weights, modules: list[str], new_rank: int) -> dict[str, torch.Tensor]:
-    """Stacked factors: A_i scaled by w_i * s_i, zero rows up to the summed rank (as PEFT)."""
-    state = {}
+def _groups(adapters, weights, modules: list[str]) -> list[list[str]]:
+    """Modules that can be computed together: the same inputs present, with the same scalings
+    and factor shapes (in module order within each group)."""
+    groups: dict[tuple, list[str]] = {}
     for module in modules:
-        present = _present(adapters, weights, module)
-        lora_a = torch.cat([a.factors[module][0] * w * a.scaling(module) for a, w in present])
-        lora_b = torch.cat([a.factors[module][1] for a, _ in present], dim=1)
-        if lora_a.shape[0] < new_rank:
-            missing = new_rank - lora_a.shape[0]
-            lora_a = torch.cat([lora_a, lora_a.new_zeros(missing, lora_a.shape[1])])
-            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], missing)], 1)
-        state.update(_entry(module, lora_a, lora_b))
+        key = tuple(
+            (id(a), a.scaling(module), *_shapes(a, module))
+            for a, _ in _present(adapters, weights, module)
+        )
+        groups.setdefault(key, []).append(module)
+    return list(groups.values())
+
+
+def _stacked(adapter: AdapterTensors, group: list[str], side: int) -> torch.Tensor:
+    """One input's factor (0: A, 1: B) for every module of a group, stacked: [M, ...]."""
+    return torch.stack([adapter.factors[m][side] for m in group])
+
+
+def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int):
+    """Zero rows of A and columns of B up to `rank` (batched [M, r, in] and [M, out, r])."""
+    missing = rank - lora_a.shape[1]
+    if missing > 0:
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(lora_a.shape[0], missing, lora_a.shape[2])], 1)
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], lora_b.shape[1], missing)], 2)
+    return lora_a, lora_b
+
+
+def _cat(adapters, weights, modules: list[str], new_rank: int) -> dict[str, torch.Tensor]:
+    """Stacked factors: A_i scaled by w_i * s_i, zero rows up to the summed rank (as PEFT), for
+    the modules of a group at once."""
+    state = {}
+    for group in _groups(adapters, weights, modules):
+        present = _present(adapters, weights, group[0])
+        scaled = [_stacked(a, group, 0) * w * a.scaling(group[0]) for a, w in present]
+        lora_a = torch.cat(scaled, dim=1)
+        lora_b = torch.cat([_stacked(a, group, 1) for a, _ in present], dim=2)
+        lora_a, lora_b = _pad_rank(lora_a, lora_b, new_rank)
+        for i, module in enumerate(group):
+            state.update(_entry(module, lora_a[i], lora_b[i]))
     return state
 
 
@@ -230,30 +257,21 @@ def _factor_weights(present, module: str) -> tuple[list[float], list[float]]:
 
 def _factorwise(adapters, weights, modules: list[str], method: Method, params):
     """linear, ties, dare_*, magnitude_prune: the A's and the B's combined separately, each input
-    weighted by sqrt(|w s|) (the sign on A's side), exactly as PEFT does, for many modules at
-    once: modules with the same inputs, shapes and weights are stacked and combined together."""
+    weighted by sqrt(|w s|) (the sign on A's side), exactly as PEFT does, for the modules of a
+    group at once (pruning stays per module)."""
     masks: dict[tuple[str, int], list[torch.Tensor]] = {}
-    groups: dict[tuple, list[str]] = {}
-    for module in modules:
-        present = _present(adapters, weights, module)
-        if method.random:  # PEFT's order: module by module, A's then B's, input by input
+    if method.random:  # PEFT's order: module by module, A's then B's, input by input
+        for module in modules:
+            present = _present(adapters, weights, module)
             for side in (0, 1):
                 tensors = [a.factors[module][side] for a, _ in present]
                 masks[module, side] = _draw_masks(tensors, params)
-        weights_a, weights_b = _factor_weights(present, module)
-        key = tuple(
-            (id(a), w_a, w_b, *_shapes(a, module))
-            for (a, _), w_a, w_b in zip(present, weights_a, weights_b, strict=True)
-        )
-        groups.setdefault(key, []).append(module)
     state = {}
-    for group in groups.values():
+    for group in _groups(adapters, weights, modules):
         present = _present(adapters, weights, group[0])
         merged = []
-        for side, side_weights in zip((0, 1), _factor_weights(present, group[0]), strict=True):
-            stacked = torch.stack(
-                [torch.stack([a.factors[m][side] for m in group]) for a, _ in present]
-            )
+        for side, side_weights in enumerate(_factor_weights(present, group[0])):
+            stacked = torch.stack([_stacked(a, group, side) for a, _ in present])
             group_masks = None
             if method.random:
                 group_masks = torch.stack(
@@ -275,20 +293,19 @@ def _delta_svd(
     adapters, weights, modules: list[str], method: Method, params, new_rank: int, layout: Layout
 ):
     """The *svd types: the combined delta refactored to rank `new_rank`."""
-    state = {}
     low_rank = (
         method.combine is METHODS["svd"].combine
         and params.get("svd_clamp") is None
         and params.get("svd_driver") is None
     )
+    if low_rank:
+        return _low_rank_svd(adapters, weights, modules, new_rank)
+    state = {}
     for module in modules:
         present = _present(adapters, weights, module)
-        if low_rank:
-            lora_a, lora_b = _low_rank_svd(module, present, new_rank)
-        else:
-            layer = layout.layers.get(module)
-            transposed = layer is not None and layer.fan_in_fan_out
-            lora_a, lora_b = _dense_svd(module, present, method, params, new_rank, transposed)
+        layer = layout.layers.get(module)
+        transposed = layer is not None and layer.fan_in_fan_out
+        lora_a, lora_b = _dense_svd(module, present, method, params, new_rank, transposed)
         state.update(_entry(module, lora_a, lora_b))
     return state
 
@@ -321,23 +338,30 @@ def _dense_svd(module: str, present, method: Method, params, new_rank: int, tran
     return vh, u
 
 
-def _low_rank_svd(module: str, present, new_rank: int):
-    """Truncated SVD of sum_i w_i s_i B_i A_i from its factors: B_cat = Q_b R_b and A_cat^T =
-    Q_a R_a, so the delta is Q_b (R_b R_a^T) Q_a^T and the SVD of the small core gives it."""
-    stacked_b = torch.cat([a.factors[module][1] * (w * a.scaling(module)) for a, w in present], 1)
-    stacked_a = torch.cat([a.factors[module][0] for a, _ in present], 0)
-    _check_svd_input(module, stacked_b)
-    q_b, r_b = torch.linalg.qr(stacked_b)
-    q_a, r_a = torch.linalg.qr(stacked_a.T)
-    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T)
-    out_features, in_features = stacked_b.shape[0], stacked_a.shape[1]
-    keep = min(new_rank, out_features, in_features)
-    lora_b = (q_b @ u_core)[:, :keep] * s[:keep]
-    lora_a = (vh_core @ q_a.T)[:keep]
-    if lora_a.shape[0] < keep:  # the delta's rank is below svd_rank: the rest is exactly zero
-        lora_a = torch.cat([lora_a, lora_a.new_zeros(keep - lora_a.shape[0], in_features)])
-        lora_b = torch.cat([lora_b, lora_b.new_zeros(out_features, keep - lora_b.shape[1])], 1)
-    return lora_a, lora_b
+def _low_rank_svd(adapters, weights, modules: list[str], new_rank: int):
+    """Truncated SVD of sum_i w_i s_i B_i A_i from its factors, never forming the delta:
+    B_cat = Q_b R_b and A_cat^T = Q_a R_a, so the delta is Q_b (R_b R_a^T) Q_a^T and the SVD of
+    the small R x R core gives it. Batched over the modules of a group."""
+    state = {}
+    for group in _groups(adapters, weights, modules):
+        present = _present(adapters, weights, group[0])
+        stacked_b = torch.cat(
+            [_stacked(a, group, 1) * (w * a.scaling(group[0])) for a, w in present], dim=2
+        )
+        stacked_a = torch.cat([_stacked(a, group, 0) for a, _ in present], dim=1)
+        _check_svd_input(group[0], stacked_b)
+        q_b, r_b = torch.linalg.qr(stacked_b)
+        q_a, r_a = torch.linalg.qr(stacked_a.transpose(1, 2))
+        u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.transpose(1, 2))
+        out_features, in_features = stacked_b.shape[1], stacked_a.shape[2]
+        keep = min(new_rank, out_features, in_features)
+        lora_b = (q_b @ u_core)[:, :, :keep] * s[:, None, :keep]
+        lora_a = (vh_core @ q_a.transpose(1, 2))[:, :keep]
+        # The delta's rank may be below svd_rank: the rest is exactly zero.
+        lora_a, lora_b = _pad_rank(lora_a, lora_b, keep)
+        for i, module in enumerate(group):
+            state.update(_entry(module, lora_a[i], lora_b[i]))
+    return state
 
 
 def _check_svd_input(module: str, matrix: torch.Tensor) -> None:
