@@ -113,6 +113,31 @@ class BaseModel:
             self._peft.load_adapter(str(path), adapter_name=adapter_name)
         return self._peft
 
+    def add_adapter_from_files(self, adapter_name: str, files: dict[str, bytes]):
+        """Load an adapter from its files' bytes (as written: adapter_config.json and
+        adapter_model.safetensors), without a round trip through a folder."""
+        import json
+
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load as load_safetensors
+
+        config = PeftConfig.from_peft_type(**json.loads(files["adapter_config.json"]))
+        config.inference_mode = True
+        state = load_safetensors(files["adapter_model.safetensors"])
+        if self._peft is None:
+            self._peft = get_peft_model(self.model, config, adapter_name=adapter_name)
+            self._peft.eval()
+        else:
+            self._peft.add_adapter(adapter_name, config)
+        result = set_peft_model_state_dict(self._peft, state, adapter_name=adapter_name)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"adapter {adapter_name}: its files do not fit the model (unexpected "
+                f"{result.unexpected_keys[:3]}, missing {missing[:3]})"
+            )
+        return self._peft
+
     def devices(self) -> list[str]:
         """Devices holding the weights (none before they are loaded)."""
         if self._model is None:

@@ -131,32 +131,38 @@ def demo(
 
 
 def _verdict(result) -> str:
-    """Does the best merge beat every single adapter on mean eval loss?"""
+    """Does the best merge beat every single adapter on the objective?"""
     if not result.references:
         return ""
+    objective = result.objective
     singles = {
-        name: sum(s[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
-        for name, s in result.references["adapters"].items()
+        name: objective.value(scores) for name, scores in result.references["adapters"].items()
     }
+    name, single = min(singles.items(), key=lambda item: objective.sort_key(item[1]))
     best = result.rows[0]
-    name, single = min(singles.items(), key=lambda item: item[1])
-    if best["mean_loss"] < single:
+    value = best["objective"]
+    what = (
+        f"{objective.name} ({'lower' if objective.direction == 'minimize' else 'higher'} is better)"
+    )
+    if objective.better(value, single):
         return (
             f"The best merge ({best['adapters']}, {best['combination_type']}, weights "
-            f"{best['weights']}) has mean loss {best['mean_loss']:.4f}, below the best single "
-            f"adapter ({name}: {single:.4f})."
+            f"{best['weights']}) reaches {value:.4f} on the objective {what}, beating the best "
+            f"single adapter ({name}: {single:.4f})."
         )
     return (
-        f"No merge beats the best single adapter ({name}: mean loss {single:.4f}); the best "
-        f"merge reaches {best['mean_loss']:.4f}."
+        f"No merge beats the best single adapter ({name}: {single:.4f}) on the objective {what};"
+        f" the best merge reaches {value:.4f}."
     )
 
 
 @app.command()
 def report(
     output: str = typer.Argument(..., help="A sweep's output (local path or s3://)."),
-    metric: str = typer.Option(
-        "mean_loss", help="Rank by mean_loss, an eval set's loss, or NAME.perplexity."
+    metric: str | None = typer.Option(
+        None,
+        help="Rank by this metric (SET.METRIC, e.g. qa.accuracy, or mean_loss) instead of the "
+        "sweep's objective.",
     ),
     out: str | None = typer.Option(None, help="Where to write (default: beside the manifest)."),
     top: int = typer.Option(10, help="Rows shown here (the CSV has them all)."),
@@ -169,30 +175,58 @@ def report(
         location = output if storage.is_remote(output) else str(Path(output).resolve())
         result = build_report(location, out=out, metric=metric)
         _print_leaderboard(result, top)
+        _print_search(result)
         _consoles.out.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
 
 
 def _print_leaderboard(result, top: int) -> None:
-    table = Table(title=f"Best merges by {result.metric} (lower is better)")
-    for column in ("#", "adapters", "weights", "type", "mean loss", *result.eval_sets):
+    from raymerge.report import primary_metrics
+
+    objective = result.objective
+    direction = "lower" if objective.direction == "minimize" else "higher"
+    shown = primary_metrics(result.metrics)
+    table = Table(title=f"Best merges by {objective.name} ({direction} is better)")
+    for column in ("#", "adapters", "weights", "type", "objective", *shown):
         left = column in ("adapters", "type")
         table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for rank, row in enumerate(result.rows[:top], start=1):
-        losses = [f"{row[f'{n}.loss']:.4f}" for n in result.eval_sets]
+        values = [_number(row[m]) for m in shown]
         table.add_row(
             str(rank), row["adapters"], row["weights"], row["combination_type"],
-            f"{row['mean_loss']:.4f}", *losses,
+            _number(row["objective"]), *values,
         )  # fmt: skip
     if result.references:
-        base = result.references["base"]
-        losses = [f"{base[n]['loss']:.4f}" for n in result.eval_sets]
-        mean = sum(base[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
-        table.add_row("ref", "base model", "", "", f"{mean:.4f}", *losses, style="dim")
-        for name, scores in result.references["adapters"].items():
-            losses = [f"{scores[n]['loss']:.4f}" for n in result.eval_sets]
-            mean = sum(scores[n]["loss"] for n in result.eval_sets) / len(result.eval_sets)
-            table.add_row("ref", f"{name} alone", "", "", f"{mean:.4f}", *losses, style="dim")
+        references = [("base model", result.references["base"])]
+        references += [(f"{n} alone", s) for n, s in result.references["adapters"].items()]
+        for label, scores in references:
+            values = [_number(scores.get(m.rpartition(".")[0], {}).get(m.rpartition(".")[2]))
+                      for m in shown]  # fmt: skip
+            table.add_row(
+                "ref", label, "", "", _number(objective.value(scores)), *values, style="dim"
+            )
     _consoles.out.print(table)
+
+
+def _print_search(result) -> None:
+    search = result.search
+    if not search:
+        return
+    best, grid = search["search_best"], search["grid_best"]
+    line = f"Search: best {result.objective.name} {_number(best[-1])} after {len(best)} evaluations"
+    if grid:
+        line += f" (grid: {_number(grid[-1])} after {len(grid)})"
+    _consoles.out.print(line)
+    if search.get("importances"):
+        ranked = sorted(search["importances"].items(), key=lambda kv: -kv[1])
+        _consoles.out.print(
+            "Parameters that mattered: " + ", ".join(f"{k} {v:.2f}" for k, v in ranked)
+        )
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 @app.command("submit")

@@ -1,9 +1,10 @@
 """`raymerge demo`: everything local, no network, a minute on a laptop CPU.
 
 It builds a tiny Llama-architecture base model with a byte-level tokenizer, trains one LoRA
-adapter per synthetic task (sums, reversed words, upper-casing), writes an eval set per task, and
-writes a sweep spec that merges every pair of adapters at several weights with several
-combination types, scoring each merge on every task.
+adapter per synthetic task (single-digit sums, reversed words, upper-casing), writes a text eval
+set per task plus a multiple-choice set (pick the upper-cased word) and a generation set (write
+the sum), and a sweep spec that merges every pair of adapters at several weights with several
+combination types, scoring each merge on every set, ranked by one objective.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import yaml
 
-TASKS: dict[str, Callable[[random.Random], str]] = {
-    "sums": lambda rng: (lambda a, b: f"{a}+{b}={a + b}")(rng.randint(0, 49), rng.randint(0, 49)),
-    "reverse": lambda rng: (lambda w: f"{w}>{w[::-1]}")(_word(rng)),
-    "upper": lambda rng: (lambda w: f"{w}:{w.upper()}")(_word(rng)),
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "sums": lambda rng: (lambda a, b: (f"{a}+{b}=", str(a + b)))(
+        rng.randint(0, 9), rng.randint(0, 9)
+    ),
+    "reverse": lambda rng: (lambda w: (f"{w}>", w[::-1]))(_word(rng)),
+    "upper": lambda rng: (lambda w: (f"{w}:", w.upper()))(_word(rng)),
 }
-"""Each task: a generator of short texts with a pattern an adapter can learn."""
+"""Each task: a generator of (prompt, answer) pairs with a pattern an adapter can learn; the
+training text is prompt + answer + a newline."""
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -30,12 +34,32 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
 
 
-def task_texts(task: str, count: int, seed: int) -> list[str]:
+def task_examples(task: str, count: int, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(f"{task}:{seed}")
     return [TASKS[task](rng) for _ in range(count)]
 
 
-def train_adapter(base_model: Path, path: Path, task: str, *, steps: int = 120, seed: int = 0):
+def task_texts(task: str, count: int, seed: int) -> list[str]:
+    return [f"{prompt}{answer}\n" for prompt, answer in task_examples(task, count, seed)]
+
+
+def choice_examples(count: int, seed: int) -> list[dict]:
+    """Upper-casing as multiple choice: the word upper-cased, against it reversed, unchanged,
+    and upper-cased and reversed."""
+    rng = random.Random(f"choice:{seed}")
+    examples = []
+    for prompt, answer in task_examples("upper", count, seed):
+        word = prompt[:-1]
+        choices = [answer, word[::-1], word, answer[::-1]]
+        order = list(range(len(choices)))
+        rng.shuffle(order)
+        examples.append(
+            {"prompt": prompt, "choices": [choices[i] for i in order], "answer": order.index(0)}
+        )
+    return examples
+
+
+def train_adapter(base_model: Path, path: Path, task: str, *, steps: int = 200, seed: int = 0):
     """A LoRA adapter trained on one task's texts (tiny, a few seconds on a CPU)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -89,10 +113,27 @@ def demo_spec(workers: int) -> dict:
         "gpus_per_worker": 0,
         "seed": 0,
         "evaluate": {
-            "datasets": {task: f"./eval/{task}.jsonl" for task in TASKS},
+            "datasets": {
+                **{task: f"./eval/{task}.jsonl" for task in TASKS},
+                "upper_choice": {"path": "./eval/upper_choice.jsonl", "kind": "choice"},
+                "sums_gen": {
+                    "path": "./eval/sums_gen.jsonl",
+                    "kind": "generate",
+                    "max_new_tokens": 4,
+                    "stop": ["\n"],
+                },
+            },
             "max_samples": 64,
             "batch_size": 16,
             "max_length": 32,
+            "adapters_per_pass": 16,
+            # Higher is better: upper-casing chosen right, sums generated right, minus the mean
+            # loss on the three tasks' texts.
+            "objective": [
+                {"metric": "upper_choice.accuracy"},
+                {"metric": "sums_gen.exact_match"},
+                {"metric": "mean_loss"},
+            ],
         },
     }
 
@@ -111,10 +152,17 @@ def prepare_demo(out: Path, workers: int, log: Callable[[str], None] = print) ->
         if not (adapter / "adapter_config.json").exists():
             log(f"training the {task!r} adapter …")
             train_adapter(base, adapter, task, seed=10 + i)
-        eval_set = out / "eval" / f"{task}.jsonl"
-        eval_set.parent.mkdir(exist_ok=True)
-        lines = (json.dumps({"text": t}) for t in task_texts(task, 64, seed=999))
-        eval_set.write_text("\n".join(lines) + "\n")
+        _write_jsonl(
+            out / "eval" / f"{task}.jsonl", [{"text": t} for t in task_texts(task, 64, 999)]
+        )
+    _write_jsonl(out / "eval" / "upper_choice.jsonl", choice_examples(64, seed=998))
+    sums = [{"prompt": p, "answer": a} for p, a in task_examples("sums", 64, seed=997)]
+    _write_jsonl(out / "eval" / "sums_gen.jsonl", sums)
     spec_path = out / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(demo_spec(workers), sort_keys=False))
     return spec_path
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -59,6 +59,8 @@ class WorkerStats:
     busy_seconds: float = 0.0
     restarts: int = 0
     peak_rss_mb: float = 0.0
+    eval_seconds: float = 0.0
+    """Of busy_seconds, the time spent scoring merges."""
     node: str = ""
     """The Ray node it ran on (when it started)."""
 
@@ -200,6 +202,13 @@ def _prepare_output(plan: Plan, rebuild_changed: bool):
     redo = inputs.check_unchanged(plan, digests, committed, rebuild_changed)
     committed -= redo
     manifest.write_inputs(plan.output, inputs.inputs_record(plan, digests), options)
+    if plan.spec.evaluate is not None:
+        evaluation = {
+            "objective": plan.spec.evaluate.objective_terms(),
+            "sets": {name: entry["kind"] for name, entry in plan.eval_sets.items()},
+            "lm_eval_tasks": plan.spec.evaluate.lm_eval.tasks if plan.spec.evaluate.lm_eval else [],
+        }
+        manifest.write_evaluation(plan.output, evaluation, options)
     writer = manifest.ManifestWriter(plan.output, options)
     writer.carry(_carried_lines(plan, committed))
     return committed, {name: d["weights_sha256"] for name, d in digests.items()}, writer
@@ -222,7 +231,7 @@ def _carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:
 
 def _score_references(plan: Plan, workers: dict[int, Any]) -> None:
     options = plan.spec.storage_options
-    if plan.eval_sets and manifest.read_references(plan.output, options) is None:
+    if plan.spec.evaluate is not None and manifest.read_references(plan.output, options) is None:
         references = ray.get(workers[0].score_references.remote(plan.adapters_used()))
         manifest.write_references(plan.output, references, options)
 
@@ -245,7 +254,10 @@ class _Dispatch:
             self.scheduler = RoundRobinScheduler(tasks, list(workers))
         else:
             self.scheduler = LocalityScheduler(tasks)
-        self.in_flight: dict[Any, tuple[int, MergeTask]] = {}
+        self.in_flight: dict[Any, tuple[int, list[MergeTask]]] = {}
+        # Merges per call: the scorer takes them together (several adapters per forward pass).
+        evaluate = plan.spec.evaluate
+        self.per_call = evaluate.adapters_per_pass if evaluate is not None else 1
         self.probes: dict[Any, int] = {}  # info() calls on workers that died, until they are back
         self.cached: dict[int, set[str]] = {w: set() for w in workers}
         self.attempts: dict[str, int] = {}
@@ -272,27 +284,44 @@ class _Dispatch:
                 self._record_failure(task, "not run: every merge worker died")
 
     def _feed(self, index: int) -> None:
+        """Send worker `index` its next call: up to `per_call` tasks."""
         if self.stopping or index not in self.workers or index in self.probes.values():
             return
         expected = self.cached[index] | {
-            name for w, task in self.in_flight.values() if w == index for name in task.adapters
+            name
+            for w, tasks in self.in_flight.values()
+            if w == index
+            for task in tasks
+            for name in task.adapters
         }
-        task = self.scheduler.next_for(index, expected)
-        if task is not None:
-            attempt = self.attempts.get(task.merge_id, 0)
-            self.in_flight[self.workers[index].merge.remote(task, attempt)] = (index, task)
+        tasks = []
+        while len(tasks) < self.per_call:
+            task = self.scheduler.next_for(index, expected)
+            if task is None:
+                break
+            tasks.append(task)
+            expected |= set(task.adapters)
+        if tasks:
+            attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
+            self.in_flight[self.workers[index].merge_many.remote(tasks, attempts)] = (index, tasks)
 
     def _finished(self, ref) -> None:
-        index, task = self.in_flight.pop(ref)
+        index, tasks = self.in_flight.pop(ref)
         try:
-            result: MergeResult = ray.get(ref)
+            results: list[MergeResult] = ray.get(ref)
         except RayActorError as exc:
-            self._worker_died(index, task, exc)
+            self._worker_died(index, tasks, exc)
             return
+        for task, result in zip(tasks, results, strict=True):
+            self._result(index, task, result)
+        self._feed(index)
+
+    def _result(self, index: int, task: MergeTask, result: MergeResult) -> None:
         stats = self.summary.workers[str(index)]
         stats.adapter_loads += result.adapter_loads
         stats.busy_seconds = round(stats.busy_seconds + result.seconds, 3)
         stats.peak_rss_mb = max(stats.peak_rss_mb, result.peak_rss_mb)
+        stats.eval_seconds = round(stats.eval_seconds + result.eval_seconds, 3)
         self.cached[index] = set(result.cached)
         if result.done:
             line = manifest.manifest_line(
@@ -314,7 +343,6 @@ class _Dispatch:
                     "the same spec again: committed merges are kept"
                 )
             self.stopping = self.stopping or self.fail_fast or result.fatal
-        self._feed(index)
 
     def _retry(self, task: MergeTask) -> bool:
         """Queue `task` again if it has retries left."""
@@ -326,12 +354,13 @@ class _Dispatch:
         self.scheduler.retry(task)
         return True
 
-    def _worker_died(self, index: int, task: MergeTask, exc: Exception) -> None:
-        """Retry the task anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
-        if not self._retry(task):
-            attempts = self.attempts[task.merge_id]
-            error = f"worker died {attempts} times running it: {_root_error(exc)}"
-            self._record_failure(task, error, index)
+    def _worker_died(self, index: int, tasks: list[MergeTask], exc: Exception) -> None:
+        """Retry the tasks anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
+        for task in tasks:
+            if not self._retry(task):
+                attempts = self.attempts[task.merge_id]
+                error = f"worker died {attempts} times running it: {_root_error(exc)}"
+                self._record_failure(task, error, index)
         self.cached[index] = set()
         if index in self.workers and index not in self.probes.values():
             self.summary.workers[str(index)].restarts += 1

@@ -1,152 +1,309 @@
-"""Scoring a model (the held base model, with or without an adapter) on small eval sets: mean
-token loss and perplexity, in inference mode, on the model's own devices.
+"""Scoring merged adapters on the held base model, many per forward pass.
 
-Example:
-    >>> batches = make_batches(tokenizer, ["3+4=7", "2+2=4"], batch_size=8, max_length=64)
-    >>> score(model, batches)  # doctest: +SKIP
-    {'loss': 1.83, 'perplexity': 6.23, 'tokens': 8}
+Up to `adapters_per_pass` merged adapters are loaded into the PeftModel together, from the exact
+bytes written (no temporary folder), and every eval set is run once for all of them through
+PEFT's mixed-adapter batches: each example appears once per adapter in the batch, and
+`adapter_names` routes each row through its adapter (one base-layer pass for all). The metrics
+equal those of scoring each adapter alone. lm-evaluation-harness tasks, if any, run one adapter
+at a time (the harness knows no mixed batches).
+
+Metrics, per eval set: text `{loss, perplexity, tokens}`; choice `{accuracy, accuracy_norm,
+examples}`; generate `{exact_match, examples}`; an lm-eval task, the harness's own.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import tempfile
-from pathlib import Path
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from raymerge import storage
-from raymerge.errors import InputError
+from raymerge import evalsets
+from raymerge.task import EvalConfig
 
-
-def load_texts(
-    name: str, uri: str, max_samples: int, storage_options: dict[str, Any] | None = None
-) -> list[str]:
-    """The first `max_samples` `text` fields of a JSONL eval set."""
-    texts = []
-    data = storage.read_bytes(uri, storage_options).decode()
-    for number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise InputError(
-                f"evaluate.datasets.{name} ({uri}) line {number}: not a JSON object with a "
-                '"text" field; each line must look like {"text": "..."}'
-            ) from None
-        texts.append(str(text))
-        if len(texts) == max_samples:
-            break
-    if not texts:
-        raise InputError(f"evaluate.datasets.{name} ({uri}) has no samples")
-    return texts
-
-
-def make_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
-    """Right-padded token batches; padding and each sequence's first token are not scored."""
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [
-            tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-            for text in texts[start : start + batch_size]
-        ]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.zeros(len(encoded), width, dtype=torch.long)
-        mask = torch.zeros(len(encoded), width, dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        batches.append({"input_ids": input_ids, "attention_mask": mask})
-    return batches
-
-
-@torch.inference_mode()
-def score(model, batches: list[dict]) -> dict[str, float]:
-    """Mean next-token loss over every scored token, and its perplexity."""
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for batch in batches:
-        input_ids = batch["input_ids"].to(device)
-        mask = batch["attention_mask"].to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        ).item()
-        tokens += int((targets != -100).sum())
-    loss = total / max(tokens, 1)
-    return {
-        "loss": round(loss, 6),
-        "perplexity": round(math.exp(min(loss, 700)), 6),
-        "tokens": tokens,
-    }
+BASE = "__base__"
+"""PEFT's name, in adapter_names, for a row that goes through no adapter."""
 
 
 class Scorer:
-    """Scores merged adapters (as written) and references on the held base model."""
+    """Scores merged adapters (as written) and the references on the held base model."""
 
-    def __init__(self, base, config, storage_options: dict[str, Any] | None = None):
+    def __init__(self, base, config: EvalConfig, storage_options: dict[str, Any] | None = None):
         self.base = base
         self.config = config
         self.storage_options = storage_options or {}
-        self._batches: dict[str, list] | None = None
+        self._sets: dict[str, _EvalSet] | None = None
+        self._harness = None
         self._names = itertools.count()
 
-    def batches(self) -> dict[str, list]:
-        """The eval sets, tokenized once with the base model's tokenizer."""
-        if self._batches is None:
-            import transformers
-
-            tokenizer = transformers.AutoTokenizer.from_pretrained(self.base.local_location())
-            self._batches = {
-                name: make_batches(
+    def sets(self) -> dict[str, _EvalSet]:
+        """The eval sets, read and tokenized once with the base model's tokenizer."""
+        if self._sets is None:
+            tokenizer = self.tokenizer()
+            self._sets = {
+                name: _EvalSet(
+                    name,
+                    entry,
+                    evalsets.load(
+                        name,
+                        entry["uri"],
+                        entry.get("kind", "text"),
+                        self.config.max_samples,
+                        self.storage_options,
+                    ),
                     tokenizer,
-                    load_texts(name, entry["uri"], self.config.max_samples, self.storage_options),
-                    self.config.batch_size,
                     self.config.max_length,
                 )
                 for name, entry in self.config.datasets.items()
             }
-        return self._batches
+        return self._sets
 
-    def score_files(self, files: dict[str, bytes]) -> dict[str, dict[str, float]]:
-        """Score a merged adapter as written: its files, loaded as a user would load them."""
-        name = f"eval_{next(self._names)}"
-        with tempfile.TemporaryDirectory(prefix="raymerge-eval-") as tmp:
-            for file_name, data in files.items():
-                (Path(tmp) / file_name).write_bytes(data)
-            model = self.base.load_adapter(tmp, name)
+    def tokenizer(self):
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(self.base.local_location())
+
+    def score_merged(self, merged: Sequence[dict[str, bytes]]) -> list[dict[str, Any]]:
+        """Metrics for each merged adapter (its files as written), scored together."""
+        names = [f"eval_{next(self._names)}" for _ in merged]
+        for name, files in zip(names, merged, strict=True):
+            self.base.add_adapter_from_files(name, files)
         try:
-            return self._score(model, name)
+            return self._score(names)
         finally:
-            model.delete_adapter(name)
+            self._unload(names)
 
     def references(self, inputs) -> dict[str, Any]:
         """The base model alone and each input adapter alone, on every eval set."""
-        references: dict[str, Any] = {"base": self._score(self.base.peft, None), "adapters": {}}
-        for adapter in inputs:
-            name = f"ref_{next(self._names)}"
-            model = self.base.load_adapter(adapter.folder, name)
-            try:
-                references["adapters"][adapter.name] = self._score(model, name)
-            finally:
-                model.delete_adapter(name)
-        return references
+        names = [f"ref_{next(self._names)}" for _ in inputs]
+        for name, adapter in zip(names, inputs, strict=True):
+            self.base.load_adapter(adapter.folder, name)
+        try:
+            scores = self._score([None, *names])
+        finally:
+            self._unload(names)
+        return {
+            "base": scores[0],
+            "adapters": {a.name: s for a, s in zip(inputs, scores[1:], strict=True)},
+        }
 
-    def _score(self, model, adapter: str | None) -> dict[str, dict[str, float]]:
-        """Metrics per eval set with only `adapter` active (None: the base model alone)."""
-        batches = self.batches()
-        if model is None or not model.peft_config:
-            return {ds: score(self.base.model, b) for ds, b in batches.items()}
-        if adapter is None:
-            with model.disable_adapter():
-                return {ds: score(model, b) for ds, b in batches.items()}
-        model.set_adapter(adapter)
-        return {ds: score(model, b) for ds, b in batches.items()}
+    def _unload(self, names: list[str]) -> None:
+        # PEFT says so each time the active adapter goes; here that is the plan, not news.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            for name in names:
+                self.base.peft.delete_adapter(name)
+
+    def _score(self, names: list[str | None]) -> list[dict[str, Any]]:
+        """Metrics per adapter (None: the base model alone), `adapters_per_pass` at a time."""
+        results: list[dict[str, Any]] = [{} for _ in names]
+        step = self.config.adapters_per_pass
+        for start in range(0, len(names), step):
+            chunk = names[start : start + step]
+            loaded = [name for name in chunk if name is not None]
+            if loaded:  # PEFT reads the active adapter's config in every forward: a live one
+                self.base.peft.set_adapter(loaded[0])
+            for set_name, eval_set in self.sets().items():
+                for offset, metrics in enumerate(eval_set.score(self._model(), chunk, self)):
+                    results[start + offset][set_name] = metrics
+        if self.config.lm_eval:
+            for i, name in enumerate(names):
+                results[i].update(self._harness_scores(name))
+        return results
+
+    def _model(self):
+        """The PeftModel when adapters are loaded, else the bare base model."""
+        peft = self.base.peft
+        return peft if peft is not None and peft.peft_config else self.base.model
+
+    def _harness_scores(self, name: str | None) -> dict[str, Any]:
+        from raymerge.harness import Harness
+
+        if self._harness is None:
+            self._harness = Harness(self.config.lm_eval, self.tokenizer())
+        return self._harness.score(self.base.peft, name)
+
+
+def adapter_rows(names: list[str | None], rows: int) -> list[str]:
+    """adapter_names for `rows` examples repeated once per adapter, adapter by adapter."""
+    return [BASE if name is None else name for name in names for _ in range(rows)]
+
+
+class _EvalSet:
+    """One eval set, tokenized, and how its kind is scored."""
+
+    def __init__(self, name, entry, examples, tokenizer, max_length: int):
+        self.name = name
+        self.kind = entry.get("kind", "text")
+        self.entry = entry
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
+
+    def score(self, model, names: list[str | None], scorer: Scorer) -> list[dict[str, Any]]:
+        batch_size = scorer.config.batch_size
+        if self.kind == "text":
+            return self._text(model, names, batch_size)
+        if self.kind == "choice":
+            return self._choice(model, names, batch_size)
+        return self._generate(model, names, batch_size)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def _text(self, model, names, batch_size) -> list[dict[str, Any]]:
+        sequences = [self._ids(e["text"])[: self.max_length] for e in self.examples]
+        totals = [0.0] * len(names)
+        tokens = [0] * len(names)
+        for batch in _chunks(sequences, batch_size):
+            # Every position after the first is a target; padding is not.
+            targets = [list(range(1, len(seq))) for seq in batch]
+            scores = _token_logprobs(model, batch, targets, names, self.pad_id)
+            for k in range(len(names)):
+                for row in scores[k]:
+                    totals[k] -= sum(row)
+                    tokens[k] += len(row)
+        out = []
+        for total, count in zip(totals, tokens, strict=True):
+            loss = total / max(count, 1)
+            out.append(
+                {
+                    "loss": round(loss, 6),
+                    "perplexity": round(math.exp(min(loss, 700)), 6),
+                    "tokens": count,
+                }
+            )
+        return out
+
+    def _choice(self, model, names, batch_size) -> list[dict[str, Any]]:
+        rows, owners = [], []  # one row per (example, choice)
+        for e, example in enumerate(self.examples):
+            context = self._ids(example["prompt"])
+            for c, choice in enumerate(example["choices"]):
+                full = self._ids(example["prompt"] + choice)
+                if full[: len(context)] == context and len(full) > len(context):
+                    continuation = full[len(context) :]
+                else:  # the tokenizer merged across the boundary: score the choice alone
+                    continuation = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+                sequence = (context + continuation)[-self.max_length :]
+                first = len(sequence) - len(continuation)
+                rows.append((sequence, list(range(max(first, 1), len(sequence)))))
+                owners.append((e, c))
+        loglik = [[0.0] * len(rows) for _ in names]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            scores = _token_logprobs(
+                model, [r[0] for r in batch], [r[1] for r in batch], names, self.pad_id
+            )
+            for k in range(len(names)):
+                for i, row in enumerate(scores[k]):
+                    loglik[k][start + i] = sum(row)
+        out = []
+        for k in range(len(names)):
+            per_example: dict[int, list[tuple[float, float]]] = {}
+            for (e, c), value in zip(owners, loglik[k], strict=True):
+                length = max(len(self.examples[e]["choices"][c]), 1)
+                per_example.setdefault(e, []).append((value, value / length))
+            right = right_norm = 0
+            for e, scores in per_example.items():
+                answer = self.examples[e]["answer"]
+                right += max(range(len(scores)), key=lambda i: scores[i][0]) == answer
+                right_norm += max(range(len(scores)), key=lambda i: scores[i][1]) == answer
+            count = len(per_example)
+            out.append(
+                {
+                    "accuracy": round(right / count, 6),
+                    "accuracy_norm": round(right_norm / count, 6),
+                    "examples": count,
+                }
+            )
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, model, names, batch_size) -> list[dict[str, Any]]:
+        stop = self.entry.get("stop", ["\n"])
+        ignore_case = self.entry.get("ignore_case", False)
+        new_tokens = self.entry.get("max_new_tokens", 32)
+        right = [0] * len(names)
+        device = next(model.parameters()).device
+        for batch in _chunks(self.examples, batch_size):
+            prompts = [self._ids(e["prompt"])[-self.max_length :] for e in batch]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(prompts), width, dtype=torch.long)
+            for row, ids in enumerate(prompts):  # left-padded: generation continues at the end
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                mask[row, width - len(ids) :] = 1
+            kwargs = {}
+            if _is_peft(model):
+                kwargs["adapter_names"] = adapter_rows(names, len(batch))
+            generated = model.generate(
+                input_ids=input_ids.repeat(len(names), 1).to(device),
+                attention_mask=mask.repeat(len(names), 1).to(device),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                **kwargs,
+            )
+            texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            for k in range(len(names)):
+                for i, example in enumerate(batch):
+                    answer = evalsets.cut_at_stop(texts[k * len(batch) + i], stop)
+                    right[k] += evalsets.normalise(answer, ignore_case) == evalsets.normalise(
+                        example["answer"], ignore_case
+                    )
+        count = len(self.examples)
+        return [{"exact_match": round(r / count, 6), "examples": count} for r in right]
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@torch.inference_mode()
+def _token_logprobs(
+    model,
+    sequences: list[list[int]],
+    targets: list[list[int]],
+    names: list[str | None],
+    pad_id: int,
+) -> list[list[list[float]]]:
+    """Log-probabilities of the tokens at `targets` positions of each sequence (given what
+    precedes them), for every adapter in one pass: [adapter][sequence][target]."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, ids in enumerate(sequences):  # right-padded
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    kwargs = {}
+    if _is_peft(model):
+        kwargs["adapter_names"] = adapter_rows(names, len(sequences))
+    logits = model(
+        input_ids=input_ids.repeat(len(names), 1).to(device),
+        attention_mask=mask.repeat(len(names), 1).to(device),
+        **kwargs,
+    ).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    out = []
+    for k in range(len(names)):
+        per_sequence = []
+        for row, positions in enumerate(targets):
+            r = k * len(sequences) + row
+            index = torch.tensor(positions, device=device)
+            tokens = input_ids[row, positions].to(device)
+            per_sequence.append(logprobs[r, index - 1, tokens].tolist())
+        out.append(per_sequence)
+    return out

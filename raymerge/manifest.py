@@ -6,6 +6,7 @@
     <output>/manifest.jsonl                   one line per merge (status done or failed)
     <output>/manifest-segments/*.jsonl        lines of a run not compacted yet (append-only)
     <output>/inputs.json                      the digests of the inputs every merge was made from
+    <output>/references.json, evaluation.json  scores of the base model and inputs; the objective
     <output>/summary.json                     the run's figures
 
 A merge folder without merge.json is incomplete: it is never listed and is redone on resume.
@@ -49,6 +50,7 @@ SEGMENTS = "manifest-segments"
 INPUTS = "inputs.json"
 SUMMARY = "summary.json"
 REFERENCES = "references.json"
+EVALUATION = "evaluation.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 """The files of a merged adapter, as PEFT's save_pretrained writes them."""
 RECORDS_PER_READ = 1000
@@ -234,6 +236,15 @@ def write_references(output: str, references: dict[str, Any], storage_options=No
 
 def read_references(output: str, storage_options=None) -> dict[str, Any] | None:
     return _read_json(storage.join(output, REFERENCES), storage_options)
+
+
+def write_evaluation(output: str, evaluation: dict[str, Any], storage_options=None) -> None:
+    """How merges are scored: the objective and each eval set's kind (the report reads it)."""
+    storage.write_bytes(storage.join(output, EVALUATION), _json(evaluation), storage_options)
+
+
+def read_evaluation(output: str, storage_options=None) -> dict[str, Any] | None:
+    return _read_json(storage.join(output, EVALUATION), storage_options)
 
 
 def write_inputs(output: str, inputs: dict[str, Any], storage_options=None) -> None:

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from raymerge import compat, storage
+from raymerge import compat, evalsets, storage
 from raymerge.adapters import AdapterInfo, inspect_adapter, inspect_base_model
 from raymerge.errors import InputError, SpecError
 from raymerge.methods import METHODS, RankRule
+from raymerge.objective import MEAN_LOSS
 from raymerge.spec import ChooseGroup, SweepSpec, parse_spec, read_spec_file
 from raymerge.task import EvalConfig, MergeTask, WorkerConfig
 
@@ -114,57 +115,59 @@ def _makes_set(group, spec: SweepSpec, names: tuple[str, ...]) -> bool:
     )
 
 
-def _makes_method(method, combination_type: str, params: dict[str, Any]) -> bool:
-    """Whether a `methods` entry expands to (combination_type, params)."""
-    if combination_type not in (method.combination_type or []):
-        return False
-    defaults = METHODS[combination_type].defaults()
-    for name, value in params.items():
-        grid = getattr(method, name) or [defaults[name]]
-        if _canonical(value) not in {_canonical(v) for v in grid}:
-            return False
-    return True
+@dataclass(frozen=True)
+class _Definition:
+    """What one group makes, as far as de-duplication needs it (the size of its spec entry,
+    not of its expansion): its method expansions and weight vectors, by canonical form."""
 
+    group: Any
+    methods: list[tuple[str, dict[str, Any], str]]
+    vectors: list[tuple[tuple[float, ...], str]]
 
-def _makes(group, spec: SweepSpec, candidate: Candidate) -> bool:
-    """Whether `group` generates `candidate` (a membership test on its definition)."""
-    weights = _canonical([float(w) for w in candidate.weights])
-    return (
-        _makes_set(group, spec, candidate.adapters)
-        and any(_canonical([float(w) for w in v]) == weights for v in group.weights)
-        and any(
-            _makes_method(m, candidate.combination_type, candidate.params) for m in group.methods
-        )
-    )
+    @property
+    def method_keys(self) -> frozenset[str]:
+        return frozenset(key for *_, key in self.methods)
+
+    @property
+    def vector_keys(self) -> frozenset[str]:
+        return frozenset(key for _, key in self.vectors)
+
+    @classmethod
+    def of(cls, group) -> _Definition:
+        methods, seen = [], set()
+        for method in group.methods:  # an entry's merge an earlier entry makes comes once
+            for combination_type, params in method.expand():
+                key = _canonical([combination_type, params])
+                if key not in seen:
+                    seen.add(key)
+                    methods.append((combination_type, params, key))
+        vectors: dict[str, tuple[float, ...]] = {}
+        for vector in group.weights:
+            weights = tuple(float(w) for w in vector)
+            vectors.setdefault(_canonical(weights), weights)
+        return cls(group, methods, [(w, k) for k, w in vectors.items()])
 
 
 def candidates(spec: SweepSpec) -> Iterator[Candidate]:
     """Every merge of the spec once, group by group, in a deterministic order.
 
-    Repeats are dropped by construction: within a group, weight vectors and grid values are
-    de-duplicated and a method entry's merge that an earlier entry of the group makes is skipped;
-    across groups, a merge that an earlier group's definition makes is skipped.
+    Repeats are dropped by construction: within a group, weight vectors and method expansions
+    are de-duplicated by definition; across groups, a merge that an earlier group's definition
+    makes (its adapter set, a weight vector and a method expansion) is skipped.
     """
-    for g, group in enumerate(spec.combinations):
-        earlier = spec.combinations[:g]
-        vectors = list({_canonical([float(w) for w in v]): v for v in group.weights}.values())
-        methods = list(group.methods)
+    earlier: list[_Definition] = []
+    for group in spec.combinations:
+        definition = _Definition.of(group)
         for names in _adapter_sets(group, spec):
-            for weights in vectors:
-                for m, method in enumerate(methods):
-                    seen = set()
-                    for combination_type, params in method.expand():
-                        key = _canonical([combination_type, params])
-                        if key in seen or any(
-                            _makes_method(other, combination_type, params) for other in methods[:m]
-                        ):
-                            continue
-                        seen.add(key)  # bounded by one entry's grid, not by the sweep
-                        candidate = Candidate(
-                            names, tuple(float(w) for w in weights), combination_type, params
-                        )
-                        if not any(_makes(other, spec, candidate) for other in earlier):
-                            yield candidate
+            making_set = [
+                (d.method_keys, d.vector_keys) for d in earlier if _makes_set(d.group, spec, names)
+            ]
+            for weights, weight_key in definition.vectors:
+                making = [keys for keys, vectors in making_set if weight_key in vectors]
+                for combination_type, params, key in definition.methods:
+                    if not any(key in keys for keys in making):
+                        yield Candidate(names, weights, combination_type, params)
+        earlier.append(definition)
 
 
 @dataclass
@@ -178,8 +181,9 @@ class Plan:
     output: str
     """Resolved output location."""
     adapters: dict[str, AdapterInfo]
-    eval_sets: dict[str, str] = field(default_factory=dict)
-    """Eval set name -> resolved location (empty without `evaluate`)."""
+    eval_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Eval set name -> its resolved location (uri), kind and options (empty without
+    `evaluate`)."""
 
     def adapter_uris(self) -> dict[str, str]:
         return {name: info.uri for name, info in self.adapters.items()}
@@ -241,12 +245,21 @@ class Plan:
         """What every worker of this sweep is started with."""
         spec = self.spec
         evaluate = None
-        if self.eval_sets:
+        if spec.evaluate is not None:
+            lm_eval = None
+            if spec.evaluate.lm_eval is not None:
+                lm_eval = spec.evaluate.lm_eval.model_dump()
+                if lm_eval["include_path"]:
+                    lm_eval["include_path"] = storage.resolve(
+                        lm_eval["include_path"], self.spec_path.parent
+                    )
             evaluate = EvalConfig(
-                datasets={name: {"uri": uri} for name, uri in self.eval_sets.items()},
+                datasets=self.eval_sets,
                 max_samples=spec.evaluate.max_samples,
                 batch_size=spec.evaluate.batch_size,
                 max_length=spec.evaluate.max_length,
+                adapters_per_pass=spec.evaluate.adapters_per_pass,
+                lm_eval=lm_eval,
             )
         cache_bytes = int(spec.adapter_cache_gb * 2**30) if spec.adapter_cache_gb else None
         return WorkerConfig(
@@ -324,7 +337,7 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
                 input_problems.extend(exc.problems)
 
     base_model = output = ""
-    eval_sets: dict[str, str] = {}
+    eval_sets: dict[str, dict[str, Any]] = {}
     if spec is not None:
         spec_problems.extend(_duplicate_locations(spec, base_dir))
         try:
@@ -377,6 +390,13 @@ BASE_WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def objective(spec: SweepSpec):
+    """The sweep's objective (None without `evaluate`)."""
+    from raymerge.objective import Objective
+
+    return Objective.parse(spec.evaluate.objective_terms()) if spec.evaluate else None
 
 
 def _base_problems(
@@ -454,20 +474,27 @@ def _output_problems(
     return problems
 
 
-def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[str, str], list]:
-    """Resolved eval set locations, and what is missing: a set, or the base model's tokenizer."""
+def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[str, dict], list]:
+    """Resolved and checked eval sets (every example read: a bad line is named here, before any
+    cluster work), and what else is missing: the base model's tokenizer, lm-eval."""
     options = spec.storage_options
+    evaluate = spec.evaluate
     found, problems = {}, []
-    for name, location in spec.evaluate.datasets.items():
+    for name, entry in evaluate.sets().items():
         try:
-            uri = storage.resolve(location, base_dir)
+            uri = storage.resolve(entry.path, base_dir)
         except ValueError as exc:
             problems.append(f"evaluate.datasets.{name}: {exc}")
             continue
-        if storage.exists(uri, options):
-            found[name] = uri
-        else:
+        if not storage.exists(uri, options):
             problems.append(f"evaluate.datasets.{name}: {uri} does not exist")
+            continue
+        try:
+            evalsets.load(name, uri, entry.kind, evaluate.max_samples, options)
+        except InputError as exc:
+            problems.extend(exc.problems)
+            continue
+        found[name] = {"uri": uri, **entry.model_dump(exclude={"path"})}
     local_base = base_model and not storage.looks_like_hub_id(base_model, base_dir)
     if local_base and not any(
         storage.exists(storage.join(base_model, f), options) for f in TOKENIZER_FILES
@@ -477,7 +504,53 @@ def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[s
             "tokenizer_config.json); save the tokenizer beside the base model "
             "(tokenizer.save_pretrained) to score merges"
         )
+    if evaluate.lm_eval is not None:
+        problems.extend(_lm_eval_problems(evaluate.lm_eval, base_dir))
+    problems.extend(_objective_problems(evaluate))
     return found, problems
+
+
+def _lm_eval_problems(lm_eval, base_dir: Path) -> list[str]:
+    from raymerge import harness
+
+    problems = []
+    if not harness.available():
+        problems.append(f"evaluate.lm_eval needs lm-evaluation-harness: {harness.INSTALL}")
+    if lm_eval.include_path is not None:
+        folder = Path(storage.resolve(lm_eval.include_path, base_dir))
+        if not folder.is_dir():
+            problems.append(
+                f"evaluate.lm_eval.include_path: {folder} is not a folder (of task YAMLs)"
+            )
+    return problems
+
+
+def _objective_problems(evaluate) -> list[str]:
+    """Each objective metric names an eval set (or lm-eval task) and a metric it reports."""
+    sets = evaluate.sets()
+    tasks = set(evaluate.lm_eval.tasks) if evaluate.lm_eval else set()
+    problems = []
+    for term in evaluate.objective_terms():
+        metric = term["metric"]
+        if metric == MEAN_LOSS:
+            if not any(s.kind == "text" for s in sets.values()):
+                problems.append("evaluate.objective: mean_loss needs at least one text set")
+            continue
+        name, _, key = metric.rpartition(".")
+        if name in sets:
+            known = evalsets.METRICS[sets[name].kind]
+            if key not in known:
+                problems.append(
+                    f"evaluate.objective: {metric!r}: a {sets[name].kind} set reports "
+                    f"{', '.join(known)}"
+                )
+        elif name not in tasks:
+            listed = ", ".join([*sets, *tasks]) or "none"
+            problems.append(
+                f"evaluate.objective: {metric!r} names no eval set or lm_eval task (they are: "
+                f"{listed}); write SET.METRIC, e.g. {next(iter(sets), 'qa')}.loss, or mean_loss"
+            )
+    return problems
 
 
 def _group_problems(spec: SweepSpec) -> list[str]:

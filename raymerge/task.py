@@ -105,6 +105,8 @@ class MergeResult:
     """The failure will hit every merge (output unwritable, disk full): stop the sweep."""
     peak_rss_mb: float = 0.0
     """The worker process's peak resident memory so far."""
+    eval_seconds: float = 0.0
+    """Its share of the scoring pass it was in (part of `seconds`)."""
 
     @classmethod
     def failure(cls, task: MergeTask, *, worker: int | None, error: str, **extra) -> MergeResult:

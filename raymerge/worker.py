@@ -18,6 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,70 +94,111 @@ class MergeWorker:
         }
 
     def merge(self, task: MergeTask, attempt: int = 0) -> MergeResult:
-        """Merge, write the adapter files, then commit merge.json. Never raises for a bad merge.
+        """One task: see `merge_many`."""
+        return self.merge_many([task], [attempt])[0]
+
+    def merge_many(self, tasks: list[MergeTask], attempts: list[int]) -> list[MergeResult]:
+        """Merge each task, score the merges together (several per forward pass), then write
+        each one's files and commit its merge.json. Never raises for a bad merge: each result
+        says what happened to its task.
 
         A retried task (`attempt` > 0) whose merge.json exists was committed by a worker that died
         right after: it is reported, not written again.
         """
-        started = time.perf_counter()
-        loads, load_seconds = self.cache.loads, self.cache.load_seconds
-        try:
-            with _captured_warnings() as caught:
-                record = None
-                if attempt:
-                    record = manifest.read_committed(
-                        self.config.output, task.merge_id, self.config.storage_options
-                    )
-                if record is None:
-                    record = self._merge_and_commit(task, started, caught)
-            return self._result(task, Status.DONE, started, loads, load_seconds, record=record)
-        except RaymergeError as exc:  # the merge's own fault: named, recorded, the sweep goes on
-            return self._result(task, Status.FAILED, started, loads, load_seconds, error=str(exc))
-        except storage.errors() as exc:  # the store or the disk: one line, not a traceback
-            log.warning("merge %s could not be written: %s", task.merge_id, storage.describe(exc))
-            return self._result(
-                task,
-                Status.FAILED,
-                started,
-                loads,
-                load_seconds,
-                error=f"writing to {self.config.output} failed: {storage.describe(exc)}",
-                retryable=storage.is_transient(exc),
-                fatal=storage.is_fatal(exc),
-            )
-        except Exception as exc:  # a bug or an unforeseen library error: keep the sweep going
-            log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
-            error = f"{type(exc).__name__}: {exc}"
-            return self._result(task, Status.FAILED, started, loads, load_seconds, error=error)
-        finally:
-            self.cache.evict(keep=set(task.adapters))
+        jobs = [
+            self._merge_job(task, attempt) for task, attempt in zip(tasks, attempts, strict=True)
+        ]
+        pending = [job for job in jobs if job.result is None]
+        metrics: list[dict | None] = [None] * len(pending)
+        if self.scorer is not None and pending:
+            started = time.perf_counter()
+            try:
+                with _captured_warnings() as caught:
+                    metrics = self.scorer.score_merged([job.merged.files for job in pending])
+                for job in pending:
+                    job.caught.extend(caught)
+            except Exception as exc:  # scoring failed: every merge of the pass is failed by it
+                for job in pending:
+                    job.result = self._failure(job, exc)
+            share = (time.perf_counter() - started) / len(pending)
+            for job in pending:
+                job.started -= share  # each merge's time includes its share of the pass
+                job.eval_seconds = share
+        for job, job_metrics in zip(pending, metrics, strict=True):
+            if job.result is None:
+                self._guarded(job, lambda job=job, m=job_metrics: self._commit(job, m))
+        self.cache.evict(keep={name for task in tasks for name in task.adapters})
+        return [job.result for job in jobs]
 
-    def _merge_and_commit(self, task: MergeTask, started: float, caught: list) -> dict:
-        inputs = [self.cache.get(name) for name in task.adapters]
-        merged = self._merge(task, inputs)
-        metrics = self.scorer.score_files(merged.files) if self.scorer else None
+    def _merge_job(self, task: MergeTask, attempt: int) -> _Job:
+        job = _Job(task, time.perf_counter(), self.cache.loads, self.cache.load_seconds)
+
+        def merge() -> None:
+            if attempt:
+                record = manifest.read_committed(
+                    self.config.output, task.merge_id, self.config.storage_options
+                )
+                if record is not None:
+                    job.result = self._result(job, Status.DONE, record=record)
+                    return
+            job.inputs = [self.cache.get(name) for name in task.adapters]
+            job.merged = self._merge(task, job.inputs)
+
+        self._guarded(job, merge)
+        return job
+
+    def _commit(self, job: _Job, metrics: dict | None) -> None:
+        task = job.task
         folder = manifest.merge_dir(self.config.output, task.merge_id)
-        files = self._publish(merged.files, folder, keep=task.keep_files)
+        files = self._publish(job.merged.files, folder, keep=task.keep_files)
         record = manifest.merge_record(
             task,
-            inputs=[adapter.provenance for adapter in inputs],
+            inputs=[adapter.provenance for adapter in job.inputs],
             base_model=self.config.base_model,
-            engine=merged.engine,
-            engine_fallback=merged.fallback,
+            engine=job.merged.engine,
+            engine_fallback=job.merged.fallback,
             metrics=metrics,
             compute_dtype="float32",
             files=files,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - job.started,
             worker={"index": self.index, "host": socket.gethostname()},
             versions=_versions(),
-            warnings=_warning_texts(caught),
+            warnings=_warning_texts(job.caught),
         )
         try:
             manifest.commit_merge(self.config.output, record, self.config.storage_options)
         except BaseException:
             self._remove(folder, files)
             raise
-        return record
+        job.result = self._result(job, Status.DONE, record=record)
+
+    def _guarded(self, job: _Job, step) -> None:
+        """Run one step of a job; an error becomes its failed result (warnings are kept)."""
+        try:
+            with _captured_warnings() as caught:
+                try:
+                    step()
+                finally:
+                    job.caught.extend(caught)
+        except Exception as exc:
+            job.result = self._failure(job, exc)
+
+    def _failure(self, job: _Job, exc: Exception) -> MergeResult:
+        task = job.task
+        if isinstance(exc, RaymergeError):  # the merge's own fault: named, recorded, goes on
+            return self._result(job, Status.FAILED, error=str(exc))
+        if isinstance(exc, storage.errors()):  # the store or the disk: one line, no traceback
+            log.warning("merge %s could not be written: %s", task.merge_id, storage.describe(exc))
+            return self._result(
+                job,
+                Status.FAILED,
+                error=f"writing to {self.config.output} failed: {storage.describe(exc)}",
+                retryable=storage.is_transient(exc),
+                fatal=storage.is_fatal(exc),
+            )
+        # A bug or an unforeseen library error: keep the sweep going, keep the traceback.
+        log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
+        return self._result(job, Status.FAILED, error=f"{type(exc).__name__}: {exc}")
 
     def _merge(self, task: MergeTask, inputs: list[AdapterTensors]) -> MergedAdapter:
         preferred = self.fast if self.config.engine == "fast" else self._peft_engine()
@@ -221,26 +263,36 @@ class MergeWorker:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
 
-    def _result(
-        self,
-        task: MergeTask,
-        status: Status,
-        started: float,
-        loads_before: int,
-        load_seconds_before: float,
-        **extra,
-    ) -> MergeResult:
+    def _result(self, job: _Job, status: Status, **extra) -> MergeResult:
         return MergeResult(
-            merge_id=task.merge_id,
+            merge_id=job.task.merge_id,
             status=status,
             worker=self.index,
-            adapter_loads=self.cache.loads - loads_before,
-            load_seconds=self.cache.load_seconds - load_seconds_before,
-            seconds=time.perf_counter() - started,
+            adapter_loads=self.cache.loads - job.loads,
+            load_seconds=self.cache.load_seconds - job.load_seconds,
+            seconds=time.perf_counter() - job.started,
             cached=tuple(sorted(self.cache.names())),
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            eval_seconds=round(job.eval_seconds, 4),
             **extra,
         )
+
+
+@dataclass
+class _Job:
+    """One task on its way through a worker."""
+
+    task: MergeTask
+    started: float
+    loads: int
+    """The cache's load count when it started (its own loads are the difference)."""
+    load_seconds: float
+    caught: list = field(default_factory=list)
+    """Warnings raised while it was worked on."""
+    inputs: list[AdapterTensors] | None = None
+    merged: MergedAdapter | None = None
+    result: MergeResult | None = None
+    eval_seconds: float = 0.0
 
 
 @contextlib.contextmanager
