@@ -113,22 +113,22 @@ class BaseModel:
             self._peft.load_adapter(str(path), adapter_name=adapter_name)
         return self._peft
 
-    def add_adapter_from_files(self, adapter_name: str, files: dict[str, bytes]):
-        """Load an adapter from its files' bytes (as written: adapter_config.json and
-        adapter_model.safetensors), without a round trip through a folder."""
-        import json
+    def add_adapter(self, adapter_name: str, config):
+        """Inject an adapter (zero-initialised modules) into the PeftModel, wrapping the base
+        model on first use."""
+        from peft import get_peft_model
 
-        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-        from safetensors.torch import load as load_safetensors
-
-        config = PeftConfig.from_peft_type(**json.loads(files["adapter_config.json"]))
-        config.inference_mode = True
-        state = load_safetensors(files["adapter_model.safetensors"])
         if self._peft is None:
             self._peft = get_peft_model(self.model, config, adapter_name=adapter_name)
             self._peft.eval()
         else:
             self._peft.add_adapter(adapter_name, config)
+        return self._peft
+
+    def load_weights(self, adapter_name: str, state: dict) -> None:
+        """Copy an adapter's saved tensors into its injected modules (as PEFT's load does)."""
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(self._peft, state, adapter_name=adapter_name)
         missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
         if result.unexpected_keys or missing:
@@ -136,7 +136,6 @@ class BaseModel:
                 f"adapter {adapter_name}: its files do not fit the model (unexpected "
                 f"{result.unexpected_keys[:3]}, missing {missing[:3]})"
             )
-        return self._peft
 
     def devices(self) -> list[str]:
         """Devices holding the weights (none before they are loaded)."""

@@ -365,6 +365,45 @@ def bench_merge(
         _write_json(json_out, figures)
 
 
+@bench_app.command("eval")
+def bench_eval(
+    out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
+    world: str = typer.Option("generated", help="generated, or demo (the demo's adapters)."),
+    hidden_size: int = typer.Option(64, help="Hidden size of the generated model."),
+    layers: int = typer.Option(2, help="Decoder layers of the generated model."),
+    adapters: int = typer.Option(4, help="Generated adapters; every pair is merged."),
+    weightings: int = typer.Option(8, help="Weightings of each pair."),
+    samples: int = typer.Option(64, help="Examples per eval set (three text sets)."),
+    threads: int = typer.Option(2, help="CPU threads."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """Scored merges/s with 1, 4 and 16 merges per forward pass, merge-only, and a plain loop."""
+    from raymerge.bench.eval import bench_eval as measure
+
+    with _exit_on_error():
+        if world not in ("generated", "demo"):
+            raise _usage(f"--world {world!r}: use generated or demo")
+        figures = measure(
+            (out / f"eval-{world}").resolve(),
+            world=world,
+            hidden_size=hidden_size,
+            layers=layers,
+            adapters=adapters,
+            weightings=weightings,
+            samples=samples,
+            threads=threads,
+            log=_consoles.out.print,
+        )
+        ways = ["plain_loop", "merge_only", "per_pass_1", "per_pass_4", "per_pass_16"]
+        _print_rows("raymerge bench eval", [figures[w] for w in ways], ways)
+        _consoles.out.print(
+            f"{figures['merges']} merges; 16 per pass / 1 per pass: "
+            f"{figures['per_pass_16_over_1']}x merges/s, eval seconds per merge "
+            f"{figures['eval_per_merge_1_over_16']}x lower"
+        )
+        _write_json(json_out, figures)
+
+
 @bench_app.command("cluster")
 def bench_cluster(
     out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),

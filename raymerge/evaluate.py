@@ -38,6 +38,7 @@ class Scorer:
         self._sets: dict[str, _EvalSet] | None = None
         self._harness = None
         self._names = itertools.count()
+        self._slots = _Slots(base, capacity=4 * config.adapters_per_pass)
 
     def sets(self) -> dict[str, _EvalSet]:
         """The eval sets, read and tokenized once with the base model's tokenizer."""
@@ -68,13 +69,11 @@ class Scorer:
 
     def score_merged(self, merged: Sequence[dict[str, bytes]]) -> list[dict[str, Any]]:
         """Metrics for each merged adapter (its files as written), scored together."""
-        names = [f"eval_{next(self._names)}" for _ in merged]
-        for name, files in zip(names, merged, strict=True):
-            self.base.add_adapter_from_files(name, files)
+        names = [self._slots.load(files) for files in merged]
         try:
             return self._score(names)
         finally:
-            self._unload(names)
+            self._slots.release(names)
 
     def references(self, inputs) -> dict[str, Any]:
         """The base model alone and each input adapter alone, on every eval set."""
@@ -127,9 +126,95 @@ class Scorer:
         return self._harness.score(self.base.peft, name)
 
 
+class _Slots:
+    """Adapters injected into the PeftModel once and refilled with each merge's tensors: PEFT's
+    injection (new modules, initialised, for every target) costs far more than copying the
+    factors in. A slot is reused only for a merge of the same config and tensor shapes, so
+    filling it gives exactly what loading the merge's files afresh gives."""
+
+    def __init__(self, base, capacity: int):
+        self.base = base
+        self.capacity = capacity
+        self._free: dict[tuple, list[str]] = {}
+        self._signature: dict[str, tuple] = {}
+        self._params: dict[str, dict[str, Any]] = {}  # slot -> saved key -> its parameter
+        self._names = itertools.count()
+
+    def load(self, files: dict[str, bytes]) -> str:
+        import json
+
+        from peft import PeftConfig
+        from safetensors.torch import load as load_safetensors
+
+        raw = json.loads(files["adapter_config.json"])
+        state = load_safetensors(files["adapter_model.safetensors"])
+        signature = (
+            json.dumps(raw, sort_keys=True),
+            tuple(sorted((key, tuple(t.shape)) for key, t in state.items())),
+        )
+        free = self._free.setdefault(signature, [])
+        if free:
+            name = free.pop()
+        else:
+            self._make_room()
+            name = f"slot_{next(self._names)}"
+            config = PeftConfig.from_peft_type(**raw)
+            config.inference_mode = True
+            self.base.add_adapter(name, config)
+            self.base.load_weights(name, state)  # PEFT's own load, checked, the first time
+            self._signature[name] = signature
+            self._params[name] = self._parameters(name, state)
+            return name
+        with torch.no_grad():
+            for key, tensor in state.items():
+                self._params[name][key].copy_(tensor)
+        return name
+
+    def _parameters(self, name: str, state: dict) -> dict[str, Any]:
+        """Where each saved tensor lives in slot `name` (PEFT inserts the adapter's name)."""
+        params = dict(self.base.peft.named_parameters())
+        found = {}
+        for key in state:
+            for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                saved = f".{part}.weight" if part in ("lora_A", "lora_B") else f".{part}"
+                if key.endswith(saved):
+                    found[key] = params[key.replace(saved, saved.replace(part, f"{part}.{name}"))]
+                    break
+            else:
+                raise ValueError(f"{key}: not a LoRA factor")
+        return found
+
+    def release(self, names: list[str]) -> None:
+        for name in names:
+            self._free[self._signature[name]].append(name)
+
+    def _make_room(self) -> None:
+        """Drop free slots beyond the capacity (memory must not grow with the sweep)."""
+        while len(self._signature) >= self.capacity:
+            signature = next((s for s, names in self._free.items() if names), None)
+            if signature is None:
+                return
+            name = self._free[signature].pop()
+            del self._signature[name], self._params[name]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Adapter .* was active")
+                self.base.peft.delete_adapter(name)
+
+
 def adapter_rows(names: list[str | None], rows: int) -> list[str]:
     """adapter_names for `rows` examples repeated once per adapter, adapter by adapter."""
     return [BASE if name is None else name for name in names for _ in range(rows)]
+
+
+def _routing(model, names: list[str | None], rows: int) -> dict[str, Any]:
+    """How a batch reaches its adapters: one adapter is simply made active (PEFT's plain
+    forward); several go through a mixed-adapter batch (`adapter_names`, one per row)."""
+    if not _is_peft(model):
+        return {}
+    if len(names) == 1 and names[0] is not None:
+        model.set_adapter(names[0])
+        return {}
+    return {"adapter_names": adapter_rows(names, rows)}
 
 
 class _EvalSet:
@@ -143,6 +228,8 @@ class _EvalSet:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
+        self._tokens: dict[str, list[int]] = {}
+        self._batches: dict[int, list[tuple]] = {}  # batch size -> prepared batches
 
     def score(self, model, names: list[str | None], scorer: Scorer) -> list[dict[str, Any]]:
         batch_size = scorer.config.batch_size
@@ -153,34 +240,44 @@ class _EvalSet:
         return self._generate(model, names, batch_size)
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        """Token ids, computed once per text (every merge is scored on the same texts)."""
+        ids = self._tokens.get(text)
+        if ids is None:
+            ids = self._tokens[text] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return ids
+
+    def _prepared(self, rows: list[tuple[list[int], int]], batch_size: int) -> list[tuple]:
+        """(sequence, first target) rows as padded tensors, batch by batch, made once."""
+        if batch_size not in self._batches:
+            self._batches[batch_size] = [
+                _prepare([r[0] for r in chunk], [r[1] for r in chunk], self.pad_id)
+                for chunk in _chunks(rows, batch_size)
+            ]
+        return self._batches[batch_size]
 
     def _text(self, model, names, batch_size) -> list[dict[str, Any]]:
-        sequences = [self._ids(e["text"])[: self.max_length] for e in self.examples]
-        totals = [0.0] * len(names)
-        tokens = [0] * len(names)
-        for batch in _chunks(sequences, batch_size):
-            # Every position after the first is a target; padding is not.
-            targets = [list(range(1, len(seq))) for seq in batch]
-            scores = _token_logprobs(model, batch, targets, names, self.pad_id)
-            for k in range(len(names)):
-                for row in scores[k]:
-                    totals[k] -= sum(row)
-                    tokens[k] += len(row)
+        # Every position after the first is a target; padding is not.
+        rows = [(self._ids(e["text"])[: self.max_length], 1) for e in self.examples]
+        totals = torch.zeros(len(names), dtype=torch.float64)
+        tokens = 0
+        for batch in self._prepared(rows, batch_size):
+            sums, counts = _target_logprobs(model, batch, names)
+            totals -= sums.sum(dim=1)
+            tokens += sum(counts)
         out = []
-        for total, count in zip(totals, tokens, strict=True):
-            loss = total / max(count, 1)
+        for total in totals.tolist():
+            loss = total / max(tokens, 1)
             out.append(
                 {
                     "loss": round(loss, 6),
                     "perplexity": round(math.exp(min(loss, 700)), 6),
-                    "tokens": count,
+                    "tokens": tokens,
                 }
             )
         return out
 
     def _choice(self, model, names, batch_size) -> list[dict[str, Any]]:
-        rows, owners = [], []  # one row per (example, choice)
+        rows, owners = [], []  # one row per (example, choice): sequence, first target
         for e, example in enumerate(self.examples):
             context = self._ids(example["prompt"])
             for c, choice in enumerate(example["choices"]):
@@ -190,18 +287,15 @@ class _EvalSet:
                 else:  # the tokenizer merged across the boundary: score the choice alone
                     continuation = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
                 sequence = (context + continuation)[-self.max_length :]
-                first = len(sequence) - len(continuation)
-                rows.append((sequence, list(range(max(first, 1), len(sequence)))))
+                rows.append((sequence, max(len(sequence) - len(continuation), 1)))
                 owners.append((e, c))
-        loglik = [[0.0] * len(rows) for _ in names]
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            scores = _token_logprobs(
-                model, [r[0] for r in batch], [r[1] for r in batch], names, self.pad_id
-            )
-            for k in range(len(names)):
-                for i, row in enumerate(scores[k]):
-                    loglik[k][start + i] = sum(row)
+        loglik = torch.zeros(len(names), len(rows), dtype=torch.float64)
+        start = 0
+        for batch in self._prepared(rows, batch_size):
+            sums, _ = _target_logprobs(model, batch, names)
+            loglik[:, start : start + sums.shape[1]] = sums
+            start += sums.shape[1]
+        loglik = loglik.tolist()
         out = []
         for k in range(len(names)):
             per_example: dict[int, list[tuple[float, float]]] = {}
@@ -238,9 +332,7 @@ class _EvalSet:
             for row, ids in enumerate(prompts):  # left-padded: generation continues at the end
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 mask[row, width - len(ids) :] = 1
-            kwargs = {}
-            if _is_peft(model):
-                kwargs["adapter_names"] = adapter_rows(names, len(batch))
+            kwargs = _routing(model, names, len(batch))
             generated = model.generate(
                 input_ids=input_ids.repeat(len(names), 1).to(device),
                 attention_mask=mask.repeat(len(names), 1).to(device),
@@ -271,39 +363,38 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-@torch.inference_mode()
-def _token_logprobs(
-    model,
-    sequences: list[list[int]],
-    targets: list[list[int]],
-    names: list[str | None],
-    pad_id: int,
-) -> list[list[list[float]]]:
-    """Log-probabilities of the tokens at `targets` positions of each sequence (given what
-    precedes them), for every adapter in one pass: [adapter][sequence][target]."""
-    device = next(model.parameters()).device
+def _prepare(sequences: list[list[int]], first_targets: list[int], pad_id: int) -> tuple:
+    """Right-padded ids, attention mask, and which next-token positions are targets."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, ids in enumerate(sequences):  # right-padded
+    targets = torch.zeros(len(sequences), width - 1, dtype=torch.bool)
+    for row, (ids, first) in enumerate(zip(sequences, first_targets, strict=True)):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-    kwargs = {}
-    if _is_peft(model):
-        kwargs["adapter_names"] = adapter_rows(names, len(sequences))
-    logits = model(
-        input_ids=input_ids.repeat(len(names), 1).to(device),
-        attention_mask=mask.repeat(len(names), 1).to(device),
-        **kwargs,
-    ).logits.float()
+        targets[row, first - 1 : len(ids) - 1] = True  # logits at p predict token p + 1
+    return input_ids, mask, targets
+
+
+@torch.inference_mode()
+def _target_logprobs(model, batch: tuple, names: list[str | None]) -> tuple[torch.Tensor, list]:
+    """Summed log-probabilities of each sequence's target tokens (each given what precedes it),
+    for every adapter in one pass: [adapter, sequence], and the targets counted per sequence."""
+    input_ids, mask, targets = batch
+    rows = input_ids.shape[0]
+    device = next(model.parameters()).device
+    kwargs = _routing(model, names, rows)
+    logits = (
+        model(
+            input_ids=input_ids.repeat(len(names), 1).to(device),
+            attention_mask=mask.repeat(len(names), 1).to(device),
+            **kwargs,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     logprobs = torch.log_softmax(logits, dim=-1)
-    out = []
-    for k in range(len(names)):
-        per_sequence = []
-        for row, positions in enumerate(targets):
-            r = k * len(sequences) + row
-            index = torch.tensor(positions, device=device)
-            tokens = input_ids[row, positions].to(device)
-            per_sequence.append(logprobs[r, index - 1, tokens].tolist())
-        out.append(per_sequence)
-    return out
+    following = input_ids[:, 1:].repeat(len(names), 1).to(device)
+    picked = logprobs.gather(-1, following.unsqueeze(-1)).squeeze(-1).double().cpu()
+    picked = picked.masked_fill(~targets.repeat(len(names), 1), 0.0)
+    return picked.sum(dim=1).view(len(names), rows), targets.sum(dim=1).tolist()

@@ -61,8 +61,15 @@ class Harness:
         from lm_eval.models.huggingface import HFLM
 
         if self._lm is None:
+            tokenizer = self.tokenizer
+            # The harness prefixes each context with BOS (or EOS); a tokenizer without either
+            # (a byte-level one) gets its pad token, or token 0.
+            prefix = tokenizer.bos_token_id or tokenizer.eos_token_id or tokenizer.pad_token_id
             self._lm = HFLM(
-                pretrained=model, tokenizer=self.tokenizer, batch_size=self.config["batch_size"]
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=self.config["batch_size"],
+                prefix_token_id=prefix if prefix is not None else 0,
             )
         if adapter is None:
             with model.disable_adapter():

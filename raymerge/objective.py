@@ -25,7 +25,8 @@ MINIMISED = ("loss", "perplexity", "bits_per_byte", "byte_perplexity", "word_per
 
 
 def default_direction(metric: str) -> str:
-    return "minimize" if metric.rsplit(".", 1)[-1] in MINIMISED else "maximize"
+    last = metric.rsplit(".", 1)[-1]
+    return "minimize" if metric == MEAN_LOSS or last in MINIMISED else "maximize"
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,10 @@ def build_report(
     if not lines:
         raise InputError(f"{output} has no {manifest.MANIFEST}: is it a raymerge output?")
     objective = objective_for(output, metric, storage_options)
+    if metric and "." not in metric and metric != MEAN_LOSS:  # a set's name: its main metric
+        scored = [line for line in lines if line.get("status") == "done" and line.get("metrics")]
+        named = [c for c in primary_metrics(metric_columns(scored)) if c.startswith(f"{metric}.")]
+        objective = Objective.parse(named[0] if named else metric)
     rows, columns = leaderboard(lines, objective)
     references = manifest.read_references(output, storage_options)
     search = _search_figures(lines, rows, objective)
