@@ -229,6 +229,43 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+@app.command()
+def materialize(
+    output: str = typer.Argument(..., help="A sweep's output (local path or s3://)."),
+    merge_ids: list[str] = typer.Argument(..., help="Merge ids (16 hex digits) to rebuild."),
+    to: str | None = typer.Option(
+        None, help="Write them to DIR/<merge_id>/ (default: back into the sweep's own folders)."
+    ),
+    address: str | None = typer.Option(
+        None, help="Rebuild on this Ray cluster (default: in this process)."
+    ),
+) -> None:
+    """Rebuild recorded merges from their merge.json and check them against its digests."""
+    from raymerge import storage
+    from raymerge.materialize import materialize as rebuild
+
+    with _exit_on_error():
+        location = output if storage.is_remote(output) else str(Path(output).resolve())
+        target = to if to is None or storage.is_remote(to) else str(Path(to).resolve())
+        if address:
+            import ray
+
+            ray.init(address=address, log_to_driver=False)
+            results = ray.get(
+                ray.remote(rebuild).options(num_cpus=1).remote(location, merge_ids, target)
+            )
+        else:
+            results = rebuild(location, merge_ids, target)
+        mismatched = False
+        for result in results:
+            status = "matches its record" if result.matches_record else "DIFFERS from its record"
+            mismatched |= not result.matches_record
+            note = f" ({result.note})" if result.note else ""
+            _consoles.out.print(f"{result.merge_id}: {result.path} — {status}{note}")
+        if mismatched:
+            raise typer.Exit(1)
+
+
 @app.command("submit")
 def submit_job(
     spec: Path = typer.Argument(..., help="Sweep spec (YAML); it travels with the job."),

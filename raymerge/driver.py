@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import ray
@@ -25,8 +25,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymerge import inputs, manifest, storage
 from raymerge.errors import ClusterError, StorageError
+from raymerge.keep import KeepTopK, final_top
+from raymerge.objective import Objective
 from raymerge.plan import Plan
-from raymerge.schedule import LocalityScheduler, RoundRobinScheduler
+from raymerge.schedule import (
+    ChainScheduler,
+    LocalityScheduler,
+    RoundRobinScheduler,
+    SearchScheduler,
+)
+from raymerge.search import Search
 from raymerge.task import MergeResult, MergeTask, Status
 from raymerge.worker import MergeWorker
 
@@ -120,7 +128,8 @@ def run_sweep(
     fail_fast: bool = False,
     rebuild_changed: bool = False,
 ) -> RunSummary:
-    """Run every merge of `plan` that is not committed yet; returns the run's summary.
+    """Run every merge of `plan` that is not committed yet, and its search up to the budget;
+    returns the run's summary.
 
     Uses the Ray instance this process is connected to, else `address`, else RAY_ADDRESS, else
     starts a local one. Merges already committed under the output (merge.json present) are
@@ -130,49 +139,34 @@ def run_sweep(
     """
     started = time.perf_counter()
     try:
-        committed, digests, writer = _prepare_output(plan, rebuild_changed)
+        out = _prepare_output(plan, rebuild_changed)
     except storage.errors() as exc:
         raise StorageError(
             f"the output {plan.output} cannot be read or written: {storage.describe(exc)}; "
             "check the location, its permissions and free space"
         ) from exc
-    total = plan.total()
-    summary = RunSummary(output=plan.output, total=total)
-    if progress:
-        progress.start(max(0, total - len(committed)), min(len(committed), total))
-    pending = _pending(plan, committed, summary)
+    search = Search(plan, out.trial_lines) if plan.spec.search is not None else None
+    grid_total = plan.total()
+    summary = RunSummary(output=plan.output, total=grid_total)
+    pending = _pending(plan, out.committed, summary)
     first = next(pending, None)
-    if first is None:  # everything is committed already: no cluster needed
-        writer.close()
-        summary.seconds = round(time.perf_counter() - started, 3)
-        manifest.write_summary(plan.output, summary.to_json(), plan.spec.storage_options)
-        return summary
-    pending = itertools.chain([first], pending)
-    try:
-        with _ray_session(address) as fixed_size:
-            workers, groups, nodes = _start_workers(plan, start_timeout, fixed_size, digests)
-            try:
-                _score_references(plan, workers)
-                dispatch_started = time.perf_counter()
-                try:
-                    dispatch = _Dispatch(
-                        plan, workers, pending, writer, summary, progress, fail_fast
-                    )
-                    for index, node in nodes.items():
-                        summary.workers[str(index)].node = node or ""
-                    dispatch.run()
-                finally:
-                    summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
-            finally:
-                for worker in workers.values():
-                    ray.kill(worker, no_restart=True)
-                for group in groups:
-                    remove_placement_group(group)
-    except BaseException:
-        writer.discard()  # segments published so far stay for the next run
-        raise
-    timeout = float(os.environ.get("RAYMERGE_MANIFEST_TIMEOUT", MANIFEST_CLOSE_SECONDS))
-    writer.close(timeout=timeout)
+    if first is not None:
+        pending = itertools.chain([first], pending)
+    if first is not None or (search is not None and not search.finished):
+        if progress:
+            left = 0 if search is None else plan.spec.search.budget - search.asked
+            skipped = min(len(out.committed), grid_total)
+            progress.start(max(0, grid_total - len(out.committed)) + left, skipped)
+        scheduler = make_scheduler(plan, pending, search)
+        try:
+            _run_on_cluster(plan, address, start_timeout, out, scheduler, summary, progress,
+                            fail_fast, search)  # fmt: skip
+        except BaseException:
+            out.writer.discard()  # segments published so far stay for the next run
+            raise
+    if search is not None:
+        summary.total += search.asked
+    _finish(plan, out.writer, summary)
     summary.seconds = round(time.perf_counter() - started, 3)
     if summary.merge_seconds:
         summary.merges_per_s = round(summary.done / summary.merge_seconds, 3)
@@ -181,6 +175,65 @@ def run_sweep(
     if summary.stopped_by:
         raise StorageError(summary.stopped_by)
     return summary
+
+
+def make_scheduler(plan: Plan, pending: Iterator[MergeTask], search):
+    """The grid's tasks (locality-aware or round-robin), then the search's candidates."""
+    workers = list(range(plan.spec.workers))
+    if plan.spec.scheduling == "round_robin":
+        grid = RoundRobinScheduler(pending, workers)
+    else:
+        grid = LocalityScheduler(pending)
+    return grid if search is None else ChainScheduler(grid, SearchScheduler(search))
+
+
+def _run_on_cluster(
+    plan, address, start_timeout, out, scheduler, summary, progress, fail_fast, search
+) -> None:
+    with _ray_session(address) as fixed_size:
+        workers, groups, nodes = _start_workers(plan, start_timeout, fixed_size, out.digests)
+        try:
+            _score_references(plan, workers)
+            dispatch = _Dispatch(
+                plan, workers, scheduler, out.writer, summary, progress, fail_fast, search
+            )
+            for index, node in nodes.items():
+                summary.workers[str(index)].node = node or ""
+            dispatch_started = time.perf_counter()
+            try:
+                dispatch.run()
+            finally:
+                summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
+        finally:
+            for worker in workers.values():
+                ray.kill(worker, no_restart=True)
+            for group in groups:
+                remove_placement_group(group)
+
+
+def _finish(plan: Plan, writer, summary: RunSummary) -> None:
+    """keep top-k settled over every merge of the output, then the manifest compacted."""
+    if plan.spec.keep is not None:
+        objective = Objective.parse(plan.spec.evaluate.objective_terms())
+        top = final_top(writer.lines_so_far(), plan.spec.keep.top, objective)
+        dropped = [
+            line
+            for line in writer.lines_so_far()
+            if line.get("status") == "done" and line.get("kept", True)
+            and line["merge_id"] not in top
+        ]  # fmt: skip
+        for line in dropped:
+            _drop_files(plan, line)
+            writer.add({**line, "kept": False, "bytes": 0})
+    timeout = float(os.environ.get("RAYMERGE_MANIFEST_TIMEOUT", MANIFEST_CLOSE_SECONDS))
+    writer.close(timeout=timeout)
+
+
+def _drop_files(plan: Plan, line: dict[str, Any]) -> None:
+    """Remove a merge's adapter files (its merge.json stays: it can be rebuilt)."""
+    folder = manifest.merge_dir(plan.output, line["merge_id"])
+    uris = [storage.join(folder, name) for name in manifest.ADAPTER_FILES]
+    storage.remove(uris, plan.spec.storage_options)
 
 
 def _pending(plan: Plan, committed: set[str], summary: RunSummary) -> Iterator[MergeTask]:
@@ -192,7 +245,16 @@ def _pending(plan: Plan, committed: set[str], summary: RunSummary) -> Iterator[M
             yield task
 
 
-def _prepare_output(plan: Plan, rebuild_changed: bool):
+@dataclass
+class _Output:
+    committed: set[str]
+    digests: dict[str, str]
+    writer: manifest.ManifestWriter
+    trial_lines: list[dict[str, Any]]
+    """Done search trials of earlier runs (told to the search again)."""
+
+
+def _prepare_output(plan: Plan, rebuild_changed: bool) -> _Output:
     """Before any cluster work: the output is writable, its merges were made from these inputs,
     and the manifest lines of earlier runs are carried over (rebuilt where missing)."""
     options = plan.spec.storage_options
@@ -202,16 +264,26 @@ def _prepare_output(plan: Plan, rebuild_changed: bool):
     redo = inputs.check_unchanged(plan, digests, committed, rebuild_changed)
     committed -= redo
     manifest.write_inputs(plan.output, inputs.inputs_record(plan, digests), options)
-    if plan.spec.evaluate is not None:
+    evaluate = plan.spec.evaluate
+    if evaluate is not None:
         evaluation = {
-            "objective": plan.spec.evaluate.objective_terms(),
+            "objective": evaluate.objective_terms(),
             "sets": {name: entry["kind"] for name, entry in plan.eval_sets.items()},
-            "lm_eval_tasks": plan.spec.evaluate.lm_eval.tasks if plan.spec.evaluate.lm_eval else [],
+            "lm_eval_tasks": evaluate.lm_eval.tasks if evaluate.lm_eval else [],
         }
         manifest.write_evaluation(plan.output, evaluation, options)
     writer = manifest.ManifestWriter(plan.output, options)
-    writer.carry(_carried_lines(plan, committed))
-    return committed, {name: d["weights_sha256"] for name, d in digests.items()}, writer
+    trial_lines: list[dict[str, Any]] = []
+
+    def carried():
+        for line in _carried_lines(plan, committed):
+            if line.get("trial") is not None:
+                trial_lines.append(line)
+            yield line
+
+    writer.carry(carried())
+    weights = {name: d["weights_sha256"] for name, d in digests.items()}
+    return _Output(committed, weights, writer, trial_lines)
 
 
 def _carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:
@@ -239,9 +311,7 @@ def _score_references(plan: Plan, workers: dict[int, Any]) -> None:
 class _Dispatch:
     """The dispatch loop: pull-based feeding, results, worker deaths and retries."""
 
-    def __init__(
-        self, plan, workers, tasks: Iterator[MergeTask], writer, summary, progress, fail_fast
-    ):
+    def __init__(self, plan, workers, scheduler, writer, summary, progress, fail_fast, search=None):
         self.plan = plan
         self.workers: dict[int, Any] = dict(workers)
         self.uris = plan.adapter_uris()
@@ -250,10 +320,11 @@ class _Dispatch:
         self.progress = progress
         self.fail_fast = fail_fast
         self.stopping = False
-        if plan.spec.scheduling == "round_robin":
-            self.scheduler = RoundRobinScheduler(tasks, list(workers))
-        else:
-            self.scheduler = LocalityScheduler(tasks)
+        self.scheduler = scheduler
+        self.search = search
+        evaluate = plan.spec.evaluate
+        self.objective = Objective.parse(evaluate.objective_terms()) if evaluate else None
+        self.keep = KeepTopK(plan.spec.keep.top, self.objective) if plan.spec.keep else None
         self.in_flight: dict[Any, tuple[int, list[MergeTask]]] = {}
         # Merges per call: the scorer takes them together (several adapters per forward pass).
         evaluate = plan.spec.evaluate
@@ -299,6 +370,8 @@ class _Dispatch:
             task = self.scheduler.next_for(index, expected)
             if task is None:
                 break
+            if self.keep is not None:
+                task = replace(task, keep_threshold=self.keep.threshold())
             tasks.append(task)
             expected |= set(task.adapters)
         if tasks:
@@ -327,9 +400,17 @@ class _Dispatch:
             line = manifest.manifest_line(
                 self.plan.output, result.record, result.adapter_loads, result.load_seconds
             )
+            metrics = result.record.get("metrics")
+            if metrics and self.objective is not None:
+                line["objective"] = round(self.objective.value(metrics), 6)
             stats.done += 1
             stats.bytes_written += line["bytes"]
             self.writer.add(line)
+            if self.keep is not None:  # files of merges pushed out of the top k go now
+                for merge_id in self.keep.offer(line):
+                    _drop_files(self.plan, {"merge_id": merge_id})
+            if self.search is not None and task.trial is not None:
+                self.search.tell(task, metrics)
             if self.progress:
                 self.progress.advance(result)
         elif result.retryable and self._retry(task):
@@ -384,6 +465,8 @@ class _Dispatch:
             self._feed(index)
 
     def _record_failure(self, task: MergeTask, error: str, worker: int | None = None) -> None:
+        if self.search is not None and task.trial is not None:
+            self.search.tell(task, None)
         self.summary.failed += 1
         if len(self.summary.failures) < MAX_FAILURES_IN_SUMMARY:
             self.summary.failures.append({"merge_id": task.merge_id, "error": error})

@@ -83,6 +83,7 @@ def merge_record(
     worker: dict[str, Any],
     versions: dict[str, str],
     warnings: list[str] | None = None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
     """The content of merge.json: what the merged adapter is, and how it was made.
 
@@ -100,9 +101,11 @@ def merge_record(
         "seed": task.seed,
         "merge_seed": task.merge_seed,
         **({"trial": task.trial} if task.trial is not None else {}),
+        **({"search_params": task.search_params} if task.search_params else {}),
         "compute_dtype": compute_dtype,
         "output_dtype": task.output_dtype,
         "base_model": base_model,
+        "task_type": task_type,
         "engine": engine,
         **({"engine_fallback": engine_fallback} if engine_fallback else {}),
         "files": files,
@@ -147,6 +150,7 @@ def manifest_line(
     return {
         **{k: record[k] for k in keys},
         **({"trial": record["trial"]} if "trial" in record else {}),
+        **({"search_params": record["search_params"]} if "search_params" in record else {}),
         "adapters": [
             {"name": a["name"], "uri": a["uri"], "weights_sha256": a.get("weights_sha256")}
             for a in record["adapters"]
@@ -173,6 +177,7 @@ def failure_line(task: MergeTask, adapter_uris: dict[str, str], error: str) -> d
         "params": task.params,
         "seed": task.seed,
         **({"trial": task.trial} if task.trial is not None else {}),
+        **({"search_params": task.search_params} if task.search_params else {}),
         "error": error,
     }
 
@@ -307,6 +312,14 @@ class ManifestWriter:
         with self._lock:
             self._spool.flush()
             self._published = self._spool.tell()
+
+    def lines_so_far(self) -> Iterator[dict[str, Any]]:
+        """Every line added (carried ones included), read back from the spool."""
+        with self._lock:
+            self._spool.flush()
+        with open(self._spool_path) as spool:
+            for text in spool:
+                yield json.loads(text)
 
     def flush(self) -> None:
         """Publish the new lines as a segment, in the background; never blocks, never raises (a

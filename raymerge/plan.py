@@ -239,6 +239,8 @@ class Plan:
     def adapters_used(self) -> list[str]:
         """Names of the adapters that some merge uses, in spec order."""
         used = {name for group in self.spec.combinations for name in group_names(group, self.spec)}
+        if self.spec.search is not None:
+            used |= set(_search_pool(self.spec))
         return [name for name in self.spec.adapters if name in used]
 
     def worker_config(self) -> WorkerConfig:
@@ -260,6 +262,7 @@ class Plan:
                 max_length=spec.evaluate.max_length,
                 adapters_per_pass=spec.evaluate.adapters_per_pass,
                 lm_eval=lm_eval,
+                objective=spec.evaluate.objective_terms(),
             )
         cache_bytes = int(spec.adapter_cache_gb * 2**30) if spec.adapter_cache_gb else None
         return WorkerConfig(
@@ -279,7 +282,13 @@ class Plan:
     def summary(self) -> dict[str, Any]:
         """The plan in machine-readable form (without the task list)."""
         counts = self.counts()
+        search = self.spec.search
         return {
+            **(
+                {"search": {"budget": search.budget, "sampler": search.sampler_name()}}
+                if search
+                else {}
+            ),
             "spec": str(self.spec_path),
             "base_model": self.base_model,
             "output": self.output,
@@ -353,7 +362,9 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
         except ValueError as exc:
             spec_problems.append(f"output: {exc}")
         spec_problems.extend(_group_problems(spec))
+        spec_problems.extend(_search_problems(spec))
         input_problems.extend(_compatibility_problems(spec, adapters))
+        input_problems.extend(_search_compatibility(spec, adapters))
         if spec.evaluate:
             eval_sets, problems = _eval_sets(spec, base_dir, base_model)
             input_problems.extend(problems)
@@ -369,7 +380,7 @@ def validate_offline(spec_path: str | Path) -> SweepSpec:
     """Every check that reads no input (the spec's keys, values and cross-key rules): what
     `raymerge submit` runs before anything leaves this machine."""
     spec = parse_spec(read_spec_file(spec_path))
-    problems = _group_problems(spec)
+    problems = _group_problems(spec) + _search_problems(spec)
     if problems:
         raise SpecError(problems)
     return spec
@@ -580,6 +591,63 @@ def _group_problems(spec: SweepSpec) -> list[str]:
                     f"but each merge of this group has {size} adapters; give one weight per adapter"
                 )
     return problems
+
+
+def _search_pool(spec: SweepSpec) -> list[str]:
+    search = spec.search
+    if search.adapters is not None:
+        return list(search.adapters)
+    return list(search.from_ if search.from_ is not None else spec.adapters)
+
+
+def _search_problems(spec: SweepSpec) -> list[str]:
+    """A search's adapters exist and fit `choose`; its weights and objectives name what is
+    there."""
+    if spec.search is None:
+        return []
+    search, problems = spec.search, []
+    known = ", ".join(spec.adapters)
+    pool = _search_pool(spec)
+    key = "search.adapters" if search.adapters is not None else "search.from"
+    for name in dict.fromkeys(pool):
+        if name not in spec.adapters:
+            problems.append(f"{key}: unknown adapter {name!r}; the spec's adapters are: {known}")
+        if pool.count(name) > 1:
+            problems.append(f"{key}: adapter {name!r} is listed twice; list each adapter once")
+    if search.choose is not None and search.choose > len(pool):
+        problems.append(
+            f"search.choose: {search.choose} is more than the {len(pool)} adapters to choose from"
+        )
+    if isinstance(search.weights, dict):
+        missing = [n for n in pool if n not in search.weights]
+        if missing:
+            problems.append(
+                f"search.weights: no range for {', '.join(missing)}; give one per adapter, or one "
+                "range for all ({low: 0, high: 1})"
+            )
+    if search.objectives and spec.evaluate is not None:
+        terms = [t if isinstance(t, str) else t.model_dump() for t in search.objectives]
+        problems += [
+            p.replace("evaluate.objective", "search.objectives")
+            for p in _objective_problems(spec.evaluate.model_copy(update={"objective": terms}))
+        ]
+    return problems
+
+
+def _search_compatibility(spec: SweepSpec, adapters: dict[str, AdapterInfo]) -> list[str]:
+    """Equal-rank types in a search need adapters of one rank throughout its pool."""
+    if spec.search is None:
+        return []
+    types = {t for method in spec.search.methods for t in method.combination_type}
+    equal = sorted(t for t in types if METHODS[t].rank is RankRule.EQUAL)
+    ranks = {n: adapters[n].rank for n in _search_pool(spec) if n in adapters}
+    if equal and len(set(ranks.values())) > 1:
+        listed = ", ".join(f"{n} r={r}" for n, r in ranks.items())
+        return [
+            f"search: {', '.join(equal)} need adapters of equal rank, but the search may merge "
+            f"{listed}; use cat or an svd type, or adapters of one rank"
+        ]
+    return []
 
 
 def _compatibility_problems(spec: SweepSpec, adapters: dict[str, AdapterInfo]) -> list[str]:

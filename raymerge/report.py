@@ -79,7 +79,7 @@ def leaderboard(
             "merge_id": line["merge_id"],
             "trial": line.get("trial", ""),
             "adapters": "+".join(a["name"] for a in line["adapters"]),
-            "weights": " ".join(f"{w:g}" for w in line["weights"]),
+            "weights": " ".join(f"{w:.3g}" for w in line["weights"]),
             "combination_type": line["combination_type"],
             "params": ",".join(f"{k}={v}" for k, v in line["params"].items() if v is not None),
             "kept": line.get("kept", True),

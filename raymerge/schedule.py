@@ -131,3 +131,48 @@ class RoundRobinScheduler:
             for w, task in zip(self._order, batch, strict=False):
                 self._queues[w].append(task)
         return self._queues[worker].popleft()
+
+
+class SearchScheduler:
+    """Asks the search for a candidate whenever a worker frees up (never ahead of need)."""
+
+    def __init__(self, search):
+        self._search = search
+
+    def next_for(self, worker: int, cached: Collection[str]) -> MergeTask | None:
+        return self._search.ask()
+
+    def retry(self, task: MergeTask) -> None:
+        self._search.retry(task)
+
+    def drop_worker(self, worker: int) -> None:
+        pass
+
+    def drain(self) -> Iterator[MergeTask]:
+        yield from self._search.drain()
+
+
+class ChainScheduler:
+    """The grid's tasks first, then the search's candidates."""
+
+    def __init__(self, *schedulers):
+        self._schedulers = schedulers
+
+    def next_for(self, worker: int, cached: Collection[str]) -> MergeTask | None:
+        for scheduler in self._schedulers:
+            task = scheduler.next_for(worker, cached)
+            if task is not None:
+                return task
+        return None
+
+    def retry(self, task: MergeTask) -> None:
+        target = self._schedulers[-1] if task.trial is not None else self._schedulers[0]
+        target.retry(task)
+
+    def drop_worker(self, worker: int) -> None:
+        for scheduler in self._schedulers:
+            scheduler.drop_worker(worker)
+
+    def drain(self) -> Iterator[MergeTask]:
+        for scheduler in self._schedulers:
+            yield from scheduler.drain()

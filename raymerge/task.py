@@ -25,6 +25,9 @@ class Status(StrEnum):
     FAILED = "failed"
 
 
+OPTIONAL = ("trial", "search_params", "keep_threshold")
+
+
 @dataclass(frozen=True)
 class MergeTask:
     """One merge: which adapters, with which weights, how. Small enough to ship to any worker."""
@@ -44,14 +47,15 @@ class MergeTask:
     """dtype the merged adapter is written in (the arithmetic is float32)."""
     trial: int | None = None
     """The search trial that proposed this merge (None for grid merges)."""
-    keep_files: bool = True
-    """Write the adapter's files (False: record and score it, keep only merge.json)."""
+    search_params: dict[str, Any] | None = None
+    """The values the search's sampler chose for it."""
+    keep_threshold: float | None = None
+    """keep top-k: write the adapter's files only if its objective beats this (the current k-th
+    best); None: always write them."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self) | {"adapters": list(self.adapters), "weights": list(self.weights)}
-        if self.trial is None:
-            data.pop("trial")
-        return data
+        return {k: v for k, v in data.items() if v is not None or k not in OPTIONAL}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class EvalConfig:
     max_length: int = 128
     adapters_per_pass: int = 1
     lm_eval: dict[str, Any] | None = None
+    objective: list[dict[str, Any]] | None = None
+    """The objective's terms (keep top-k decides by it on the worker)."""
 
 
 @dataclass(frozen=True)

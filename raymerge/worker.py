@@ -150,7 +150,7 @@ class MergeWorker:
     def _commit(self, job: _Job, metrics: dict | None) -> None:
         task = job.task
         folder = manifest.merge_dir(self.config.output, task.merge_id)
-        files = self._publish(job.merged.files, folder, keep=task.keep_files)
+        files = self._publish(job.merged.files, folder, keep=self._keeps(task, metrics))
         record = manifest.merge_record(
             task,
             inputs=[adapter.provenance for adapter in job.inputs],
@@ -161,7 +161,13 @@ class MergeWorker:
             compute_dtype="float32",
             files=files,
             seconds=time.perf_counter() - job.started,
-            worker={"index": self.index, "host": socket.gethostname()},
+            worker={
+                "index": self.index,
+                "host": socket.gethostname(),
+                "device": str(self.base.device),
+                "threads": torch.get_num_threads(),
+            },
+            task_type=self.config.task_type,
             versions=_versions(),
             warnings=_warning_texts(job.caught),
         )
@@ -171,6 +177,15 @@ class MergeWorker:
             self._remove(folder, files)
             raise
         job.result = self._result(job, Status.DONE, record=record)
+
+    def _keeps(self, task: MergeTask, metrics: dict | None) -> bool:
+        """keep top-k: whether this merge beats the k-th best so far (else only merge.json)."""
+        if task.keep_threshold is None or metrics is None:
+            return True
+        from raymerge.objective import Objective
+
+        objective = Objective.parse(self.config.evaluate.objective)
+        return objective.better(objective.value(metrics), task.keep_threshold)
 
     def _guarded(self, job: _Job, step) -> None:
         """Run one step of a job; an error becomes its failed result (warnings are kept)."""
