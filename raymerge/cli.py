@@ -441,6 +441,37 @@ def bench_eval(
         _write_json(json_out, figures)
 
 
+@bench_app.command("search")
+def bench_search(
+    out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the demo world and runs."),
+    seeds: int = typer.Option(3, help="Seeds per sampler."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """The demo's grid against random search, TPE and CMA-ES at budgets of 10, 20 and 30."""
+    from raymerge.bench.search import bench_search as measure
+
+    with _exit_on_error():
+        figures = measure((out / "search").resolve(), seeds=seeds, log=_consoles.out.print)
+        budgets = figures["budgets"]
+        table = Table(title=f"Best {figures['objective']} reached (median over {seeds} seeds)")
+        table.add_column("way")
+        for budget in budgets:
+            table.add_column(f"{budget} evaluations", justify="right")
+        grid = figures["grid"]
+        table.add_row(f"grid ({grid['evaluations']} evaluations)", *([f"{grid['best']:.4f}"]
+                      + [""] * (len(budgets) - 1)))  # fmt: skip
+        for sampler in ("random", "tpe", "cmaes"):
+            if sampler in figures:
+                table.add_row(sampler, *(f"{v:.4f}" for v in figures[sampler]["median_best"]))
+        _consoles.out.print(table)
+        target = figures["target"]
+        _consoles.out.print(
+            f"At {target['budget']} evaluations (half the grid's or fewer), reaching the grid's "
+            f"best ({target['grid_best']:.4f}): {', '.join(target['met_by']) or 'none'}"
+        )
+        _write_json(json_out, figures)
+
+
 @bench_app.command("cluster")
 def bench_cluster(
     out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),

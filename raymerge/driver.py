@@ -374,6 +374,8 @@ class _Dispatch:
                 task = replace(task, keep_threshold=self.keep.threshold())
             tasks.append(task)
             expected |= set(task.adapters)
+            if task.trial is not None:  # one candidate per call: the next is asked knowing more
+                break
         if tasks:
             attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
             self.in_flight[self.workers[index].merge_many.remote(tasks, attempts)] = (index, tasks)

@@ -8,8 +8,10 @@ Example:
     {'density': None, 'majority_sign_method': 'total'}
     >>> METHODS["cat"].rank is RankRule.SUM
     True
-    >>> [m.name for m in METHODS.values() if m.random]
+    >>> [m.name for m in METHODS.values() if m.random and m.peft]
     ['dare_linear', 'dare_ties', 'dare_linear_svd', 'dare_ties_svd']
+    >>> METHODS["core_ties"].takes("alpha"), METHODS["core_ties"].peft
+    (True, False)
     >>> METHODS["svd"].takes("density")
     False
 """
@@ -47,6 +49,8 @@ class Form(StrEnum):
     """Stack the scaled factors (exact: the delta is the weighted sum of the inputs')."""
     DELTA_SVD = "delta_svd"
     """Combine the inputs' deltas with `combine`, then truncate the result by SVD."""
+    LOWRANK = "lowrank"
+    """Merge in the inputs' own low-rank space (raymerge.engines.lowrank), then truncate."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,18 @@ PARAMS: dict[str, Param] = {
         ),
         Param("svd_full_matrices", "Passed to torch.linalg.svd (default: true).", bool),
         Param(
+            "alpha",
+            "Scales the merged delta (the papers' lambda; default 1).",
+            float,
+            lambda v: None if abs(v) <= 1e6 else f"alpha {v:g} is beyond +-1e6; use e.g. 1.0",
+        ),
+        Param(
+            "k",
+            "TSV: fraction of each task's rank kept, in (0, 1] (default 1).",
+            float,
+            _unit_interval("k"),
+        ),
+        Param(
             "svd_driver",
             "cuSOLVER driver for torch.linalg.svd on CUDA: gesvd, gesvdj or gesvda.",
             str,
@@ -122,6 +138,7 @@ _SVD_PARAMS = {
 }
 _SIGNS = {"majority_sign_method": "total"}
 _DENSITY = {"density": REQUIRED}
+_LOWRANK = {"svd_rank": None, "alpha": 1.0}
 
 
 @dataclass(frozen=True)
@@ -254,6 +271,65 @@ METHODS: dict[str, Method] = _registry(
         Form.DELTA_SVD,
         {**_DENSITY, **_SVD_PARAMS},
         combine=arithmetic.magnitude_prune,
+    ),
+    # Not PEFT's: merged exactly in the inputs' low-rank space (raymerge.engines.lowrank).
+    Method(
+        "core_ta",
+        "Core Space task arithmetic (Panariello et al., NeurIPS 2025): the exact weighted sum.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        dict(_LOWRANK),
+        peft=False,
+    ),
+    Method(
+        "core_ties",
+        "Core Space TIES: trim, elect and disjoint-mean the R x R cores of the inputs.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        {**_DENSITY, **_LOWRANK},
+        peft=False,
+    ),
+    Method(
+        "core_dare",
+        "Core Space DARE: random drop (1 - density) and rescale of the cores' entries.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        {**_DENSITY, **_LOWRANK},
+        random=True,
+        peft=False,
+    ),
+    Method(
+        "knots_ties",
+        "KnOTS (Stoica et al., ICLR 2025): TIES on each task's block of one joint SVD.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        {**_DENSITY, **_LOWRANK},
+        peft=False,
+    ),
+    Method(
+        "knots_dare",
+        "KnOTS with DARE on each task's block of the joint SVD.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        {**_DENSITY, **_LOWRANK},
+        random=True,
+        peft=False,
+    ),
+    Method(
+        "tsv",
+        "TSV-Merge (Gargiulo et al., CVPR 2025): task singular vectors, decorrelated.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        {"k": 1.0, **_LOWRANK},
+        peft=False,
+    ),
+    Method(
+        "iso_c",
+        "Iso-C (Marczak et al., ICML 2025): the sum with a flat singular spectrum.",
+        RankRule.SVD,
+        Form.LOWRANK,
+        dict(_LOWRANK),
+        peft=False,
     ),
 )
 """Every combination type, keyed by its name (PEFT's names for PEFT's types)."""

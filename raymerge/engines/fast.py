@@ -118,9 +118,12 @@ def merge_tensors(
     with torch.random.fork_rng(devices=devices, enabled=method.random):
         if method.random:
             torch.manual_seed(seed)
+        if method.random and method.peft:
             _replay_peft_initialisation(adapters, modules, new_rank)
         if method.form is Form.CONCAT:
             state = _cat(adapters, weights, modules, new_rank)
+        elif method.form is Form.LOWRANK:
+            state = _lowrank(adapters, weights, modules, method, params, new_rank)
         elif method.form is Form.DELTA_SVD:
             state = _delta_svd(adapters, weights, modules, method, params, new_rank, layout)
         else:
@@ -361,6 +364,23 @@ def _low_rank_svd(adapters, weights, modules: list[str], new_rank: int):
         lora_a, lora_b = _pad_rank(lora_a, lora_b, keep)
         for i, module in enumerate(group):
             state.update(_entry(module, lora_a[i], lora_b[i]))
+    return state
+
+
+def _lowrank(adapters, weights, modules: list[str], method: Method, params, new_rank: int):
+    """Methods PEFT does not have, merged in the inputs' low-rank space, module by module."""
+    from raymerge.engines import lowrank
+
+    state = {}
+    for module in modules:
+        inputs = [
+            (a.factors[module][1], a.factors[module][0], w * a.scaling(module))
+            for a, w in _present(adapters, weights, module)
+        ]
+        for b, _, scale in inputs:
+            _check_svd_input(module, b * scale)
+        lora_b, lora_a = lowrank.merge_factors(method.name, inputs, params, new_rank)
+        state.update(_entry(module, lora_a.to(inputs[0][0].dtype), lora_b.to(inputs[0][0].dtype)))
     return state
 
 
