@@ -124,6 +124,16 @@ def demo(
         result = build_report(the_plan.output)
         _print_leaderboard(result, top=10)
         _consoles.out.print(_verdict(result))
+        _consoles.out.print(f"\nSearching the same space with TPE ({spec.parent / 'search.yaml'}):")
+        search_plan = load_plan(spec.parent / "search.yaml")
+        _run_and_report(search_plan, address)
+        searched = build_report(search_plan.output)
+        _print_leaderboard(searched, top=3)
+        best, grid = searched.rows[0]["objective"], result.rows[0]["objective"]
+        _consoles.out.print(
+            f"Grid: best objective {grid:.4f} after {len(result.rows)} evaluations; search: "
+            f"{best:.4f} after {len(searched.rows)}"
+        )
         _consoles.out.print(
             f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/"
         )
@@ -472,6 +482,32 @@ def bench_search(
         _write_json(json_out, figures)
 
 
+@bench_app.command("methods")
+def bench_methods(
+    hidden_sizes: str = typer.Option("1024,4096", help="Hidden sizes (comma-separated)."),
+    types: str = typer.Option(
+        "core_ta,core_ties,core_dare,knots_ties,knots_dare,tsv,iso_c", help="Types to time."
+    ),
+    rank: int = typer.Option(16, help="LoRA rank of the two inputs."),
+    threads: int = typer.Option(2, help="CPU threads."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """The low-rank methods against svd and their dense definitions, as the size grows."""
+    from raymerge.bench.methods import bench_methods as measure
+
+    with _exit_on_error():
+        figures = measure(
+            _sizes(hidden_sizes, "--hidden-sizes"),
+            tuple(t for t in types.split(",") if t),
+            rank,
+            threads,
+            log=_consoles.out.print,
+        )
+        names = list(figures["types"])
+        _print_rows("seconds per module merge", [figures["types"][n] for n in names], names)
+        _write_json(json_out, figures)
+
+
 @bench_app.command("cluster")
 def bench_cluster(
     out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
@@ -495,13 +531,13 @@ def bench_cluster(
         _write_json(json_out, figures)
 
 
-def _sizes(text: str) -> list[int]:
+def _sizes(text: str, option: str = "--merges") -> list[int]:
     try:
         sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise _usage(f"--merges {text!r}: give a number, or numbers separated by commas") from None
+        raise _usage(f"{option} {text!r}: give a number, or numbers separated by commas") from None
     if not sizes or min(sizes) < 1:
-        raise _usage(f"--merges {text!r}: sizes must be at least 1")
+        raise _usage(f"{option} {text!r}: sizes must be at least 1")
     return sizes
 
 

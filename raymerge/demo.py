@@ -105,6 +105,9 @@ def demo_spec(workers: int) -> dict:
                     {"combination_type": "ties", "density": 0.5},
                     {"combination_type": "dare_linear", "density": 0.7},
                     {"combination_type": "svd", "svd_rank": 8},
+                    # Two of the methods PEFT does not have, merged in the adapters' own space.
+                    {"combination_type": "core_ties", "density": 0.5, "svd_rank": 8},
+                    {"combination_type": "tsv", "svd_rank": 8},
                 ],
             }
         ],
@@ -138,6 +141,26 @@ def demo_spec(workers: int) -> dict:
     }
 
 
+def search_spec(workers: int) -> dict:
+    """A short adaptive search over the same adapters and objective: TPE, 12 evaluations."""
+    spec = demo_spec(workers)
+    spec["combinations"] = []
+    spec["output"] = "./search-out"
+    spec["search"] = {
+        "choose": 2,
+        "weights": {"low": 0.0, "high": 1.0},
+        "methods": [
+            {"combination_type": ["linear", "cat"]},
+            {"combination_type": ["ties", "core_ties"], "density": {"low": 0.2, "high": 0.9}},
+            {"combination_type": "tsv", "svd_rank": [4, 8, 16]},
+        ],
+        "budget": 12,
+        "sampler": "tpe",
+        "seed": 0,
+    }
+    return spec
+
+
 def prepare_demo(out: Path, workers: int, log: Callable[[str], None] = print) -> Path:
     """Build the demo world under `out` (once) and write its sweep spec; returns the spec path."""
     from raymerge.world import build_base_model
@@ -160,6 +183,7 @@ def prepare_demo(out: Path, workers: int, log: Callable[[str], None] = print) ->
     _write_jsonl(out / "eval" / "sums_gen.jsonl", sums)
     spec_path = out / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(demo_spec(workers), sort_keys=False))
+    (out / "search.yaml").write_text(yaml.safe_dump(search_spec(workers), sort_keys=False))
     return spec_path
 
 

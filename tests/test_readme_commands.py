@@ -87,7 +87,7 @@ def test_the_readme_commands_run_as_written(fresh_clone, ray_cluster):
             assert "single adapter" in stdout  # the verdict
     assert len(ran) == 7, ran
     demo = read_manifest(str(fresh_clone / "raymerge-demo" / "merges-out"))
-    assert len(demo) == 60 and all(line["status"] == "done" for line in demo)
+    assert len(demo) == 84 and all(line["status"] == "done" for line in demo)
     local = read_manifest(str(fresh_clone / "raymerge-demo" / "local-sweep"))
     assert len(local) == 27 and all(line["metrics"] for line in local)
     assert (fresh_clone / "raymerge-demo" / "local-sweep" / "report.html").exists()
