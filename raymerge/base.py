@@ -8,7 +8,10 @@ the memory of the adapters it merges.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +111,10 @@ class BaseModel:
         from peft import PeftModel
 
         if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_name)
+            with _deprecations_logged():
+                self._peft = PeftModel.from_pretrained(
+                    self.model, str(path), adapter_name=adapter_name
+                )
         else:
             self._peft.load_adapter(str(path), adapter_name=adapter_name)
         return self._peft
@@ -119,7 +125,8 @@ class BaseModel:
         from peft import get_peft_model
 
         if self._peft is None:
-            self._peft = get_peft_model(self.model, config, adapter_name=adapter_name)
+            with _deprecations_logged():
+                self._peft = get_peft_model(self.model, config, adapter_name=adapter_name)
             self._peft.eval()
         else:
             self._peft.add_adapter(adapter_name, config)
@@ -167,3 +174,20 @@ def gpu_memory_budget(headroom_gb: float) -> dict[int, int]:
         _, total = torch.cuda.mem_get_info(device)
         budget[device] = max(0, total - int(headroom_gb * 2**30))
     return budget
+
+
+@contextlib.contextmanager
+def _deprecations_logged() -> Iterator[None]:
+    """Wrapping the base model in a PeftModel: PEFT touches transformers attributes deprecated
+    in its newer versions. That is news for neither the user nor a merge: logged, not printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        warnings.simplefilter("always", DeprecationWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, FutureWarning | DeprecationWarning):
+            log.debug("while wrapping the base model: %s", warning.message)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )

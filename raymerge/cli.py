@@ -112,32 +112,39 @@ def demo(
 ) -> None:
     """Train tiny adapters on synthetic tasks, merge every pair many ways, score and rank them."""
     from raymerge.demo import prepare_demo
+    from raymerge.driver import ray_session
     from raymerge.plan import load_plan
-    from raymerge.report import build_report
 
     with _exit_on_error():
         _consoles.out.print(f"Building a tiny Llama-architecture world in {out}/world …")
         spec = prepare_demo(out, workers, log=_consoles.out.print)
         the_plan = load_plan(spec)
         _print_plan(the_plan.summary())
-        _run_and_report(the_plan, address)
-        result = build_report(the_plan.output)
-        _print_leaderboard(result, top=10)
-        _consoles.out.print(_verdict(result))
-        _consoles.out.print(f"\nSearching the same space with TPE ({spec.parent / 'search.yaml'}):")
-        search_plan = load_plan(spec.parent / "search.yaml")
-        _run_and_report(search_plan, address)
-        searched = build_report(search_plan.output)
-        _print_leaderboard(searched, top=3)
-        best, grid = searched.rows[0]["objective"], result.rows[0]["objective"]
-        _consoles.out.print(
-            f"Grid: best objective {grid:.4f} after {len(result.rows)} evaluations; search: "
-            f"{best:.4f} after {len(searched.rows)}"
-        )
-        _consoles.out.print(
-            f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/"
-        )
-        _consoles.out.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
+        with ray_session(address):  # one Ray instance for the grid and the search
+            _demo_runs(the_plan, spec, address)
+
+
+def _demo_runs(the_plan, spec: Path, address: str | None) -> None:
+    """The demo's grid, its verdict, then its search, each with its leaderboard."""
+    from raymerge.plan import load_plan
+    from raymerge.report import build_report
+
+    _run_and_report(the_plan, address)
+    result = build_report(the_plan.output)
+    _print_leaderboard(result, top=10)
+    _consoles.out.print(_verdict(result))
+    _consoles.out.print(f"\nSearching the same space with TPE ({spec.parent / 'search.yaml'}):")
+    search_plan = load_plan(spec.parent / "search.yaml")
+    _run_and_report(search_plan, address)
+    searched = build_report(search_plan.output)
+    _print_leaderboard(searched, top=3)
+    best, grid = searched.rows[0]["objective"], result.rows[0]["objective"]
+    _consoles.out.print(
+        f"Grid: best objective {grid:.4f} after {len(result.rows)} evaluations; search: "
+        f"{best:.4f} after {len(searched.rows)}"
+    )
+    _consoles.out.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
+    _consoles.out.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
 
 
 def _verdict(result) -> str:

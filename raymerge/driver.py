@@ -190,7 +190,7 @@ def make_scheduler(plan: Plan, pending: Iterator[MergeTask], search):
 def _run_on_cluster(
     plan, address, start_timeout, out, scheduler, summary, progress, fail_fast, search
 ) -> None:
-    with _ray_session(address) as fixed_size:
+    with ray_session(address) as fixed_size:
         workers, groups, nodes = _start_workers(plan, start_timeout, fixed_size, out.digests)
         try:
             _score_references(plan, workers)
@@ -542,7 +542,7 @@ def _free_resources() -> str:
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None) -> Iterator[bool]:
+def ray_session(address: str | None) -> Iterator[bool]:
     """Use the current Ray connection, else join `address`/RAY_ADDRESS, else start Ray locally.
 
     Yields whether the cluster is of fixed size (a local instance we started: no autoscaler).

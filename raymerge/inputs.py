@@ -13,7 +13,7 @@ from typing import Any
 
 from raymerge import manifest, storage
 from raymerge.adapters import CONFIG_FILE, file_sha256
-from raymerge.errors import InputError
+from raymerge.errors import InputError, MergeError
 
 
 def current_digests(plan) -> dict[str, dict[str, Any]]:
@@ -99,3 +99,14 @@ def _merges_using(plan, uris: set[str], committed: set[str]) -> dict[str, set[st
             if adapter.get("uri") in using:
                 using[adapter["uri"]].add(record["merge_id"])
     return using
+
+
+def check_digest(name: str, uri: str, expected: str | None, found: str) -> None:
+    """A worker's check, at load: an input replaced while the sweep ran is refused (its merges
+    would mix two versions of it)."""
+    if expected and expected != found:
+        raise MergeError(
+            f"adapter {name!r} ({uri}) changed while the sweep ran: its weights' sha256 is "
+            f"{found[:12]}…, the sweep started with {expected[:12]}…; run the spec again "
+            "(with --rebuild-changed to redo the merges made from the old version)"
+        )

@@ -54,6 +54,22 @@ class KeepTopK:
         return out
 
 
+def keeps_files(
+    objective: Objective, metrics: dict[str, Any] | None, threshold: float | None
+) -> bool:
+    """Whether a merge with these metrics keeps its files: it beats the k-th best so far (a
+    merge without a threshold or without metrics always does).
+
+    >>> keeps_files(Objective.parse("qa.accuracy"), {"qa": {"accuracy": 0.7}}, 0.6)
+    True
+    >>> keeps_files(Objective.parse("qa.accuracy"), {"qa": {"accuracy": 0.5}}, 0.6)
+    False
+    """
+    if threshold is None or metrics is None:
+        return True
+    return objective.better(objective.value(metrics), threshold)
+
+
 def final_top(lines: Iterable[dict[str, Any]], k: int, objective: Objective) -> set[str]:
     """The ids of the best k scored, done merges (ties broken by merge id)."""
     best: list[tuple[float, str]] = []

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
@@ -165,6 +166,20 @@ def make_sampler(name: str, seed: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def _resumed_seed(seed: int, told: int) -> int:
+    """The sampler's seed after `told` earlier trials: the spec's seed for a fresh search.
+
+    >>> _resumed_seed(7, 0)
+    7
+    >>> _resumed_seed(7, 3) != _resumed_seed(7, 4)
+    True
+    """
+    if told == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{told}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 class Search:
     """The driver's side of a search: candidates out, scores in, up to the budget."""
 
@@ -174,9 +189,12 @@ class Search:
         self.spec = plan.spec.search
         self.space = Space(self.spec, list(plan.spec.adapters))
         self.objectives = objectives_of(plan.spec)
+        # A resumed study reseeds its sampler: with the first run's seed it would propose that
+        # run's first candidates again, and each repeat would spend budget on a known score.
+        seed = _resumed_seed(self.spec.seed, len(committed_lines))
         self.study = optuna.create_study(
             directions=[o.direction for o in self.objectives],
-            sampler=make_sampler(self.spec.sampler_name(), self.spec.seed),
+            sampler=make_sampler(self.spec.sampler_name(), seed),
         )
         self._trials: dict[str, Any] = {}  # merge_id -> the pending trial(s) it answers
         self._values: dict[str, list[float] | None] = {}  # merge_id -> its values (done ones)

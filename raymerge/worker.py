@@ -9,7 +9,6 @@ actor's GPUs only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import resource
@@ -24,14 +23,16 @@ from typing import Any
 import torch
 
 import raymerge
-from raymerge import compat, engines, manifest, storage
+from raymerge import compat, engines, inputs, manifest, publish, storage
 from raymerge.adapters import load_adapter_tensors
 from raymerge.base import BaseModel
 from raymerge.cache import AdapterCache
 from raymerge.engines import AdapterTensors, MergedAdapter
 from raymerge.engines.fast import FastEngine
 from raymerge.engines.peft_engine import PeftEngine
-from raymerge.errors import MergeError, RaymergeError
+from raymerge.errors import RaymergeError
+from raymerge.keep import keeps_files
+from raymerge.objective import Objective
 from raymerge.task import MergeResult, MergeTask, Status, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,12 @@ class MergeWorker:
         self.fast = FastEngine(self.base.layout)
         self._peft: PeftEngine | None = None
         self.scorer = None
+        self.objective = None
         if config.evaluate is not None:
             from raymerge.evaluate import Scorer
 
             self.scorer = Scorer(self.base, config.evaluate, config.storage_options)
+            self.objective = Objective.parse(config.evaluate.objective)
         if config.evaluate is not None or config.engine == "peft":
             _ = self.base.model  # needed by every merge: load now, fail at start if it cannot
 
@@ -150,7 +153,11 @@ class MergeWorker:
     def _commit(self, job: _Job, metrics: dict | None) -> None:
         task = job.task
         folder = manifest.merge_dir(self.config.output, task.merge_id)
-        files = self._publish(job.merged.files, folder, keep=self._keeps(task, metrics))
+        keep = True
+        if self.objective is not None:
+            keep = keeps_files(self.objective, metrics, task.keep_threshold)
+        options = self.config.storage_options
+        files = publish.write_files(folder, job.merged.files, options, keep=keep)
         record = manifest.merge_record(
             task,
             inputs=[adapter.provenance for adapter in job.inputs],
@@ -171,21 +178,8 @@ class MergeWorker:
             versions=_versions(),
             warnings=_warning_texts(job.caught),
         )
-        try:
-            manifest.commit_merge(self.config.output, record, self.config.storage_options)
-        except BaseException:
-            self._remove(folder, files)
-            raise
+        publish.commit(self.config.output, folder, record, options)
         job.result = self._result(job, Status.DONE, record=record)
-
-    def _keeps(self, task: MergeTask, metrics: dict | None) -> bool:
-        """keep top-k: whether this merge beats the k-th best so far (else only merge.json)."""
-        if task.keep_threshold is None or metrics is None:
-            return True
-        from raymerge.objective import Objective
-
-        objective = Objective.parse(self.config.evaluate.objective)
-        return objective.better(objective.value(metrics), task.keep_threshold)
 
     def _guarded(self, job: _Job, step) -> None:
         """Run one step of a job; an error becomes its failed result (warnings are kept)."""
@@ -238,45 +232,13 @@ class MergeWorker:
         adapter = load_adapter_tensors(
             name, uri, self.config.storage_options, self.base.layout, self.base.device
         )
-        expected = self.input_digests.get(name)
         found = adapter.provenance["weights_sha256"]
-        if expected and expected != found:
-            raise MergeError(
-                f"adapter {name!r} ({uri}) changed while the sweep ran: its weights' sha256 is "
-                f"{found[:12]}…, the sweep started with {expected[:12]}…; run the spec again "
-                "(with --rebuild-changed to redo the merges made from the old version)"
-            )
+        inputs.check_digest(name, uri, self.input_digests.get(name), found)
         return adapter
 
     def _forget(self, name: str) -> None:
         if self._peft is not None:
             self._peft.forget(name)
-
-    def _publish(
-        self, contents: dict[str, bytes], folder: str, keep: bool = True
-    ) -> dict[str, dict[str, Any]]:
-        """Write the adapter files (each atomically); returns their sizes and digests. A failed
-        write removes what this merge wrote: no half-written merge folder stays behind."""
-        files = {}
-        for name, data in contents.items():
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            if not keep:
-                files[name]["kept"] = False
-                continue
-            try:
-                storage.write_bytes(storage.join(folder, name), data, self.config.storage_options)
-            except BaseException:
-                self._remove(folder, files)
-                raise
-        return files
-
-    def _remove(self, folder: str, files: dict[str, Any]) -> None:
-        uris = [storage.join(folder, name) for name in [*files, manifest.MERGE_JSON]]
-        with contextlib.suppress(*storage.errors()):
-            storage.remove(uris, self.config.storage_options)
-        if not storage.is_remote(folder):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
 
     def _result(self, job: _Job, status: Status, **extra) -> MergeResult:
         return MergeResult(

@@ -133,7 +133,7 @@ def base_spec(world: World, output: str | Path, **overrides: Any) -> dict[str, A
             }
         ],
         "output": str(output),
-        "workers": 2,
+        "workers": 1,  # each worker is a process importing torch and PEFT: 2 where a test needs it
         "gpus_per_worker": 1,
         "seed": 0,
     }

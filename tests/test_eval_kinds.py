@@ -190,13 +190,29 @@ def test_an_lm_eval_task_defined_offline_scores_each_merge(demo_dir, tmp_path):
     assert result.done and 0 <= result.record["metrics"]["upper_mc"]["acc"] <= 1
 
 
+HUB_TASK = """task: hub_mc
+dataset_path: Rowan/hellaswag
+test_split: validation
+output_type: multiple_choice
+doc_to_text: "{{ctx}}"
+doc_to_choice: "{{endings}}"
+doc_to_target: label
+metadata: {version: 1.0}
+"""
+"""A task whose data lives on the Hugging Face hub (hellaswag's dataset), defined locally so
+that lm-eval does not index its thousands of own tasks first."""
+
+
 @requires_lm_eval
 def test_an_lm_eval_task_that_needs_the_hub_fails_clearly_offline(demo_dir, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_mc.yaml").write_text(HUB_TASK)
     code = (
         "from raymerge.harness import Harness\n"
         "from transformers import AutoTokenizer\n"
         f"tok = AutoTokenizer.from_pretrained({str(demo_dir / 'world' / 'base')!r})\n"
-        "Harness({'tasks': ['hellaswag'], 'batch_size': 4}, tok)\n"
+        f"Harness({{'tasks': ['hub_mc'], 'include_path': {str(tasks)!r}, 'batch_size': 4}}, tok)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}
     result = subprocess.run(

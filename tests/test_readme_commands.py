@@ -1,5 +1,7 @@
 """The README's commands, as written, from a fresh working directory with relative paths: the
-folder a user has after cloning and `make demo` (jobs/ and ./raymerge-demo), nothing absolute."""
+folder a user has after cloning and `make demo` (jobs/ and ./raymerge-demo), nothing absolute.
+They run through the CLI's entry point in this process; test_scale, test_s3 and
+test_spec_hardening run `python -m raymerge` itself."""
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from raymerge.cli import app
 from raymerge.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,18 +46,21 @@ def fresh_clone(demo_dir, tmp_path_factory):
     return folder
 
 
-def _run(command: str, cwd: Path, ray_address: str, extra: list[str] = ()) -> str:
+def _run(command: str, cwd: Path, extra: list[str] = ()) -> str:
+    """The command through the CLI's own entry point, in this process (already connected to the
+    session's Ray instance, which `raymerge run` would join through RAY_ADDRESS), from `cwd`."""
     args = command.split()[1:] + list(extra)
-    result = subprocess.run(
-        [sys.executable, "-m", "raymerge", *args],
-        cwd=cwd,
-        env={**os.environ, "RAY_ADDRESS": ray_address},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(here)
+    output = result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{command}: {result.exception!r}\n{output[-4000:]}"
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{command}\n{output[-4000:]}"
+    assert result.exit_code == 0, f"{command}\n{output[-4000:]}"
     assert "Traceback" not in output, output[-4000:]
     return result.stdout
 
@@ -78,10 +83,12 @@ def test_the_readme_commands_run_as_written(fresh_clone, ray_cluster):
             extra = ["--merges", "20000"]  # the same code path as 1,000,000, in a second
         if command.startswith("raymerge report"):
             command = "raymerge report raymerge-demo/local-sweep"  # OUTPUT of the run above
-        stdout = _run(command, fresh_clone, ray_cluster, extra)
+        stdout = _run(command, fresh_clone, extra)
         ran.append(command)
         if command.endswith("--json"):
             assert json.loads(stdout)["total"] == 27
+        if command.strip() == "raymerge bench merge":
+            assert "whole raymerge run" in stdout and "linear" in stdout, stdout
         if command.startswith("raymerge demo"):
             assert "Best merges by" in stdout and "Report: " in stdout
             assert "single adapter" in stdout  # the verdict
@@ -91,4 +98,5 @@ def test_the_readme_commands_run_as_written(fresh_clone, ray_cluster):
     local = read_manifest(str(fresh_clone / "raymerge-demo" / "local-sweep"))
     assert len(local) == 27 and all(line["metrics"] for line in local)
     assert (fresh_clone / "raymerge-demo" / "local-sweep" / "report.html").exists()
-    assert (fresh_clone / "raymerge-bench" / "fast" / "output" / "manifest.jsonl").exists()
+    bench = fresh_clone / "raymerge-bench"  # the default, relative --out
+    assert (bench / "world" / "adapters" / "adapter0" / "adapter_config.json").exists()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import (
     EQUAL_RANK_GROUP,
     PEFT_TYPES,
@@ -26,6 +27,7 @@ from raymerge.driver import _check_resources, run_sweep
 from raymerge.errors import ClusterError, InputError
 from raymerge.manifest import read_manifest
 from raymerge.plan import load_plan
+from raymerge.worker import MergeWorker
 
 ALL_TYPES_SPEC = [
     EQUAL_RANK_GROUP,
@@ -46,7 +48,9 @@ ALL_TYPES_SPEC = [
 def sweep(request, world, ray_cluster, tmp_path_factory):
     """One sweep covering all 11 combination types, run once per engine for this module."""
     root = tmp_path_factory.mktemp("sweep")
-    spec = base_spec(world, root / "out", combinations=ALL_TYPES_SPEC, engine=request.param)
+    spec = base_spec(
+        world, root / "out", combinations=ALL_TYPES_SPEC, engine=request.param, workers=2
+    )
     plan = load_plan(write_spec(root, spec))
     summary = run_sweep(plan)
     return plan, summary
@@ -213,7 +217,8 @@ def test_failed_merge_is_recorded_never_listed_as_done_and_exits_1(world, ray_cl
 
 def test_too_many_gpus_is_a_clear_error_before_anything_runs(world, ray_cluster, tmp_path):
     """A local instance cannot grow: the driver checks the workers fit before starting any."""
-    plan = load_plan(write_spec(tmp_path, base_spec(world, tmp_path / "out", gpus_per_worker=4)))
+    spec = base_spec(world, tmp_path / "out", workers=2, gpus_per_worker=4)
+    plan = load_plan(write_spec(tmp_path, spec))
     with pytest.raises(ClusterError) as caught:
         _check_resources(plan.spec)  # on the session's instance: 2 CPU, 2 GPU
     message = str(caught.value)
@@ -223,15 +228,22 @@ def test_too_many_gpus_is_a_clear_error_before_anything_runs(world, ray_cluster,
 
 
 def test_dare_merges_are_reproducible(world, ray_cluster, tmp_path):
-    """One spec, two outputs: identical DARE adapter bytes (per-merge seeds); new seed differs."""
+    """One spec, two outputs: identical DARE adapter bytes (per-merge seeds); new seed differs.
+    The first run is a sweep on a Ray worker, the others merge in this process (a new worker)."""
     dare = ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]
     spec = base_spec(world, tmp_path / "one")
     spec["combinations"][0]["methods"] = [{"combination_type": dare, "density": 0.5}]
     one = load_plan(write_spec(tmp_path, spec))
     two = load_plan(write_spec(tmp_path, spec), {"output": str(tmp_path / "two")})
     three = load_plan(write_spec(tmp_path, {**spec, "seed": 1}, name="three.yaml"))
-    for plan in (one, two, three):
-        assert run_sweep(plan).done == 4
+    assert run_sweep(one).done == 4
+    threads = torch.get_num_threads()  # a worker sets its own
+    try:
+        for plan in (two, three):
+            worker = MergeWorker(0, plan.worker_config())
+            assert all(worker.merge(task).done for task in plan.tasks())
+    finally:
+        torch.set_num_threads(threads)
     for task, other_seed in zip(one.tasks(), three.tasks(), strict=True):
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             first, second = (Path(p.output, "merges", task.merge_id, name) for p in (one, two))

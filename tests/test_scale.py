@@ -45,6 +45,7 @@ def _pairs_spec(world, eight, output: Path, **overrides) -> dict:
     spec = base_spec(
         world,
         output,
+        workers=2,
         adapters={name: str(path) for name, path in eight.items()},
         combinations=[
             {
@@ -197,7 +198,7 @@ def test_fail_fast_stops_dispatching_at_the_first_failure(world, ray_cluster, tm
 def test_each_worker_reserves_its_resources_in_a_strict_pack_placement_group(
     world, ray_cluster, tmp_path
 ):
-    plan = load_plan(write_spec(tmp_path, base_spec(world, tmp_path / "out")))
+    plan = load_plan(write_spec(tmp_path, base_spec(world, tmp_path / "out", workers=2)))
     workers, groups, _ = _start_workers(plan, 120, fixed_size=False)
     try:
         assert len(groups) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -76,25 +77,40 @@ def bench_merge(
         },
         "types": {},
     }
+    plain: dict[str, float] = {}
     if shape == "default":
         figures["world"].update(hidden_size=hidden_size, layers=layers, rank=rank)
         figures["world"]["targets"] = list(targets)
+        peft_types = [t for t in types if _is_peft_type(t)]  # raymerge's own: no plain loop
         log("timing the plain PEFT loop")
-        plain = _plain_peft_loop(world, types, root / "plain")
-    ray.init(num_cpus=threads + 1, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        plain = _plain_peft_loop(world, peft_types, root / "plain")
+    # As `raymerge run` does: this process's Ray connection, else RAY_ADDRESS, else a local
+    # instance of this size.
+    owned = not ray.is_initialized()
+    if owned and os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    elif owned:
+        ray.init(num_cpus=threads + 1, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
         for combination_type in types:
             log(f"timing raymerge run and the I/O floor: {combination_type}")
             row = _raymerge_steady(world, combination_type, root / combination_type, threads)
-            if shape == "default":
+            if combination_type in plain:
                 row["plain_peft_loop"] = round(pairs / plain[combination_type], 2)
                 row["raymerge_over_plain"] = round(row["raymerge"] / row["plain_peft_loop"], 2)
             figures["types"][combination_type] = row
             shutil.rmtree(root / combination_type, ignore_errors=True)  # GBs at real sizes
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
     figures["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return figures
+
+
+def _is_peft_type(combination_type: str) -> bool:
+    from raymerge.methods import method as lookup
+
+    return lookup(combination_type).peft
 
 
 def _size(folder: Path) -> int:

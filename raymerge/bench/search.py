@@ -46,7 +46,7 @@ def bench_search(
     spec["workers"] = 1
     spec["cpus_per_worker"] = 2
     objective = Objective.parse(spec["evaluate"]["objective"])
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     figures: dict[str, Any] = {"objective": objective.name, "budgets": list(budgets)}
     try:
         log("running the demo's grid")
