@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -16,6 +17,13 @@ os.environ.update(
     AWS_DEFAULT_REGION="us-east-1",
 )
 os.environ.pop("AWS_ENDPOINT_URL", None)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    # Two test processes share the machine's cores: one thread each, so that neither process's
+    # thread pool competes with the other's (and with the Ray workers) for the same cores.
+    torch.set_num_threads(1)
 
 WORLD_ADAPTERS = {
     "a": AdapterShape(r=8, lora_alpha=16),
@@ -85,9 +93,42 @@ def s3(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    """The demo's world, trained once: base model with tokenizer, task adapters, eval sets."""
+    """The demo's world, trained once for the whole run (30 CPU seconds), shared by the xdist
+    processes through a lock: base model with tokenizer, task adapters, eval sets. Read-only."""
+    from filelock import FileLock
+
     from raymerge.demo import prepare_demo
 
-    folder = tmp_path_factory.mktemp("demo") / "raymerge-demo"
-    prepare_demo(folder, workers=2, log=lambda _: None)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder that all of this run's xdist processes share
+    folder = root / "shared-demo" / "raymerge-demo"
+    with FileLock(str(root / "shared-demo.lock")):
+        if not (folder.parent / "ready").exists():
+            shutil.rmtree(folder.parent, ignore_errors=True)
+            prepare_demo(folder, workers=2, log=lambda _: None)
+            (folder.parent / "ready").touch()
     return folder
+
+
+HEAVY_FIRST = [
+    "test_s3.py",
+    "test_scale.py",
+    "test_run.py",
+    "test_submit.py",
+    "test_real_adapters.py",
+    "test_readme_commands.py",
+    "test_evaluate.py",
+    "test_search.py",
+    "test_faults.py",
+]
+"""Test files by serial run time, longest first: with `-n 2 --dist loadfile` the last file to
+start decides when the run ends, so the long ones start first."""
+
+
+def pytest_collection_modifyitems(items):
+    def weight(item) -> int:
+        name = item.path.name
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=weight)  # stable: each file keeps its own order
