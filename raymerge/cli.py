@@ -392,6 +392,9 @@ def bench_merge(
         "linear,cat,ties,dare_linear,magnitude_prune,svd", help="Combination types to time."
     ),
     threads: int = typer.Option(2, help="CPU threads for each way of merging."),
+    steady_seconds: float = typer.Option(
+        30.0, help="About how long the larger sweep's extra merges take (steady state)."
+    ),
     json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
 ) -> None:
     """A whole `raymerge run` per type against the plain PEFT loop and the I/O floor."""
@@ -411,6 +414,7 @@ def bench_merge(
             targets=tuple(t for t in targets.split(",") if t),
             types=tuple(t for t in types.split(",") if t),
             threads=threads,
+            steady_seconds=steady_seconds,
             log=_consoles.out.print,
         )
         rows = list(figures["types"].values())

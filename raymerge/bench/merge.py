@@ -3,8 +3,9 @@
 - the plain PEFT loop a user would write (base and adapters loaded once; per merge
   `add_weighted_adapter` -> `save_pretrained(selected_adapters=...)` -> `delete_adapter`);
 - `raymerge run` as a user gets it — driver, scheduling, merging, merge.json, manifest and commit
-  included — in the steady state: two sweeps of K and 2K merges, whose difference in wall time
-  is the cost of K merges with start-up cancelled out;
+  included — in the steady state: two sweeps, of K merges and of W·K (W chosen so that the extra
+  merges take about 30 s), whose difference in wall time is the cost of the extra merges with
+  start-up cancelled out;
 - the I/O floor: serialising and writing the same files, and nothing else.
 
 `shape="llama-8b"` measures at a size users run (Llama-3.1-8B's layers, r=16 on all seven linear
@@ -47,6 +48,7 @@ def bench_merge(
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
     types: tuple[str, ...] = DEFAULT_TYPES,
     threads: int = 2,
+    steady_seconds: float = 30.0,
     log=print,
 ) -> dict[str, Any]:
     """Figures per type: merges/s three ways, their ratios, MB/s, and peak memory."""
@@ -94,7 +96,9 @@ def bench_merge(
     try:
         for combination_type in types:
             log(f"timing raymerge run and the I/O floor: {combination_type}")
-            row = _raymerge_steady(world, combination_type, root / combination_type, threads)
+            row = _raymerge_steady(
+                world, combination_type, root / combination_type, threads, steady_seconds
+            )
             if combination_type in plain:
                 row["plain_peft_loop"] = round(pairs / plain[combination_type], 2)
                 row["raymerge_over_plain"] = round(row["raymerge"] / row["plain_peft_loop"], 2)
@@ -145,20 +149,26 @@ def _plain_peft_loop(world, types, out: Path) -> dict[str, float]:
     return seconds
 
 
-def _raymerge_steady(world, combination_type: str, out: Path, threads: int) -> dict[str, Any]:
-    """Two whole sweeps (every pair at one weighting, then at two): the difference of their
-    wall times is the steady-state cost of one weighting's merges."""
-    runs = {}
-    for weightings in (1, 2):
-        runs[weightings] = _raymerge_run(
-            world, combination_type, out / f"w{weightings}", threads, weightings
-        )
-    merges = runs[2]["done"] - runs[1]["done"]
-    seconds = runs[2]["seconds"] - runs[1]["seconds"]
-    floor_seconds, megabytes = _io_floor(out / "w2" / "output", out / "floor")
-    per_merge_mb = megabytes / runs[2]["done"]
+MAX_WEIGHTINGS = 200
+
+
+def _raymerge_steady(
+    world, combination_type: str, out: Path, threads: int, steady_seconds: float
+) -> dict[str, Any]:
+    """Two whole sweeps (every pair at one weighting, then at W, with W chosen from the first
+    sweep's merge time so that the extra merges take about `steady_seconds`): the difference of
+    their wall times is the steady-state cost of the extra merges, start-up cancelled out. Start-up
+    varies by about a second between two runs, so the extra merges must take far longer."""
+    small = _raymerge_run(world, combination_type, out / "small", threads, 1)
+    per_weighting = max(small["merge_seconds"], 1e-3)
+    weightings = min(MAX_WEIGHTINGS, max(2, math.ceil(1 + steady_seconds / per_weighting)))
+    large = _raymerge_run(world, combination_type, out / "large", threads, weightings)
+    merges = large["done"] - small["done"]
+    seconds = large["seconds"] - small["seconds"]
+    floor_seconds, megabytes = _io_floor(out / "large" / "output", out / "floor")
+    per_merge_mb = megabytes / large["done"]
     rate = merges / seconds
-    floor_rate = runs[2]["done"] / floor_seconds
+    floor_rate = large["done"] / floor_seconds
     return {
         "raymerge": round(rate, 2),
         "io_floor": round(floor_rate, 2),
@@ -166,8 +176,9 @@ def _raymerge_steady(world, combination_type: str, out: Path, threads: int) -> d
         "raymerge_mb_per_s": round(rate * per_merge_mb, 1),
         "io_floor_mb_per_s": round(floor_rate * per_merge_mb, 1),
         "mb_per_merge": round(per_merge_mb, 1),
-        "worker_peak_rss_mb": runs[2]["worker_peak_rss_mb"],
-        "whole_run_seconds": {"small": runs[1]["seconds"], "large": runs[2]["seconds"]},
+        "worker_peak_rss_mb": large["worker_peak_rss_mb"],
+        "whole_runs": f"{small['done']} in {small['seconds']:.1f} s, "
+        f"{large['done']} in {large['seconds']:.1f} s",
     }
 
 
@@ -184,7 +195,7 @@ def _raymerge_run(world, combination_type, out: Path, threads: int, weightings: 
         "combinations": [
             {
                 "choose": 2,
-                "weights": [[0.5, 0.5], [0.3, 0.7]][:weightings],
+                "weights": [[0.5, round(0.5 + 0.001 * i, 3)] for i in range(weightings)],
                 "methods": [_method(combination_type)],
             }
         ],
@@ -202,6 +213,7 @@ def _raymerge_run(world, combination_type, out: Path, threads: int, weightings: 
     return {
         "done": summary.done,
         "seconds": round(seconds, 3),
+        "merge_seconds": summary.merge_seconds,
         "worker_peak_rss_mb": max(w.peak_rss_mb for w in summary.workers.values()),
     }
 

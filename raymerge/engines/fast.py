@@ -223,6 +223,12 @@ def _stacked(adapter: AdapterTensors, group: list[str], side: int) -> torch.Tens
     return torch.stack([adapter.factors[m][side] for m in group])
 
 
+def _stacked_inputs(present, group: list[str], side: int) -> torch.Tensor:
+    """Every input's factor for every module of a group: [N, M, ...], in one copy."""
+    tensors = [a.factors[m][side] for a, _ in present for m in group]
+    return torch.stack(tensors).view(len(present), len(group), *tensors[0].shape)
+
+
 def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int):
     """Zero rows of A and columns of B up to `rank` (batched [M, r, in] and [M, out, r])."""
     missing = rank - lora_a.shape[1]
@@ -274,7 +280,7 @@ def _factorwise(adapters, weights, modules: list[str], method: Method, params):
         present = _present(adapters, weights, group[0])
         merged = []
         for side, side_weights in enumerate(_factor_weights(present, group[0])):
-            stacked = torch.stack([_stacked(a, group, side) for a, _ in present])
+            stacked = _stacked_inputs(present, group, side)
             group_masks = None
             if method.random:
                 group_masks = torch.stack(
