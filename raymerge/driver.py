@@ -41,6 +41,10 @@ from raymerge.worker import MergeWorker
 log = logging.getLogger(__name__)
 
 TASKS_IN_FLIGHT_PER_WORKER = 2  # one merging, one queued: no idle gap between tasks
+SECONDS_PER_CALL = 0.1
+"""Merge-only sweeps send each worker about this much work per call (measured as merges finish,
+at most MAX_MERGES_PER_CALL): cheap merges then cost one round trip per batch, not one each."""
+MAX_MERGES_PER_CALL = 32
 MANIFEST_FLUSH_SECONDS = 30.0
 MANIFEST_CLOSE_SECONDS = 300.0
 """How long the driver keeps trying to write the manifest when the store does not answer at the
@@ -326,9 +330,11 @@ class _Dispatch:
         self.objective = Objective.parse(evaluate.objective_terms()) if evaluate else None
         self.keep = KeepTopK(plan.spec.keep.top, self.objective) if plan.spec.keep else None
         self.in_flight: dict[Any, tuple[int, list[MergeTask]]] = {}
-        # Merges per call: the scorer takes them together (several adapters per forward pass).
+        # Merges per call: the scorer takes them together (several adapters per forward pass);
+        # merge-only calls grow with how cheap merges turn out to be (see _batch_size).
         evaluate = plan.spec.evaluate
-        self.per_call = evaluate.adapters_per_pass if evaluate is not None else 1
+        self.fixed_per_call = evaluate.adapters_per_pass if evaluate is not None else None
+        self.seconds_per_merge: float | None = None  # moving average of finished merges
         self.probes: dict[Any, int] = {}  # info() calls on workers that died, until they are back
         self.cached: dict[int, set[str]] = {w: set() for w in workers}
         self.attempts: dict[str, int] = {}
@@ -366,7 +372,8 @@ class _Dispatch:
             for name in task.adapters
         }
         tasks = []
-        while len(tasks) < self.per_call:
+        per_call = self._batch_size()
+        while len(tasks) < per_call:
             task = self.scheduler.next_for(index, expected)
             if task is None:
                 break
@@ -379,6 +386,13 @@ class _Dispatch:
         if tasks:
             attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
             self.in_flight[self.workers[index].merge_many.remote(tasks, attempts)] = (index, tasks)
+
+    def _batch_size(self) -> int:
+        if self.fixed_per_call is not None:
+            return self.fixed_per_call
+        if not self.seconds_per_merge:  # nothing measured yet: one at a time
+            return 1
+        return max(1, min(MAX_MERGES_PER_CALL, int(SECONDS_PER_CALL / self.seconds_per_merge)))
 
     def _finished(self, ref) -> None:
         index, tasks = self.in_flight.pop(ref)
@@ -395,6 +409,9 @@ class _Dispatch:
         stats = self.summary.workers[str(index)]
         stats.adapter_loads += result.adapter_loads
         stats.busy_seconds = round(stats.busy_seconds + result.seconds, 3)
+        if result.done and result.seconds > 0:
+            previous = self.seconds_per_merge or result.seconds
+            self.seconds_per_merge = 0.8 * previous + 0.2 * result.seconds
         stats.peak_rss_mb = max(stats.peak_rss_mb, result.peak_rss_mb)
         stats.eval_seconds = round(stats.eval_seconds + result.eval_seconds, 3)
         self.cached[index] = set(result.cached)

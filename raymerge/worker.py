@@ -108,6 +108,14 @@ class MergeWorker:
         A retried task (`attempt` > 0) whose merge.json exists was committed by a worker that died
         right after: it is reported, not written again.
         """
+        keep = {name for task in tasks for name in task.adapters}
+        if self.scorer is None:  # merge only: each merge written as soon as it is made
+            results = [
+                self._merge_and_commit(task, attempt)
+                for task, attempt in zip(tasks, attempts, strict=True)
+            ]
+            self.cache.evict(keep=keep)
+            return results
         jobs = [
             self._merge_job(task, attempt) for task, attempt in zip(tasks, attempts, strict=True)
         ]
@@ -130,8 +138,15 @@ class MergeWorker:
         for job, job_metrics in zip(pending, metrics, strict=True):
             if job.result is None:
                 self._guarded(job, lambda job=job, m=job_metrics: self._commit(job, m))
-        self.cache.evict(keep={name for task in tasks for name in task.adapters})
+        self.cache.evict(keep=keep)
         return [job.result for job in jobs]
+
+    def _merge_and_commit(self, task: MergeTask, attempt: int) -> MergeResult:
+        """One merge-only task, start to commit (one merged adapter in memory at a time)."""
+        job = self._merge_job(task, attempt)
+        if job.result is None:
+            self._guarded(job, lambda: self._commit(job, None))
+        return job.result
 
     def _merge_job(self, task: MergeTask, attempt: int) -> _Job:
         job = _Job(task, time.perf_counter(), self.cache.loads, self.cache.load_seconds)
