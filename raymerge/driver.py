@@ -334,6 +334,8 @@ class _Dispatch:
         # merge-only calls grow with how cheap merges turn out to be (see _batch_size).
         evaluate = plan.spec.evaluate
         self.fixed_per_call = evaluate.adapters_per_pass if evaluate is not None else None
+        if evaluate is None and plan.spec.scheduling == "round_robin":
+            self.fixed_per_call = 1  # task i to worker i % n, as it says
         self.seconds_per_merge: float | None = None  # moving average of finished merges
         self.probes: dict[Any, int] = {}  # info() calls on workers that died, until they are back
         self.cached: dict[int, set[str]] = {w: set() for w in workers}
