@@ -561,8 +561,9 @@ def _free_resources() -> str:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None) -> Iterator[bool]:
-    """Use the current Ray connection, else join `address`/RAY_ADDRESS, else start Ray locally.
+def ray_session(address: str | None, **local: Any) -> Iterator[bool]:
+    """Use the current Ray connection, else join `address`/RAY_ADDRESS, else start Ray locally
+    (`local`: ray.init's sizes for that new instance, e.g. num_cpus).
 
     Yields whether the cluster is of fixed size (a local instance we started: no autoscaler).
     """
@@ -575,7 +576,9 @@ def ray_session(address: str | None) -> Iterator[bool]:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             # "local": a new instance, never a stale one found in /tmp/ray/ray_current_cluster.
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(
+                address="local", include_dashboard=False, logging_level=logging.WARNING, **local
+            )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {exc}"

@@ -121,7 +121,7 @@ class MergeWorker:
         ]
         pending = [job for job in jobs if job.result is None]
         metrics: list[dict | None] = [None] * len(pending)
-        if self.scorer is not None and pending:
+        if pending:
             started = time.perf_counter()
             try:
                 with _captured_warnings() as caught:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import time
@@ -52,9 +51,9 @@ def bench_merge(
     log=print,
 ) -> dict[str, Any]:
     """Figures per type: merges/s three ways, their ratios, MB/s, and peak memory."""
-    import ray
     import torch
 
+    from raymerge.driver import ray_session
     from raymerge.world import AdapterShape, build_config_only_world, build_world
 
     torch.set_num_threads(threads)
@@ -88,12 +87,7 @@ def bench_merge(
         plain = _plain_peft_loop(world, peft_types, root / "plain")
     # As `raymerge run` does: this process's Ray connection, else RAY_ADDRESS, else a local
     # instance of this size.
-    owned = not ray.is_initialized()
-    if owned and os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-    elif owned:
-        ray.init(num_cpus=threads + 1, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(None, num_cpus=threads + 1, num_gpus=0, log_to_driver=False):
         for combination_type in types:
             log(f"timing raymerge run and the I/O floor: {combination_type}")
             row = _raymerge_steady(
@@ -104,9 +98,6 @@ def bench_merge(
                 row["raymerge_over_plain"] = round(row["raymerge"] / row["plain_peft_loop"], 2)
             figures["types"][combination_type] = row
             shutil.rmtree(root / combination_type, ignore_errors=True)  # GBs at real sizes
-    finally:
-        if owned:
-            ray.shutdown()
     figures["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return figures
 
