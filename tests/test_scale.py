@@ -142,8 +142,11 @@ def test_a_killed_worker_is_replaced_and_its_tasks_retried(world, eight, ray_clu
     plan = load_plan(spec_path)
     run = _run_cli(spec_path, ray_cluster)
     _wait_for_commits(tmp_path / "out", 4, run)
+    # This session's Ray instance runs under this process: never another test process's workers.
     victims = [
-        p for p in psutil.process_iter(["name"]) if p.info["name"].startswith("ray::MergeWorker")
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.name().startswith("ray::MergeWorker")
     ]
     assert victims, "no merge worker process found"
     victims[0].send_signal(signal.SIGKILL)
