@@ -1,8 +1,8 @@
 """raymerge: merge LoRA adapters at scale on a Ray cluster.
 
 Example:
-    >>> from raymerge.plan import candidates
-    >>> from raymerge.spec import parse_spec
+    >>> from raymerge.sweep.plan import candidates
+    >>> from raymerge.sweep.spec import parse_spec
     >>> spec = parse_spec({"base_model": "base", "adapters": {"math": "m", "code": "c"},
     ...     "output": "out", "combinations": [{"adapters": ["math", "code"],
     ...     "weights": [[0.5, 0.5], [0.7, 0.3]], "methods": [{"combination_type": "cat"}]}]})

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from raymerge.world import AdapterShape, build_world
+from raymerge.demo.world import AdapterShape, build_world
 
 # Credentials for the local S3 store (it accepts any), set before Ray starts so that its
 # workers inherit them.
@@ -97,7 +97,7 @@ def demo_dir(tmp_path_factory):
     processes through a lock: base model with tokenizer, task adapters, eval sets. Read-only."""
     from filelock import FileLock
 
-    from raymerge.demo import prepare_demo
+    from raymerge.demo.demo import prepare_demo
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -10,8 +10,8 @@ import yaml
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from raymerge.methods import METHODS, Form, RankRule
-from raymerge.world import World
+from raymerge.demo.world import World
+from raymerge.merge.registry import METHODS, Form, RankRule
 
 PEFT_TYPES = [m.name for m in METHODS.values() if m.peft]
 """PEFT's combination types, from the registry: a new entry is covered by every test using it."""
@@ -84,7 +84,7 @@ class SweepThread:
     def __init__(self, plan):
         import threading
 
-        from raymerge.driver import run_sweep
+        from raymerge.cluster.driver import run_sweep
 
         self.summary = self.error = None
 

@@ -21,11 +21,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from raymerge.cluster.worker import MergeWorker
+from raymerge.demo.world import AdapterShape, build_adapter, build_base_model
 from raymerge.errors import InputError, SpecError
-from raymerge.manifest import merge_dir
-from raymerge.plan import load_plan
-from raymerge.worker import MergeWorker
-from raymerge.world import AdapterShape, build_adapter, build_base_model
+from raymerge.store.manifest import merge_dir
+from raymerge.sweep.plan import load_plan
 
 
 def _problems(tmp_path: Path, spec: dict) -> list[str]:

@@ -27,9 +27,9 @@ from helpers import (
 )
 from safetensors import safe_open
 
-from raymerge.driver import run_sweep
-from raymerge.plan import load_plan
-from raymerge.world import AdapterShape, build_adapter
+from raymerge.cluster.driver import run_sweep
+from raymerge.demo.world import AdapterShape, build_adapter
+from raymerge.sweep.plan import load_plan
 
 FEATURE_ADAPTERS = {
     "rs1": AdapterShape(r=4, lora_alpha=16, extra={"use_rslora": True}),

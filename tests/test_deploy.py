@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
-from raymerge.spec import parse_spec
+from raymerge.sweep.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

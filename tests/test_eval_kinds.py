@@ -14,8 +14,8 @@ from helpers import write_spec
 from typer.testing import CliRunner
 
 from raymerge.cli import app
-from raymerge.plan import load_plan
-from raymerge.worker import MergeWorker
+from raymerge.cluster.worker import MergeWorker
+from raymerge.sweep.plan import load_plan
 
 ADAPTERS = ("sums", "reverse", "upper")
 
@@ -209,7 +209,7 @@ def test_an_lm_eval_task_that_needs_the_hub_fails_clearly_offline(demo_dir, tmp_
     tasks.mkdir()
     (tasks / "hub_mc.yaml").write_text(HUB_TASK)
     code = (
-        "from raymerge.harness import Harness\n"
+        "from raymerge.score.harness import Harness\n"
         "from transformers import AutoTokenizer\n"
         f"tok = AutoTokenizer.from_pretrained({str(demo_dir / 'world' / 'base')!r})\n"
         f"Harness({{'tasks': ['hub_mc'], 'include_path': {str(tasks)!r}, 'batch_size': 4}}, tok)\n"

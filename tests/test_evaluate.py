@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from helpers import write_spec
 
-from raymerge.driver import run_sweep
+from raymerge.cluster.driver import run_sweep
 from raymerge.errors import InputError
-from raymerge.manifest import read_manifest, read_references
-from raymerge.plan import load_plan
-from raymerge.report import build_report, pareto_front
+from raymerge.report.report import build_report, pareto_front
+from raymerge.store.manifest import read_manifest, read_references
+from raymerge.sweep.plan import load_plan
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

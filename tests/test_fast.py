@@ -21,12 +21,12 @@ from helpers import (
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from raymerge.engines import AdapterTensors, fast
-from raymerge.manifest import merge_dir
-from raymerge.methods import METHODS
-from raymerge.plan import load_plan
-from raymerge.worker import MergeWorker
-from raymerge.world import AdapterShape, build_adapter
+from raymerge.cluster.worker import MergeWorker
+from raymerge.demo.world import AdapterShape, build_adapter
+from raymerge.merge.engines import AdapterTensors, fast
+from raymerge.merge.registry import METHODS
+from raymerge.store.manifest import merge_dir
+from raymerge.sweep.plan import load_plan
 
 GROUPS = [
     EQUAL_RANK_GROUP,

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from raymerge.cli import app
-from raymerge.driver import run_sweep
+from raymerge.cluster.driver import run_sweep
+from raymerge.cluster.worker import MergeWorker
+from raymerge.demo.world import AdapterShape, build_adapter
 from raymerge.errors import InputError
-from raymerge.manifest import read_manifest
-from raymerge.plan import load_plan
-from raymerge.worker import MergeWorker
-from raymerge.world import AdapterShape, build_adapter
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 KEY = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
 

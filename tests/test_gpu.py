@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import assert_matches_peft, base_spec, write_spec
 
-from raymerge.driver import run_sweep
-from raymerge.manifest import read_manifest
-from raymerge.plan import load_plan
+from raymerge.cluster.driver import run_sweep
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 requires_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (none on this machine)"
@@ -22,7 +22,7 @@ requires_two_gpus = pytest.mark.skipif(
 def test_a_worker_shards_the_base_model_over_its_gpus(world, tmp_path):
     import ray
 
-    from raymerge.driver import _start_workers
+    from raymerge.cluster.driver import _start_workers
 
     ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, ignore_reinit_error=True)
     spec = base_spec(
@@ -50,7 +50,7 @@ requires_a_gpu = pytest.mark.skipif(
 def test_a_merge_only_worker_merges_on_its_gpu_without_base_weights(world, tmp_path):
     import ray
 
-    from raymerge.driver import _start_workers
+    from raymerge.cluster.driver import _start_workers
 
     ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, ignore_reinit_error=True)
     spec = base_spec(world, tmp_path / "out", workers=1, gpus_per_worker=1)

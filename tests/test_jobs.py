@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raymerge.plan import load_plan
-from raymerge.spec import load_spec
+from raymerge.sweep.plan import load_plan
+from raymerge.sweep.spec import load_spec
 
 JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
 

@@ -14,12 +14,12 @@ from helpers import lora_deltas, methods_for, relative_error, reload_merged, wri
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from raymerge.driver import run_sweep
-from raymerge.engines import AdapterTensors
-from raymerge.engines.fast import PREFIX, merge_tensors
-from raymerge.engines.reference import dense_reference
-from raymerge.methods import METHODS
-from raymerge.plan import load_plan
+from raymerge.cluster.driver import run_sweep
+from raymerge.merge.engines import AdapterTensors
+from raymerge.merge.engines.fast import PREFIX, merge_tensors
+from raymerge.merge.engines.reference import dense_reference
+from raymerge.merge.registry import METHODS
+from raymerge.sweep.plan import load_plan
 
 NEW = [m.name for m in METHODS.values() if not m.peft]
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real_adapters"

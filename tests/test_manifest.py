@@ -8,9 +8,9 @@ import json
 import random
 from pathlib import Path
 
-from raymerge import manifest
-from raymerge.plan import _canonical, candidates, group_names
-from raymerge.spec import ChooseGroup, parse_spec
+from raymerge.store import manifest
+from raymerge.sweep.plan import _canonical, candidates, group_names
+from raymerge.sweep.spec import ChooseGroup, parse_spec
 
 
 def _line(merge_id: str, status: str = "done") -> dict:
@@ -47,7 +47,7 @@ def test_a_killed_run_leaves_segments_that_every_reader_includes(tmp_path):
 
 def test_flushes_upload_only_new_lines(tmp_path, monkeypatch):
     """Bytes uploaded over a long sweep are O(merges): each flush sends only its new lines."""
-    from raymerge import storage
+    from raymerge.store import storage
 
     uploads = []
     real_write = storage.write

@@ -12,10 +12,11 @@ from peft import LoraConfig, PeftModel
 from peft.utils import merge_utils
 from transformers import AutoModelForCausalLM
 
-from raymerge.engines import AdapterTensors, arithmetic
-from raymerge.engines.fast import PREFIX, merge_tensors
-from raymerge.methods import METHODS, PARAMS, REQUIRED, Form, RankRule
-from raymerge.spec import MethodSpec
+from raymerge.merge import arithmetic
+from raymerge.merge.engines import AdapterTensors
+from raymerge.merge.engines.fast import PREFIX, merge_tensors
+from raymerge.merge.registry import METHODS, PARAMS, REQUIRED, Form, RankRule
+from raymerge.sweep.spec import MethodSpec
 
 ALL = list(METHODS)
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from raymerge.cli import app
 from raymerge.errors import InputError, SpecError
-from raymerge.plan import load_plan
+from raymerge.sweep.plan import load_plan
 
 runner = CliRunner()
 

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from raymerge.cli import app
-from raymerge.manifest import read_manifest
+from raymerge.store.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 USING_IT = re.search(r"## Using it\n+```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)

@@ -12,10 +12,10 @@ import torch
 from helpers import compare_merge, write_spec
 from peft import PeftModel, get_peft_model_state_dict
 
-from raymerge.driver import run_sweep
+from raymerge.cluster.driver import run_sweep
 from raymerge.errors import InputError
-from raymerge.methods import METHODS, RankRule
-from raymerge.plan import load_plan
+from raymerge.merge.registry import METHODS, RankRule
+from raymerge.sweep.plan import load_plan
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real_adapters"
 PLAIN = ["tigrinya", "riddles", "story", "udacity", "ironhack_r4", "ironhack_bias"]

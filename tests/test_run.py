@@ -23,11 +23,11 @@ from helpers import (
 )
 from peft.tuners.lora import LoraLayer
 
-from raymerge.driver import _check_resources, run_sweep
+from raymerge.cluster.driver import _check_resources, run_sweep
+from raymerge.cluster.worker import MergeWorker
 from raymerge.errors import ClusterError, InputError
-from raymerge.manifest import read_manifest
-from raymerge.plan import load_plan
-from raymerge.worker import MergeWorker
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 ALL_TYPES_SPEC = [
     EQUAL_RANK_GROUP,

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from helpers import SweepThread, assert_matches_peft, base_spec, wait_for_commits, write_spec
 
-from raymerge import storage
-from raymerge.driver import run_sweep
+from raymerge.cluster.driver import run_sweep
 from raymerge.errors import InputError, StorageError
-from raymerge.manifest import read_manifest
-from raymerge.plan import load_plan
+from raymerge.store import storage
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 
 def _upload_tree(fs, local: Path, remote: str) -> None:
@@ -313,7 +313,7 @@ def test_an_unreachable_store_at_the_end_is_named_not_a_traceback(s3, s3_endpoin
     from flaky_s3 import FlakyS3Proxy
 
     from raymerge.errors import StorageError
-    from raymerge.manifest import ManifestWriter
+    from raymerge.store.manifest import ManifestWriter
 
     _, bucket = s3
     with FlakyS3Proxy(s3_endpoint) as proxy:

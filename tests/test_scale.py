@@ -19,11 +19,11 @@ import ray
 from botocore.exceptions import ClientError
 from helpers import assert_matches_peft, base_spec, wait_for_commits, write_spec
 
-from raymerge import storage
-from raymerge.driver import _start_workers, run_sweep
-from raymerge.manifest import read_manifest
-from raymerge.plan import load_plan
-from raymerge.world import AdapterShape, build_adapter
+from raymerge.cluster.driver import _start_workers, run_sweep
+from raymerge.demo.world import AdapterShape, build_adapter
+from raymerge.store import storage
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 NAMES = [f"t{i}" for i in range(8)]
 ADAPTER_BYTES = 8 * 2 * 4 * 64 * 4  # 8 modules x (A + B) x r=4 x 64 features x float32

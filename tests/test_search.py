@@ -15,10 +15,10 @@ from helpers import wait_for_commits, write_spec
 from typer.testing import CliRunner
 
 from raymerge.cli import app
-from raymerge.driver import run_sweep
-from raymerge.manifest import read_manifest
-from raymerge.materialize import materialize
-from raymerge.plan import load_plan
+from raymerge.cluster.driver import run_sweep
+from raymerge.cluster.materialize import materialize
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 ADAPTERS = ("sums", "reverse", "upper")
 SPACE = {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import base_spec, free_port, wait_for_http, write_spec
 
-from raymerge.manifest import read_manifest
-from raymerge.plan import load_plan
+from raymerge.store.manifest import read_manifest
+from raymerge.sweep.plan import load_plan
 
 
 @pytest.fixture(scope="module")

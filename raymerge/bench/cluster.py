@@ -30,9 +30,9 @@ def bench_cluster(
     import yaml
     from ray.cluster_utils import Cluster
 
-    from raymerge.driver import run_sweep
-    from raymerge.plan import load_plan
-    from raymerge.world import AdapterShape, build_world
+    from raymerge.cluster.driver import run_sweep
+    from raymerge.demo.world import AdapterShape, build_world
+    from raymerge.sweep.plan import load_plan
 
     shape = AdapterShape(r=4, lora_alpha=8, target_modules=TARGETS)
     names = [f"adapter{i:02d}" for i in range(adapters)]

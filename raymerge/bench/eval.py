@@ -70,8 +70,8 @@ def bench_eval(
 
 
 def _generated_spec(root, hidden_size, layers, adapters, weightings, samples, log) -> dict:
-    from raymerge.demo import TASKS, task_texts
-    from raymerge.world import AdapterShape, build_world
+    from raymerge.demo.demo import TASKS, task_texts
+    from raymerge.demo.world import AdapterShape, build_world
 
     log(f"building a world: hidden {hidden_size}, {layers} layers, {adapters} adapters")
     names = [f"adapter{i}" for i in range(adapters)]
@@ -101,7 +101,7 @@ def _generated_spec(root, hidden_size, layers, adapters, weightings, samples, lo
 
 
 def _demo_spec(root: Path, log) -> dict:
-    from raymerge.demo import prepare_demo
+    from raymerge.demo.demo import prepare_demo
 
     demo = prepare_demo(root / "demo", workers=1, log=log)
     spec = yaml.safe_load(demo.read_text())
@@ -114,9 +114,9 @@ def _demo_spec(root: Path, log) -> dict:
 
 
 def _run(root: Path, spec: dict, per_pass: int) -> tuple[float, int, list[Path]]:
-    from raymerge.manifest import merge_dir
-    from raymerge.plan import load_plan
-    from raymerge.worker import MergeWorker
+    from raymerge.cluster.worker import MergeWorker
+    from raymerge.store.manifest import merge_dir
+    from raymerge.sweep.plan import load_plan
 
     folder = root / f"k{per_pass}"
     shutil.rmtree(folder, ignore_errors=True)
@@ -151,7 +151,7 @@ def _plain_loop(spec: dict, merged: list[Path]) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raymerge import evalsets
+    from raymerge.score import evalsets
 
     evaluate = spec["evaluate"]
     tokenizer = AutoTokenizer.from_pretrained(spec["base_model"])

@@ -51,7 +51,7 @@ def merge_ids(count: int):
 
 
 def bench_manifest(root: Path, lines: int = 1_000_000, flush_every: int = 833) -> dict[str, Any]:
-    from raymerge.manifest import MANIFEST, ManifestWriter
+    from raymerge.store.manifest import MANIFEST, ManifestWriter
 
     output = root / "output"
     writer = ManifestWriter(str(output))
@@ -99,8 +99,8 @@ def resume(output: Path, lines: int) -> dict[str, Any]:
     import resource
     from types import SimpleNamespace
 
-    from raymerge.driver import _carried_lines
-    from raymerge.manifest import ManifestWriter
+    from raymerge.cluster.driver import _carried_lines
+    from raymerge.store.manifest import ManifestWriter
 
     started = time.perf_counter()
     committed = set(merge_ids(lines))

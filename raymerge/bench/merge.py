@@ -28,7 +28,7 @@ DEFAULT_TYPES = ("linear", "cat", "ties", "dare_linear", "magnitude_prune", "svd
 
 
 def _method(combination_type: str) -> dict[str, Any]:
-    from raymerge.methods import method as lookup
+    from raymerge.merge.registry import method as lookup
 
     method: dict[str, Any] = {"combination_type": combination_type}
     if "density" in lookup(combination_type).required():
@@ -53,8 +53,8 @@ def bench_merge(
     """Figures per type: merges/s three ways, their ratios, MB/s, and peak memory."""
     import torch
 
-    from raymerge.driver import ray_session
-    from raymerge.world import AdapterShape, build_config_only_world, build_world
+    from raymerge.cluster.driver import ray_session
+    from raymerge.demo.world import AdapterShape, build_config_only_world, build_world
 
     torch.set_num_threads(threads)
     names = [f"adapter{i}" for i in range(adapters)]
@@ -103,7 +103,7 @@ def bench_merge(
 
 
 def _is_peft_type(combination_type: str) -> bool:
-    from raymerge.methods import method as lookup
+    from raymerge.merge.registry import method as lookup
 
     return lookup(combination_type).peft
 
@@ -176,8 +176,8 @@ def _raymerge_steady(
 def _raymerge_run(world, combination_type, out: Path, threads: int, weightings: int) -> dict:
     import yaml
 
-    from raymerge.driver import run_sweep
-    from raymerge.plan import load_plan
+    from raymerge.cluster.driver import run_sweep
+    from raymerge.sweep.plan import load_plan
 
     out.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -213,8 +213,8 @@ def _io_floor(source: Path, out: Path) -> tuple[float, float]:
     """Seconds to serialise and write the same files (tensors already in memory), and MB."""
     from safetensors.torch import load_file, save_file
 
-    from raymerge import storage
-    from raymerge.manifest import read_manifest
+    from raymerge.store import storage
+    from raymerge.store.manifest import read_manifest
 
     seconds = megabytes = 0.0
     for line in read_manifest(str(source)):

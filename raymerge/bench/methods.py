@@ -1,6 +1,6 @@
 """`raymerge bench methods`: the merging methods PEFT lacks, merged in the adapters' low-rank
-space (raymerge.engines.lowrank), against `svd` and against their dense definitions
-(raymerge.engines.reference: every delta formed, full SVDs), for one square module of each
+space (raymerge.merge.engines.lowrank), against `svd` and against their dense definitions
+(raymerge.merge.engines.reference: every delta formed, full SVDs), for one square module of each
 hidden size: seconds per module merge. The low-rank path should grow about linearly in the
 hidden size, the dense one about cubically.
 """
@@ -19,10 +19,10 @@ def bench_methods(
     import torch
     from peft import LoraConfig
 
-    from raymerge.engines import AdapterTensors
-    from raymerge.engines.fast import merge_tensors
-    from raymerge.engines.reference import dense_reference
-    from raymerge.methods import METHODS
+    from raymerge.merge.engines import AdapterTensors
+    from raymerge.merge.engines.fast import merge_tensors
+    from raymerge.merge.engines.reference import dense_reference
+    from raymerge.merge.registry import METHODS
 
     torch.set_num_threads(threads)
     figures: dict[str, Any] = {"rank": rank, "threads": threads, "types": {}}

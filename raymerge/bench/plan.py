@@ -13,10 +13,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from raymerge.adapters import AdapterInfo
-from raymerge.plan import Plan
-from raymerge.schedule import LocalityScheduler, RoundRobinScheduler
-from raymerge.spec import parse_spec
+from raymerge.cluster.schedule import LocalityScheduler, RoundRobinScheduler
+from raymerge.load.adapters import AdapterInfo
+from raymerge.sweep.plan import Plan
+from raymerge.sweep.spec import parse_spec
 
 
 def synthetic_plan(merges: int, adapters: int = 64) -> Plan:

@@ -35,11 +35,11 @@ def bench_search(
 ) -> dict[str, Any]:
     import ray
 
-    from raymerge.demo import prepare_demo
-    from raymerge.driver import run_sweep
-    from raymerge.manifest import read_manifest
-    from raymerge.objective import Objective
-    from raymerge.plan import load_plan
+    from raymerge.cluster.driver import run_sweep
+    from raymerge.demo.demo import prepare_demo
+    from raymerge.score.objective import Objective
+    from raymerge.store.manifest import read_manifest
+    from raymerge.sweep.plan import load_plan
 
     demo = prepare_demo(root / "demo", workers=1, log=log)
     spec = yaml.safe_load(demo.read_text())

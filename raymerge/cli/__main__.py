@@ -1,0 +1,5 @@
+"""`python -m raymerge.cli` is the `raymerge` command."""
+
+from raymerge.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""Tiny local worlds (models, tokenizer, adapters) and the demo's trained world."""

@@ -1,0 +1,1 @@
+"""Reports of a finished sweep: leaderboard, CSV, HTML with plots."""

@@ -1,0 +1,400 @@
+"""Scoring merged adapters on the held base model, many per forward pass.
+
+Up to `adapters_per_pass` merged adapters are loaded into the PeftModel together, from the exact
+bytes written (no temporary folder), and every eval set is run once for all of them through
+PEFT's mixed-adapter batches: each example appears once per adapter in the batch, and
+`adapter_names` routes each row through its adapter (one base-layer pass for all). The metrics
+equal those of scoring each adapter alone. lm-evaluation-harness tasks, if any, run one adapter
+at a time (the harness knows no mixed batches).
+
+Metrics, per eval set: text `{loss, perplexity, tokens}`; choice `{accuracy, accuracy_norm,
+examples}`; generate `{exact_match, examples}`; an lm-eval task, the harness's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from raymerge.score import evalsets
+from raymerge.task import EvalConfig
+
+BASE = "__base__"
+"""PEFT's name, in adapter_names, for a row that goes through no adapter."""
+
+
+class Scorer:
+    """Scores merged adapters (as written) and the references on the held base model."""
+
+    def __init__(self, base, config: EvalConfig, storage_options: dict[str, Any] | None = None):
+        self.base = base
+        self.config = config
+        self.storage_options = storage_options or {}
+        self._sets: dict[str, _EvalSet] | None = None
+        self._harness = None
+        self._names = itertools.count()
+        self._slots = _Slots(base, capacity=4 * config.adapters_per_pass)
+
+    def sets(self) -> dict[str, _EvalSet]:
+        """The eval sets, read and tokenized once with the base model's tokenizer."""
+        if self._sets is None:
+            tokenizer = self.tokenizer()
+            self._sets = {
+                name: _EvalSet(
+                    name,
+                    entry,
+                    evalsets.load(
+                        name,
+                        entry["uri"],
+                        entry.get("kind", "text"),
+                        self.config.max_samples,
+                        self.storage_options,
+                    ),
+                    tokenizer,
+                    self.config.max_length,
+                )
+                for name, entry in self.config.datasets.items()
+            }
+        return self._sets
+
+    def tokenizer(self):
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(self.base.local_location())
+
+    def score_merged(self, merged: Sequence[dict[str, bytes]]) -> list[dict[str, Any]]:
+        """Metrics for each merged adapter (its files as written), scored together."""
+        names = [self._slots.load(files) for files in merged]
+        try:
+            return self._score(names)
+        finally:
+            self._slots.release(names)
+
+    def references(self, inputs) -> dict[str, Any]:
+        """The base model alone and each input adapter alone, on every eval set."""
+        names = [f"ref_{next(self._names)}" for _ in inputs]
+        for name, adapter in zip(names, inputs, strict=True):
+            self.base.load_adapter(adapter.folder, name)
+        try:
+            scores = self._score([None, *names])
+        finally:
+            self._unload(names)
+        return {
+            "base": scores[0],
+            "adapters": {a.name: s for a, s in zip(inputs, scores[1:], strict=True)},
+        }
+
+    def _unload(self, names: list[str]) -> None:
+        # PEFT says so each time the active adapter goes; here that is the plan, not news.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            for name in names:
+                self.base.peft.delete_adapter(name)
+
+    def _score(self, names: list[str | None]) -> list[dict[str, Any]]:
+        """Metrics per adapter (None: the base model alone), `adapters_per_pass` at a time."""
+        results: list[dict[str, Any]] = [{} for _ in names]
+        step = self.config.adapters_per_pass
+        for start in range(0, len(names), step):
+            chunk = names[start : start + step]
+            loaded = [name for name in chunk if name is not None]
+            if loaded:  # PEFT reads the active adapter's config in every forward: a live one
+                self.base.peft.set_adapter(loaded[0])
+            for set_name, eval_set in self.sets().items():
+                for offset, metrics in enumerate(eval_set.score(self._model(), chunk, self)):
+                    results[start + offset][set_name] = metrics
+        if self.config.lm_eval:
+            for i, name in enumerate(names):
+                results[i].update(self._harness_scores(name))
+        return results
+
+    def _model(self):
+        """The PeftModel when adapters are loaded, else the bare base model."""
+        peft = self.base.peft
+        return peft if peft is not None and peft.peft_config else self.base.model
+
+    def _harness_scores(self, name: str | None) -> dict[str, Any]:
+        from raymerge.score.harness import Harness
+
+        if self._harness is None:
+            self._harness = Harness(self.config.lm_eval, self.tokenizer())
+        return self._harness.score(self.base.peft, name)
+
+
+class _Slots:
+    """Adapters injected into the PeftModel once and refilled with each merge's tensors: PEFT's
+    injection (new modules, initialised, for every target) costs far more than copying the
+    factors in. A slot is reused only for a merge of the same config and tensor shapes, so
+    filling it gives exactly what loading the merge's files afresh gives."""
+
+    def __init__(self, base, capacity: int):
+        self.base = base
+        self.capacity = capacity
+        self._free: dict[tuple, list[str]] = {}
+        self._signature: dict[str, tuple] = {}
+        self._params: dict[str, dict[str, Any]] = {}  # slot -> saved key -> its parameter
+        self._names = itertools.count()
+
+    def load(self, files: dict[str, bytes]) -> str:
+        import json
+
+        from peft import PeftConfig
+        from safetensors.torch import load as load_safetensors
+
+        raw = json.loads(files["adapter_config.json"])
+        state = load_safetensors(files["adapter_model.safetensors"])
+        signature = (
+            json.dumps(raw, sort_keys=True),
+            tuple(sorted((key, tuple(t.shape)) for key, t in state.items())),
+        )
+        free = self._free.setdefault(signature, [])
+        if free:
+            name = free.pop()
+        else:
+            self._make_room()
+            name = f"slot_{next(self._names)}"
+            config = PeftConfig.from_peft_type(**raw)
+            config.inference_mode = True
+            self.base.add_adapter(name, config)
+            self.base.load_weights(name, state)  # PEFT's own load, checked, the first time
+            self._signature[name] = signature
+            self._params[name] = self._parameters(name, state)
+            return name
+        with torch.no_grad():
+            for key, tensor in state.items():
+                self._params[name][key].copy_(tensor)
+        return name
+
+    def _parameters(self, name: str, state: dict) -> dict[str, Any]:
+        """Where each saved tensor lives in slot `name` (PEFT inserts the adapter's name)."""
+        params = dict(self.base.peft.named_parameters())
+        found = {}
+        for key in state:
+            for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                saved = f".{part}.weight" if part in ("lora_A", "lora_B") else f".{part}"
+                if key.endswith(saved):
+                    found[key] = params[key.replace(saved, saved.replace(part, f"{part}.{name}"))]
+                    break
+            else:
+                raise ValueError(f"{key}: not a LoRA factor")
+        return found
+
+    def release(self, names: list[str]) -> None:
+        for name in names:
+            self._free[self._signature[name]].append(name)
+
+    def _make_room(self) -> None:
+        """Drop free slots beyond the capacity (memory must not grow with the sweep)."""
+        while len(self._signature) >= self.capacity:
+            signature = next((s for s, names in self._free.items() if names), None)
+            if signature is None:
+                return
+            name = self._free[signature].pop()
+            del self._signature[name], self._params[name]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Adapter .* was active")
+                self.base.peft.delete_adapter(name)
+
+
+def adapter_rows(names: list[str | None], rows: int) -> list[str]:
+    """adapter_names for `rows` examples repeated once per adapter, adapter by adapter."""
+    return [BASE if name is None else name for name in names for _ in range(rows)]
+
+
+def _routing(model, names: list[str | None], rows: int) -> dict[str, Any]:
+    """How a batch reaches its adapters: one adapter is simply made active (PEFT's plain
+    forward); several go through a mixed-adapter batch (`adapter_names`, one per row)."""
+    if not _is_peft(model):
+        return {}
+    if len(names) == 1 and names[0] is not None:
+        model.set_adapter(names[0])
+        return {}
+    return {"adapter_names": adapter_rows(names, rows)}
+
+
+class _EvalSet:
+    """One eval set, tokenized, and how its kind is scored."""
+
+    def __init__(self, name, entry, examples, tokenizer, max_length: int):
+        self.name = name
+        self.kind = entry.get("kind", "text")
+        self.entry = entry
+        self.examples = examples
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
+        self._tokens: dict[str, list[int]] = {}
+        self._batches: dict[int, list[tuple]] = {}  # batch size -> prepared batches
+
+    def score(self, model, names: list[str | None], scorer: Scorer) -> list[dict[str, Any]]:
+        batch_size = scorer.config.batch_size
+        if self.kind == "text":
+            return self._text(model, names, batch_size)
+        if self.kind == "choice":
+            return self._choice(model, names, batch_size)
+        return self._generate(model, names, batch_size)
+
+    def _ids(self, text: str) -> list[int]:
+        """Token ids, computed once per text (every merge is scored on the same texts)."""
+        ids = self._tokens.get(text)
+        if ids is None:
+            ids = self._tokens[text] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return ids
+
+    def _prepared(self, rows: list[tuple[list[int], int]], batch_size: int) -> list[tuple]:
+        """(sequence, first target) rows as padded tensors, batch by batch, made once."""
+        if batch_size not in self._batches:
+            self._batches[batch_size] = [
+                _prepare([r[0] for r in chunk], [r[1] for r in chunk], self.pad_id)
+                for chunk in _chunks(rows, batch_size)
+            ]
+        return self._batches[batch_size]
+
+    def _text(self, model, names, batch_size) -> list[dict[str, Any]]:
+        # Every position after the first is a target; padding is not.
+        rows = [(self._ids(e["text"])[: self.max_length], 1) for e in self.examples]
+        totals = torch.zeros(len(names), dtype=torch.float64)
+        tokens = 0
+        for batch in self._prepared(rows, batch_size):
+            sums, counts = _target_logprobs(model, batch, names)
+            totals -= sums.sum(dim=1)
+            tokens += sum(counts)
+        out = []
+        for total in totals.tolist():
+            loss = total / max(tokens, 1)
+            out.append(
+                {
+                    "loss": round(loss, 6),
+                    "perplexity": round(math.exp(min(loss, 700)), 6),
+                    "tokens": tokens,
+                }
+            )
+        return out
+
+    def _choice(self, model, names, batch_size) -> list[dict[str, Any]]:
+        rows, owners = [], []  # one row per (example, choice): sequence, first target
+        for e, example in enumerate(self.examples):
+            context = self._ids(example["prompt"])
+            for c, choice in enumerate(example["choices"]):
+                full = self._ids(example["prompt"] + choice)
+                if full[: len(context)] == context and len(full) > len(context):
+                    continuation = full[len(context) :]
+                else:  # the tokenizer merged across the boundary: score the choice alone
+                    continuation = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+                sequence = (context + continuation)[-self.max_length :]
+                rows.append((sequence, max(len(sequence) - len(continuation), 1)))
+                owners.append((e, c))
+        loglik = torch.zeros(len(names), len(rows), dtype=torch.float64)
+        start = 0
+        for batch in self._prepared(rows, batch_size):
+            sums, _ = _target_logprobs(model, batch, names)
+            loglik[:, start : start + sums.shape[1]] = sums
+            start += sums.shape[1]
+        loglik = loglik.tolist()
+        out = []
+        for k in range(len(names)):
+            per_example: dict[int, list[tuple[float, float]]] = {}
+            for (e, c), value in zip(owners, loglik[k], strict=True):
+                length = max(len(self.examples[e]["choices"][c]), 1)
+                per_example.setdefault(e, []).append((value, value / length))
+            right = right_norm = 0
+            for e, scores in per_example.items():
+                answer = self.examples[e]["answer"]
+                right += max(range(len(scores)), key=lambda i: scores[i][0]) == answer
+                right_norm += max(range(len(scores)), key=lambda i: scores[i][1]) == answer
+            count = len(per_example)
+            out.append(
+                {
+                    "accuracy": round(right / count, 6),
+                    "accuracy_norm": round(right_norm / count, 6),
+                    "examples": count,
+                }
+            )
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, model, names, batch_size) -> list[dict[str, Any]]:
+        stop = self.entry.get("stop", ["\n"])
+        ignore_case = self.entry.get("ignore_case", False)
+        new_tokens = self.entry.get("max_new_tokens", 32)
+        right = [0] * len(names)
+        device = next(model.parameters()).device
+        for batch in _chunks(self.examples, batch_size):
+            prompts = [self._ids(e["prompt"])[-self.max_length :] for e in batch]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(prompts), width, dtype=torch.long)
+            for row, ids in enumerate(prompts):  # left-padded: generation continues at the end
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                mask[row, width - len(ids) :] = 1
+            kwargs = _routing(model, names, len(batch))
+            generated = model.generate(
+                input_ids=input_ids.repeat(len(names), 1).to(device),
+                attention_mask=mask.repeat(len(names), 1).to(device),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                **kwargs,
+            )
+            texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            for k in range(len(names)):
+                for i, example in enumerate(batch):
+                    answer = evalsets.cut_at_stop(texts[k * len(batch) + i], stop)
+                    right[k] += evalsets.normalise(answer, ignore_case) == evalsets.normalise(
+                        example["answer"], ignore_case
+                    )
+        count = len(self.examples)
+        return [{"exact_match": round(r / count, 6), "examples": count} for r in right]
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _prepare(sequences: list[list[int]], first_targets: list[int], pad_id: int) -> tuple:
+    """Right-padded ids, attention mask, and which next-token positions are targets."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    targets = torch.zeros(len(sequences), width - 1, dtype=torch.bool)
+    for row, (ids, first) in enumerate(zip(sequences, first_targets, strict=True)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+        targets[row, first - 1 : len(ids) - 1] = True  # logits at p predict token p + 1
+    return input_ids, mask, targets
+
+
+@torch.inference_mode()
+def _target_logprobs(model, batch: tuple, names: list[str | None]) -> tuple[torch.Tensor, list]:
+    """Summed log-probabilities of each sequence's target tokens (each given what precedes it),
+    for every adapter in one pass: [adapter, sequence], and the targets counted per sequence."""
+    input_ids, mask, targets = batch
+    rows = input_ids.shape[0]
+    device = next(model.parameters()).device
+    kwargs = _routing(model, names, rows)
+    logits = (
+        model(
+            input_ids=input_ids.repeat(len(names), 1).to(device),
+            attention_mask=mask.repeat(len(names), 1).to(device),
+            **kwargs,
+        )
+        .logits[:, :-1]
+        .float()
+    )
+    logprobs = torch.log_softmax(logits, dim=-1)
+    following = input_ids[:, 1:].repeat(len(names), 1).to(device)
+    picked = logprobs.gather(-1, following.unsqueeze(-1)).squeeze(-1).double().cpu()
+    picked = picked.masked_fill(~targets.repeat(len(names), 1), 0.0)
+    return picked.sum(dim=1).view(len(names), rows), targets.sum(dim=1).tolist()
