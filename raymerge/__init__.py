@@ -1,7 +1,7 @@
 """raymerge: merge LoRA adapters at scale on a Ray cluster.
 
 Example:
-    >>> from raymerge.sweep.plan import candidates
+    >>> from raymerge.sweep.expand import candidates
     >>> from raymerge.sweep.spec import parse_spec
     >>> spec = parse_spec({"base_model": "base", "adapters": {"math": "m", "code": "c"},
     ...     "output": "out", "combinations": [{"adapters": ["math", "code"],

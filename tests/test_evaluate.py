@@ -17,7 +17,8 @@ from helpers import write_spec
 
 from raymerge.cluster.driver import run_sweep
 from raymerge.errors import InputError
-from raymerge.report.report import build_report, pareto_front
+from raymerge.report.pareto import pareto_front
+from raymerge.report.report import build_report
 from raymerge.store.manifest import read_manifest, read_references
 from raymerge.sweep.plan import load_plan
 

@@ -23,8 +23,10 @@ from safetensors.torch import load_file
 
 from raymerge.cluster.worker import MergeWorker
 from raymerge.demo.world import AdapterShape, build_adapter
-from raymerge.merge.engines import AdapterTensors, fast
+from raymerge.merge.engines import fast
+from raymerge.merge.format import PREFIX
 from raymerge.merge.registry import METHODS
+from raymerge.merge.tensors import AdapterTensors
 from raymerge.store.manifest import merge_dir
 from raymerge.sweep.plan import load_plan
 
@@ -177,8 +179,8 @@ def test_low_rank_svd_is_the_best_rank_k_approximation():
         params = {"svd_rank": rank}
         state, merged = fast.merge_tensors(adapters, weights, METHODS["svd"], params, 0, ["q"])
         lora_a, lora_b = (
-            state[f"{fast.PREFIX}q.lora_A.weight"],
-            state[f"{fast.PREFIX}q.lora_B.weight"],
+            state[f"{PREFIX}q.lora_A.weight"],
+            state[f"{PREFIX}q.lora_B.weight"],
         )
         assert lora_a.shape == (min(rank, 80), 96) and merged.r == rank
         assert relative_error(lora_b @ lora_a, best_rank_k(exact, min(rank, 24))) <= 1e-5

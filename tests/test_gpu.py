@@ -22,14 +22,14 @@ requires_two_gpus = pytest.mark.skipif(
 def test_a_worker_shards_the_base_model_over_its_gpus(world, tmp_path):
     import ray
 
-    from raymerge.cluster.driver import _start_workers
+    from raymerge.cluster.workers import start_workers
 
     ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, ignore_reinit_error=True)
     spec = base_spec(
         world, tmp_path / "out", workers=1, gpus_per_worker=2, gpu_headroom_gb=0, engine="peft"
     )
     plan = load_plan(write_spec(tmp_path, spec))
-    workers, groups, _ = _start_workers(plan, 600, fixed_size=True)
+    workers, groups, _ = start_workers(plan, 600, fixed_size=True)
     info = ray.get(workers[0].info.remote())
     # device_map="auto" balances the layers over the worker's visible GPUs.
     assert {"cuda:0", "cuda:1"} <= set(info["devices"])
@@ -50,13 +50,13 @@ requires_a_gpu = pytest.mark.skipif(
 def test_a_merge_only_worker_merges_on_its_gpu_without_base_weights(world, tmp_path):
     import ray
 
-    from raymerge.cluster.driver import _start_workers
+    from raymerge.cluster.workers import start_workers
 
     ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, ignore_reinit_error=True)
     spec = base_spec(world, tmp_path / "out", workers=1, gpus_per_worker=1)
     spec["combinations"][0]["methods"] = [{"combination_type": ["linear", "cat", "svd"]}]
     plan = load_plan(write_spec(tmp_path, spec))
-    workers, groups, _ = _start_workers(plan, 600, fixed_size=True)
+    workers, groups, _ = start_workers(plan, 600, fixed_size=True)
     info = ray.get(workers[0].info.remote())
     assert info["compute_device"] == "cuda:0" and info["base_loaded"] is False
     for worker in workers.values():

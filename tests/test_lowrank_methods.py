@@ -15,10 +15,11 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from raymerge.cluster.driver import run_sweep
-from raymerge.merge.engines import AdapterTensors
-from raymerge.merge.engines.fast import PREFIX, merge_tensors
+from raymerge.merge.engines.fast import merge_tensors
 from raymerge.merge.engines.reference import dense_reference
+from raymerge.merge.format import PREFIX
 from raymerge.merge.registry import METHODS
+from raymerge.merge.tensors import AdapterTensors
 from raymerge.sweep.plan import load_plan
 
 NEW = [m.name for m in METHODS.values() if not m.peft]

@@ -9,7 +9,8 @@ import random
 from pathlib import Path
 
 from raymerge.store import manifest
-from raymerge.sweep.plan import _canonical, candidates, group_names
+from raymerge.sweep.expand import candidates, group_names
+from raymerge.sweep.identity import canonical_key as _canonical
 from raymerge.sweep.spec import ChooseGroup, parse_spec
 
 

@@ -13,9 +13,10 @@ from peft.utils import merge_utils
 from transformers import AutoModelForCausalLM
 
 from raymerge.merge import arithmetic
-from raymerge.merge.engines import AdapterTensors
-from raymerge.merge.engines.fast import PREFIX, merge_tensors
+from raymerge.merge.engines.fast import merge_tensors
+from raymerge.merge.format import PREFIX
 from raymerge.merge.registry import METHODS, PARAMS, REQUIRED, Form, RankRule
+from raymerge.merge.tensors import AdapterTensors
 from raymerge.sweep.spec import MethodSpec
 
 ALL = list(METHODS)

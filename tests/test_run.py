@@ -23,8 +23,9 @@ from helpers import (
 )
 from peft.tuners.lora import LoraLayer
 
-from raymerge.cluster.driver import _check_resources, run_sweep
+from raymerge.cluster.driver import run_sweep
 from raymerge.cluster.worker import MergeWorker
+from raymerge.cluster.workers import check_resources
 from raymerge.errors import ClusterError, InputError
 from raymerge.store.manifest import read_manifest
 from raymerge.sweep.plan import load_plan
@@ -220,7 +221,7 @@ def test_too_many_gpus_is_a_clear_error_before_anything_runs(world, ray_cluster,
     spec = base_spec(world, tmp_path / "out", workers=2, gpus_per_worker=4)
     plan = load_plan(write_spec(tmp_path, spec))
     with pytest.raises(ClusterError) as caught:
-        _check_resources(plan.spec)  # on the session's instance: 2 CPU, 2 GPU
+        check_resources(plan.spec)  # on the session's instance: 2 CPU, 2 GPU
     message = str(caught.value)
     assert "workers=2 need 2 CPU and 8 GPU (cpus_per_worker=1, gpus_per_worker=4)" in message
     assert "this Ray instance has 2 CPU and 2 GPU" in message and "gpus_per_worker: 0" in message

@@ -19,7 +19,8 @@ import ray
 from botocore.exceptions import ClientError
 from helpers import assert_matches_peft, base_spec, wait_for_commits, write_spec
 
-from raymerge.cluster.driver import _start_workers, run_sweep
+from raymerge.cluster.driver import run_sweep
+from raymerge.cluster.workers import start_workers
 from raymerge.demo.world import AdapterShape, build_adapter
 from raymerge.store import storage
 from raymerge.store.manifest import read_manifest
@@ -203,7 +204,7 @@ def test_each_worker_reserves_its_resources_in_a_strict_pack_placement_group(
     world, ray_cluster, tmp_path
 ):
     plan = load_plan(write_spec(tmp_path, base_spec(world, tmp_path / "out", workers=2)))
-    workers, groups, _ = _start_workers(plan, 120, fixed_size=False)
+    workers, groups, _ = start_workers(plan, 120, fixed_size=False)
     try:
         assert len(groups) == 2
         for group in groups:

@@ -27,37 +27,12 @@ def bench_cluster(
     log=print,
 ) -> dict[str, Any]:
     import ray
-    import yaml
     from ray.cluster_utils import Cluster
 
     from raymerge.cluster.driver import run_sweep
-    from raymerge.demo.world import AdapterShape, build_world
-    from raymerge.sweep.plan import load_plan
 
-    shape = AdapterShape(r=4, lora_alpha=8, target_modules=TARGETS)
-    names = [f"adapter{i:02d}" for i in range(adapters)]
     log(f"building {adapters} adapters on a tiny base model")
-    world = build_world(root / "world", dict.fromkeys(names, shape), hidden_size=64, layers=2)
-    types = ["linear", "cat"]
-    weightings = math.ceil(merges / (math.comb(adapters, 2) * len(types)))
-    spec = {
-        "base_model": str(world.base_model),
-        "adapters": {n: str(p) for n, p in world.adapters.items()},
-        "combinations": [
-            {
-                "choose": 2,
-                "weights": [[round(i / weightings, 6), 1.0] for i in range(weightings)],
-                "methods": [{"combination_type": types}],
-            }
-        ],
-        "output": str(root / "output"),
-        "workers": nodes * gpus_per_node,
-        "gpus_per_worker": 1,
-        "cpus_per_worker": 1,
-    }
-    path = root / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    plan = load_plan(path)
+    plan, spec = _sweep(root, merges, nodes * gpus_per_node, adapters)
     log(f"starting a simulated cluster: {nodes} nodes x {gpus_per_node} GPUs")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     node_ids = [
@@ -92,6 +67,38 @@ def bench_cluster(
         "driver_cpu_seconds_per_1000_merges": round(1000 * cpu / max(summary.done, 1), 2),
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+
+
+def _sweep(root: Path, merges: int, workers: int, adapters: int):
+    """The plan (and spec) of about `merges` linear and cat merges of pairs of tiny adapters."""
+    import yaml
+
+    from raymerge.demo.world import AdapterShape, build_world
+    from raymerge.sweep.plan import load_plan
+
+    shape = AdapterShape(r=4, lora_alpha=8, target_modules=TARGETS)
+    names = [f"adapter{i:02d}" for i in range(adapters)]
+    world = build_world(root / "world", dict.fromkeys(names, shape), hidden_size=64, layers=2)
+    types = ["linear", "cat"]
+    weightings = math.ceil(merges / (math.comb(adapters, 2) * len(types)))
+    spec = {
+        "base_model": str(world.base_model),
+        "adapters": {n: str(p) for n, p in world.adapters.items()},
+        "combinations": [
+            {
+                "choose": 2,
+                "weights": [[round(i / weightings, 6), 1.0] for i in range(weightings)],
+                "methods": [{"combination_type": types}],
+            }
+        ],
+        "output": str(root / "output"),
+        "workers": workers,
+        "gpus_per_worker": 1,
+        "cpus_per_worker": 1,
+    }
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_plan(path), spec
 
 
 def _cpu_seconds() -> float:

@@ -99,14 +99,14 @@ def resume(output: Path, lines: int) -> dict[str, Any]:
     import resource
     from types import SimpleNamespace
 
-    from raymerge.cluster.driver import _carried_lines
+    from raymerge.cluster.resume import carried_lines
     from raymerge.store.manifest import ManifestWriter
 
     started = time.perf_counter()
     committed = set(merge_ids(lines))
     plan = SimpleNamespace(output=str(output), spec=SimpleNamespace(storage_options={}))
     writer = ManifestWriter(str(output))
-    writer.carry(_carried_lines(plan, committed))
+    writer.carry(carried_lines(plan, committed))
     carried = writer.lines
     writer.discard()
     return {

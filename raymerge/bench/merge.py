@@ -53,20 +53,11 @@ def bench_merge(
     """Figures per type: merges/s three ways, their ratios, MB/s, and peak memory."""
     import torch
 
-    from raymerge.cluster.driver import ray_session
-    from raymerge.demo.world import AdapterShape, build_config_only_world, build_world
+    from raymerge.cluster.session import ray_session
 
     torch.set_num_threads(threads)
     names = [f"adapter{i}" for i in range(adapters)]
-    if shape == "default":
-        log(f"building the world: hidden {hidden_size}, {layers} layers, {adapters} adapters")
-        spec_shape = AdapterShape(r=rank, lora_alpha=2 * rank, target_modules=tuple(targets))
-        world = build_world(
-            root / "world", dict.fromkeys(names, spec_shape), hidden_size=hidden_size, layers=layers
-        )
-    else:
-        log(f"building a {shape} world: config only, {adapters} adapters of r=16, bf16")
-        world = build_config_only_world(root / "world", shape, names)
+    world = _world(root / "world", shape, names, hidden_size, layers, rank, targets, log)
     pairs = math.comb(adapters, 2)
     figures: dict[str, Any] = {
         "world": {
@@ -100,6 +91,21 @@ def bench_merge(
             shutil.rmtree(root / combination_type, ignore_errors=True)  # GBs at real sizes
     figures["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return figures
+
+
+def _world(folder: Path, shape: str, names, hidden_size, layers, rank, targets, log):
+    """The bench's base model and adapters: built at `hidden_size`, or config-only at a named
+    shape (no weights exist, none are needed to merge)."""
+    from raymerge.demo.world import AdapterShape, build_config_only_world, build_world
+
+    if shape != "default":
+        log(f"building a {shape} world: config only, {len(names)} adapters of r=16, bf16")
+        return build_config_only_world(folder, shape, names)
+    log(f"building the world: hidden {hidden_size}, {layers} layers, {len(names)} adapters")
+    spec_shape = AdapterShape(r=rank, lora_alpha=2 * rank, target_modules=tuple(targets))
+    return build_world(
+        folder, dict.fromkeys(names, spec_shape), hidden_size=hidden_size, layers=layers
+    )
 
 
 def _is_peft_type(combination_type: str) -> bool:
@@ -213,20 +219,21 @@ def _io_floor(source: Path, out: Path) -> tuple[float, float]:
     """Seconds to serialise and write the same files (tensors already in memory), and MB."""
     from safetensors.torch import load_file, save_file
 
+    from raymerge.merge.format import CONFIG_FILE, SAFETENSORS_METADATA, WEIGHTS_FILE
     from raymerge.store import storage
     from raymerge.store.manifest import read_manifest
 
     seconds = megabytes = 0.0
     for line in read_manifest(str(source)):
         folder = Path(line["path"])
-        tensors = load_file(folder / "adapter_model.safetensors")
-        config = (folder / "adapter_config.json").read_bytes()
+        tensors = load_file(folder / WEIGHTS_FILE)
+        config = (folder / CONFIG_FILE).read_bytes()
         record = json.loads((folder / "merge.json").read_text())
         target = out / line["merge_id"]
         begin = time.perf_counter()
         target.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
-        storage.write_bytes(str(target / "adapter_config.json"), config)
+        save_file(tensors, str(target / WEIGHTS_FILE), metadata=SAFETENSORS_METADATA)
+        storage.write_bytes(str(target / CONFIG_FILE), config)
         storage.write_bytes(str(target / "merge.json"), json.dumps(record, indent=2).encode())
         seconds += time.perf_counter() - begin
         megabytes += (line["bytes"]) / 2**20

@@ -1,8 +1,8 @@
-"""`raymerge bench methods`: the merging methods PEFT lacks, merged in the adapters' low-rank
-space (raymerge.merge.engines.lowrank), against `svd` and against their dense definitions
-(raymerge.merge.engines.reference: every delta formed, full SVDs), for one square module of each
-hidden size: seconds per module merge. The low-rank path should grow about linearly in the
-hidden size, the dense one about cubically.
+"""`raymerge bench methods`: the merging methods PEFT lacks, merged in the adapters' low-rank space
+(the merge core on the fast engine: `raymerge.merge.engines.lowrank`), against `svd` and against
+their dense definitions (`raymerge.merge.engines.reference`: every delta formed, full SVDs), for one
+square module of each hidden size: seconds per module merge. The low-rank path should grow about
+linearly in the hidden size, the dense one about cubically.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ def bench_methods(
     import torch
     from peft import LoraConfig
 
-    from raymerge.merge.engines import AdapterTensors
-    from raymerge.merge.engines.fast import merge_tensors
+    from raymerge.merge.core import AdapterTensors, merge
+    from raymerge.merge.engines.fast import FastEngine
     from raymerge.merge.engines.reference import dense_reference
     from raymerge.merge.registry import METHODS
+    from raymerge.task import MergeTask
 
     torch.set_num_threads(threads)
     figures: dict[str, Any] = {"rank": rank, "threads": threads, "types": {}}
@@ -40,10 +41,12 @@ def bench_methods(
             if "density" in method.required():
                 params["density"] = 0.5
             log(f"hidden {d}: {name}")
+            recipe = MergeTask("0" * 16, ("in0", "in1"), (0.6, 0.4), name, params, 0, 0, "float32")
+            engine = FastEngine(["m"])
             repeats = 5
             started = time.perf_counter()
             for _ in range(repeats):
-                merge_tensors(adapters, [0.6, 0.4], method, params, 0, ["m"])
+                merge(recipe, adapters, engine)
             lowrank = (time.perf_counter() - started) / repeats
             row = figures["types"].setdefault(name, {})
             row[f"lowrank_s_{d}"] = round(lowrank, 5)

@@ -1,11 +1,11 @@
 """`raymerge materialize`: rebuild recorded merges from their merge.json (the recipe: inputs and
 their digests, weights, type, parameters, seed, dtype) and write them in PEFT's format.
 
-The rebuilt files are checked against the digests the record holds: the fast engine's output
-is byte-for-byte reproducible with the same inputs on the same device type and thread count
-(DARE masks and floating-point rounding differ between CPU and CUDA, and an SVD's last bits may
-differ with the number of threads). Inputs that changed since are refused; files that do not
-match the record are never written into the sweep's output.
+The rebuilt files are checked against the digests the record holds: the fast engine's output is
+byte-for-byte reproducible with the same inputs on the same device type and thread count (DARE masks
+are the same on every device, but floating-point rounding differs between CPU and CUDA, and an SVD's
+last bits may differ with the number of threads). Inputs that changed since are refused; files that
+do not match the record are never written into the sweep's output.
 
 Usage::
 
@@ -14,14 +14,13 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from raymerge.cluster.merger import Merger
 from raymerge.errors import InputError, MergeError
-from raymerge.merge.engines import CONFIG_FILE, WEIGHTS_FILE
-from raymerge.store import manifest, storage
+from raymerge.store import manifest, publish, storage
 from raymerge.task import MergeTask, WorkerConfig
 
 
@@ -73,24 +72,30 @@ def materialize(
 ) -> list[Materialized]:
     """Rebuild each merge (in this process) and write it to `to/<merge_id>/`, or back into the
     sweep's own merge folder when `to` is None (where keep top-k dropped its files)."""
-    from raymerge.cluster.worker import MergeWorker
+    import torch
 
     records = [read_record(output, m, storage_options) for m in dict.fromkeys(merge_ids)]
     results = []
-    workers: dict[str, MergeWorker] = {}
-    for record in records:
-        config = worker_config(record, storage_options)
-        key = json.dumps([config.base_model, config.engine, config.num_threads,
-                          sorted(config.adapter_uris.items())])  # fmt: skip
-        if key not in workers:
-            workers[key] = MergeWorker(0, config)
-        results.append(_rebuild(workers[key], record, output, to, storage_options))
+    mergers: dict[str, Merger] = {}
+    threads = torch.get_num_threads()
+    try:
+        for record in records:
+            config = worker_config(record, storage_options)
+            key = json.dumps([config.base_model, config.engine,
+                              sorted(config.adapter_uris.items())])  # fmt: skip
+            if key not in mergers:
+                mergers[key] = Merger(config)
+            # An SVD's last bits may depend on the thread count: rebuild with the recorded one.
+            torch.set_num_threads(max(1, config.num_threads))
+            results.append(_rebuild(mergers[key], record, output, to, storage_options))
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 
-def _rebuild(worker, record, output: str, to: str | None, storage_options) -> Materialized:
+def _rebuild(merger: Merger, record, output: str, to: str | None, storage_options) -> Materialized:
     task = task_of(record)
-    inputs = [worker.cache.get(name) for name in task.adapters]
+    inputs = merger.inputs(task.adapters)
     for adapter, recorded in zip(inputs, record["adapters"], strict=True):
         if adapter.provenance["weights_sha256"] != recorded.get("weights_sha256"):
             raise InputError(
@@ -98,16 +103,15 @@ def _rebuild(worker, record, output: str, to: str | None, storage_options) -> Ma
                 f"{task.merge_id} was made (its weights' sha256 differs): it cannot be rebuilt "
                 "from these inputs"
             )
-    merged = worker._merge(task, inputs)
-    digests = {name: hashlib.sha256(data).hexdigest() for name, data in merged.files.items()}
+    files = publish.serialise(merger.merge(task, inputs))
     recorded = {name: f["sha256"] for name, f in record["files"].items()}
-    matches = digests == recorded
+    matches = publish.digests(files) == recorded
     note = ""
-    here = str(worker.base.device.type)
+    here = str(merger.base.device.type)
     there = str(record.get("worker", {}).get("device", here)).split(":")[0]
     if not matches and here != there:
         note = (
-            f"recorded on {there}, rebuilt on {here}: random masks and rounding differ between "
+            f"recorded on {there}, rebuilt on {here}: floating-point rounding differs between "
             "device types"
         )
     if to is None:
@@ -120,6 +124,6 @@ def _rebuild(worker, record, output: str, to: str | None, storage_options) -> Ma
         folder = manifest.merge_dir(output, task.merge_id)
     else:
         folder = storage.join(to, task.merge_id)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        storage.write_bytes(storage.join(folder, name), merged.files[name], storage_options)
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data, storage_options)
     return Materialized(task.merge_id, folder, matches, note)

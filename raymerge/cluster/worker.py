@@ -1,5 +1,5 @@
-"""The merge worker: a thin Ray-facing class that wires the held base model, the adapter cache,
-the engines and the scorer, and writes each merge (files first, merge.json last).
+"""The merge worker: a thin Ray-facing class that wires the merge side (`Merger`: held base model,
+adapter cache, engines), the scorer and the publisher (files first, merge.json last).
 
 The driver wraps `MergeWorker` in a Ray actor with explicit `num_cpus`/`num_gpus`; Ray then sets
 CUDA_VISIBLE_DEVICES so that the base model, when its weights are needed, is sharded over this
@@ -24,16 +24,11 @@ import torch
 
 import raymerge
 from raymerge.cluster.keep import keeps_files
+from raymerge.cluster.merger import Merger
 from raymerge.errors import RaymergeError
-from raymerge.load.adapters import load_adapter_tensors
-from raymerge.load.base_model import BaseModel
-from raymerge.load.cache import AdapterCache
-from raymerge.merge import compat, engines
-from raymerge.merge.engines import AdapterTensors, MergedAdapter
-from raymerge.merge.engines.fast import FastEngine
-from raymerge.merge.engines.peft_engine import PeftEngine
+from raymerge.merge.tensors import AdapterTensors, MergedAdapter
 from raymerge.score.objective import Objective
-from raymerge.store import inputs, manifest, publish, storage
+from raymerge.store import manifest, publish, storage
 from raymerge.task import MergeResult, MergeTask, Status, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -56,22 +51,8 @@ class MergeWorker:
         torch.set_num_threads(max(1, config.num_threads))
         self.index = index
         self.config = config
-        self.input_digests = input_digests or {}
-        self.base = BaseModel(
-            config.base_model,
-            config.storage_options,
-            task_type=config.task_type,
-            torch_dtype=config.torch_dtype,
-            gpu_headroom_gb=config.gpu_headroom_gb,
-        )
-        self.cache: AdapterCache[AdapterTensors] = AdapterCache(
-            self._load_adapter,
-            size=lambda adapter: adapter.nbytes,
-            budget=config.adapter_cache_bytes,
-            on_evict=self._forget,
-        )
-        self.fast = FastEngine(self.base.layout)
-        self._peft: PeftEngine | None = None
+        self.merger = Merger(config, input_digests)
+        self.base = self.merger.base
         self.scorer = None
         self.objective = None
         if config.evaluate is not None:
@@ -115,7 +96,7 @@ class MergeWorker:
                 self._merge_and_commit(task, attempt)
                 for task, attempt in zip(tasks, attempts, strict=True)
             ]
-            self.cache.evict(keep=keep)
+            self.merger.release(keep)
             return results
         jobs = [
             self._merge_job(task, attempt) for task, attempt in zip(tasks, attempts, strict=True)
@@ -126,7 +107,7 @@ class MergeWorker:
             started = time.perf_counter()
             try:
                 with _captured_warnings() as caught:
-                    metrics = self.scorer.score_merged([job.merged.files for job in pending])
+                    metrics = self.scorer.score_merged([job.merged for job in pending])
                 for job in pending:
                     job.caught.extend(caught)
             except Exception as exc:  # scoring failed: every merge of the pass is failed by it
@@ -139,7 +120,7 @@ class MergeWorker:
         for job, job_metrics in zip(pending, metrics, strict=True):
             if job.result is None:
                 self._guarded(job, lambda job=job, m=job_metrics: self._commit(job, m))
-        self.cache.evict(keep=keep)
+        self.merger.release(keep)
         return [job.result for job in jobs]
 
     def _merge_and_commit(self, task: MergeTask, attempt: int) -> MergeResult:
@@ -150,7 +131,8 @@ class MergeWorker:
         return job.result
 
     def _merge_job(self, task: MergeTask, attempt: int) -> _Job:
-        job = _Job(task, time.perf_counter(), self.cache.loads, self.cache.load_seconds)
+        cache = self.merger.cache
+        job = _Job(task, time.perf_counter(), cache.loads, cache.load_seconds)
 
         def merge() -> None:
             if attempt:
@@ -160,8 +142,8 @@ class MergeWorker:
                 if record is not None:
                     job.result = self._result(job, Status.DONE, record=record)
                     return
-            job.inputs = [self.cache.get(name) for name in task.adapters]
-            job.merged = self._merge(task, job.inputs)
+            job.inputs = self.merger.inputs(task.adapters)
+            job.merged = self.merger.merge(task, job.inputs)
 
         self._guarded(job, merge)
         return job
@@ -173,21 +155,22 @@ class MergeWorker:
         if self.objective is not None:
             keep = keeps_files(self.objective, metrics, task.keep_threshold)
         options = self.config.storage_options
-        files = publish.write_files(folder, job.merged.files, options, keep=keep)
+        files = publish.write_adapter(folder, job.merged, options, keep=keep)
+        ran = job.merged.ran
         record = manifest.merge_record(
             task,
             inputs=[adapter.provenance for adapter in job.inputs],
             base_model=self.config.base_model,
-            engine=job.merged.engine,
-            engine_fallback=job.merged.fallback,
+            engine=ran.engine,
+            engine_fallback=ran.fallback,
             metrics=metrics,
-            compute_dtype="float32",
+            compute_dtype=ran.compute_dtype,
             files=files,
             seconds=time.perf_counter() - job.started,
             worker={
                 "index": self.index,
                 "host": socket.gethostname(),
-                "device": str(self.base.device),
+                "device": ran.device,
                 "threads": torch.get_num_threads(),
             },
             task_type=self.config.task_type,
@@ -225,46 +208,19 @@ class MergeWorker:
         log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
         return self._result(job, Status.FAILED, error=f"{type(exc).__name__}: {exc}")
 
-    def _merge(self, task: MergeTask, inputs: list[AdapterTensors]) -> MergedAdapter:
-        preferred = self.fast if self.config.engine == "fast" else self._peft_engine()
-        fallback = self._peft_engine if self.config.engine == "fast" else lambda: self.fast
-        return engines.merge(task, inputs, preferred, fallback)
-
     def score_references(self, names: list[str]) -> dict[str, Any]:
         """The base model alone and each input adapter alone, on every eval set."""
-        return self.scorer.references([self.cache.get(name) for name in names])
-
-    def _peft_engine(self) -> PeftEngine:
-        if self._peft is None:
-            self._peft = PeftEngine(
-                self.base.load_adapter,
-                charge=self.cache.charge,
-                check_input=lambda adapter: compat.check_embedding_copies(adapter, self.base.model),
-            )
-        return self._peft
-
-    def _load_adapter(self, name: str) -> AdapterTensors:
-        uri = self.config.adapter_uris[name]
-        adapter = load_adapter_tensors(
-            name, uri, self.config.storage_options, self.base.layout, self.base.device
-        )
-        found = adapter.provenance["weights_sha256"]
-        inputs.check_digest(name, uri, self.input_digests.get(name), found)
-        return adapter
-
-    def _forget(self, name: str) -> None:
-        if self._peft is not None:
-            self._peft.forget(name)
+        return self.scorer.references(self.merger.inputs(names))
 
     def _result(self, job: _Job, status: Status, **extra) -> MergeResult:
         return MergeResult(
             merge_id=job.task.merge_id,
             status=status,
             worker=self.index,
-            adapter_loads=self.cache.loads - job.loads,
-            load_seconds=self.cache.load_seconds - job.load_seconds,
+            adapter_loads=self.merger.cache.loads - job.loads,
+            load_seconds=self.merger.cache.load_seconds - job.load_seconds,
             seconds=time.perf_counter() - job.started,
-            cached=tuple(sorted(self.cache.names())),
+            cached=tuple(sorted(self.merger.cache.names())),
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             eval_seconds=round(job.eval_seconds, 4),
             **extra,

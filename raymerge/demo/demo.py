@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from raymerge.merge.format import CONFIG_FILE
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "sums": lambda rng: (lambda a, b: (f"{a}+{b}=", str(a + b)))(
         rng.randint(0, 9), rng.randint(0, 9)
@@ -172,7 +174,7 @@ def prepare_demo(out: Path, workers: int, log: Callable[[str], None] = print) ->
         build_base_model(base, hidden_size=64, layers=2, vocab_size=256)
     for i, task in enumerate(TASKS):
         adapter = world / "adapters" / task
-        if not (adapter / "adapter_config.json").exists():
+        if not (adapter / CONFIG_FILE).exists():
             log(f"training the {task!r} adapter …")
             train_adapter(base, adapter, task, seed=10 + i)
         _write_jsonl(

@@ -152,6 +152,7 @@ def build_config_only_world(
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
+    from raymerge.merge.format import SAFETENSORS_METADATA, WEIGHTS_FILE, saved_key
     from raymerge.merge.layout import layout_from_config
 
     config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
@@ -169,14 +170,13 @@ def build_config_only_world(
         tensors = {}
         for module in modules:
             layer = layout.layers[module]
-            prefix = f"base_model.model.{module}"
             a = torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5
             b = torch.randn(layer.out_features, rank, generator=generator) / rank
-            tensors[f"{prefix}.lora_A.weight"] = a.to(getattr(torch, dtype))
-            tensors[f"{prefix}.lora_B.weight"] = b.to(getattr(torch, dtype))
+            tensors[saved_key(module, "lora_A")] = a.to(getattr(torch, dtype))
+            tensors[saved_key(module, "lora_B")] = b.to(getattr(torch, dtype))
         folder = root / "adapters" / name
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(tensors, folder / WEIGHTS_FILE, metadata=SAFETENSORS_METADATA)
         LoraConfig(
             r=rank,
             lora_alpha=2 * rank,

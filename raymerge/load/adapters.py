@@ -8,51 +8,30 @@ Usage (reads the adapter's folder, local or on S3)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raymerge.errors import InputError, MergeError
+from raymerge.merge.format import (
+    CONFIG_FILE,
+    EMBEDDING_PARTS,
+    SAFETENSORS_DTYPES,
+    WEIGHT_FILES,
+    AdapterInfo,
+    parse_lora_key,
+)
 from raymerge.store import storage
+from raymerge.store.inputs import file_sha256
 
 if TYPE_CHECKING:
-    from raymerge.merge.engines import AdapterTensors
     from raymerge.merge.layout import Layout
+    from raymerge.merge.tensors import AdapterTensors
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+__all__ = ["AdapterInfo", "inspect_adapter", "inspect_base_model", "load_adapter_tensors"]
+
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What the planner knows of one input adapter."""
-
-    name: str
-    uri: str
-    config: dict[str, Any]
-    weights_file: str
-    tensors: dict[str, list[int]] = field(default_factory=dict)
-    """Tensor name -> shape, from the safetensors header (empty for adapter_model.bin)."""
-    dtype: str = "float32"
-    """The LoRA factors' dtype (torch's name), from the safetensors header."""
-
-    @property
-    def rank(self) -> int:
-        """The largest rank in the adapter (PEFT sizes merged factors by it)."""
-        return max([self.config["r"], *self.config.get("rank_pattern", {}).values()])
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def task_type(self) -> str | None:
-        return self.config.get("task_type")
 
 
 def inspect_adapter(
@@ -191,23 +170,13 @@ def read_base_shapes(uri: str, storage_options: dict[str, Any] | None = None):
     return shapes
 
 
-LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-PEFT_PREFIX = "base_model.model."
-
-
 def load_adapter_tensors(
     name: str, uri: str, storage_options: dict[str, Any] | None, layout: Layout, device
 ) -> AdapterTensors:
     """Adapter `name`'s config and factors (float32 on `device`) with its provenance, checked:
     a file that cannot be read or a tensor holding NaN/Inf is a MergeError naming both."""
-    import pickle
-
-    import torch
-    from peft import LoraConfig
-    from safetensors import SafetensorError
-
-    from raymerge.merge.engines import AdapterTensors
     from raymerge.merge.layout import peft_fan_in_fan_out
+    from raymerge.merge.tensors import AdapterTensors
 
     where = f"adapter {name!r} ({uri})"
     try:
@@ -217,39 +186,8 @@ def load_adapter_tensors(
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).exists()), None)
     if weights is None:
         raise MergeError(f"{where}: {' or '.join(WEIGHT_FILES)} has disappeared; restore it")
-    try:
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(weights))
-        else:  # admitted by the plan only with allow_pickle: true
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        config = LoraConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
-        raise MergeError(
-            f"{where}: {weights.name} or {CONFIG_FILE} cannot be read ({type(exc).__name__}: "
-            f"{exc}); was it truncated or replaced while the sweep ran? Check it and run again"
-        ) from exc
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        for part in LORA_PARTS:
-            suffix = f".{part}.weight" if part in ("lora_A", "lora_B") else f".{part}"
-            if key.endswith(suffix):
-                if not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise MergeError(
-                        f"{where}: {key} in {weights.name} holds {bad} non-finite value(s) "
-                        "(NaN or Inf); every merge with this adapter fails: fix or retrain it"
-                    )
-                module = key.removeprefix(PEFT_PREFIX)[: -len(suffix)]
-                parts.setdefault(module, {})[part] = tensor.to(device=device, dtype=torch.float32)
-    factors, embedding = {}, set()
-    for module, found in parts.items():
-        if "lora_A" in found:
-            factors[module] = (found["lora_A"], found["lora_B"])
-        else:
-            factors[module] = (found["lora_embedding_A"], found["lora_embedding_B"])
-            embedding.add(module)
+    state, config = _read_files(where, folder, weights)
+    factors, embedding = _factors(where, weights.name, state, device)
     config.inference_mode = True  # as PeftModel.from_pretrained loads it
     config.fan_in_fan_out = peft_fan_in_fan_out(config.fan_in_fan_out, list(factors), layout)
     provenance = {
@@ -262,9 +200,51 @@ def load_adapter_tensors(
     return AdapterTensors(name, config, factors, folder, frozenset(embedding), provenance)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _read_files(where: str, folder: Path, weights: Path):
+    """The weights' tensors and the LoraConfig, or a MergeError saying which file is unreadable."""
+    import pickle
+
+    import torch
+    from peft import LoraConfig
+    from safetensors import SafetensorError
+
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:  # admitted by the plan only with allow_pickle: true
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        return state, LoraConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise MergeError(
+            f"{where}: {weights.name} or {CONFIG_FILE} cannot be read ({type(exc).__name__}: "
+            f"{exc}); was it truncated or replaced while the sweep ran? Check it and run again"
+        ) from exc
+
+
+def _factors(where: str, weights_name: str, state: dict, device):
+    """Module -> (A, B) in float32 on `device`, and the modules that are embedding LoRAs."""
+    import torch
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise MergeError(
+                f"{where}: {key} in {weights_name} holds {bad} non-finite value(s) "
+                "(NaN or Inf); every merge with this adapter fails: fix or retrain it"
+            )
+        module, part = parsed
+        parts.setdefault(module, {})[part] = tensor.to(device=device, dtype=torch.float32)
+    factors, embedding = {}, set()
+    for module, found in parts.items():
+        if "lora_A" in found:
+            factors[module] = (found["lora_A"], found["lora_B"])
+        else:
+            factors[module] = tuple(found[part] for part in EMBEDDING_PARTS)
+            embedding.add(module)
+    return factors, embedding

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raymerge.errors import MergeError
-from raymerge.load.adapters import WEIGHT_FILES, AdapterInfo
+from raymerge.merge.format import WEIGHT_FILES, AdapterInfo
 from raymerge.merge.layout import Layer, Layout
 from raymerge.merge.registry import METHODS, RankRule
 
 if TYPE_CHECKING:
-    from raymerge.merge.engines import AdapterTensors
+    from raymerge.merge.tensors import AdapterTensors
 
 LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\."

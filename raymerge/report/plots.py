@@ -82,7 +82,7 @@ def weight_plots(rows, metrics: list[str], objective: Objective, references):
 
 def tradeoff_plot(rows, metrics: list[str], references):
     """The first two metrics, every merge a point, the Pareto front joined."""
-    from raymerge.report.report import pareto_front
+    from raymerge.report.pareto import pareto_front
 
     if len(metrics) < 2:
         return None

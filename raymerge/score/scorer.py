@@ -1,7 +1,7 @@
 """Scoring merged adapters on the held base model, many per forward pass.
 
 Up to `adapters_per_pass` merged adapters are loaded into the PeftModel together, from the exact
-bytes written (no temporary folder), and every eval set is run once for all of them through
+tensors written (no temporary folder), and every eval set is run once for all of them through
 PEFT's mixed-adapter batches: each example appears once per adapter in the batch, and
 `adapter_names` routes each row through its adapter (one base-layer pass for all). The metrics
 equal those of scoring each adapter alone. lm-evaluation-harness tasks, if any, run one adapter
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from raymerge.merge.format import config_bytes, parameter_name, parse_config
+from raymerge.merge.tensors import MergedAdapter
 from raymerge.score import evalsets
 from raymerge.task import EvalConfig
 
@@ -67,9 +69,9 @@ class Scorer:
 
         return transformers.AutoTokenizer.from_pretrained(self.base.local_location())
 
-    def score_merged(self, merged: Sequence[dict[str, bytes]]) -> list[dict[str, Any]]:
-        """Metrics for each merged adapter (its files as written), scored together."""
-        names = [self._slots.load(files) for files in merged]
+    def score_merged(self, merged: Sequence[MergedAdapter]) -> list[dict[str, Any]]:
+        """Metrics for each merged adapter (its tensors as written), scored together."""
+        names = [self._slots.load(adapter) for adapter in merged]
         try:
             return self._score(names)
         finally:
@@ -140,14 +142,13 @@ class _Slots:
         self._params: dict[str, dict[str, Any]] = {}  # slot -> saved key -> its parameter
         self._names = itertools.count()
 
-    def load(self, files: dict[str, bytes]) -> str:
+    def load(self, merged: MergedAdapter) -> str:
         import json
 
         from peft import PeftConfig
-        from safetensors.torch import load as load_safetensors
 
-        raw = json.loads(files["adapter_config.json"])
-        state = load_safetensors(files["adapter_model.safetensors"])
+        raw = parse_config(config_bytes(merged.config))  # the config as its file gives it
+        state = merged.tensors
         signature = (
             json.dumps(raw, sort_keys=True),
             tuple(sorted((key, tuple(t.shape)) for key, t in state.items())),
@@ -161,7 +162,7 @@ class _Slots:
             config = PeftConfig.from_peft_type(**raw)
             config.inference_mode = True
             self.base.add_adapter(name, config)
-            self.base.load_weights(name, state)  # PEFT's own load, checked, the first time
+            self.base.load_weights(name, dict(state))  # PEFT's own load, checked, the first time
             self._signature[name] = signature
             self._params[name] = self._parameters(name, state)
             return name
@@ -173,16 +174,7 @@ class _Slots:
     def _parameters(self, name: str, state: dict) -> dict[str, Any]:
         """Where each saved tensor lives in slot `name` (PEFT inserts the adapter's name)."""
         params = dict(self.base.peft.named_parameters())
-        found = {}
-        for key in state:
-            for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-                saved = f".{part}.weight" if part in ("lora_A", "lora_B") else f".{part}"
-                if key.endswith(saved):
-                    found[key] = params[key.replace(saved, saved.replace(part, f"{part}.{name}"))]
-                    break
-            else:
-                raise ValueError(f"{key}: not a LoRA factor")
-        return found
+        return {key: params[parameter_name(key, name)] for key in state}
 
     def release(self, names: list[str]) -> None:
         for name in names:

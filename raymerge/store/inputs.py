@@ -9,10 +9,12 @@ from the old version — unless told to rebuild exactly those merges.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from raymerge.errors import InputError, MergeError
-from raymerge.load.adapters import CONFIG_FILE, file_sha256
+from raymerge.merge.format import ADAPTER_FILES, CONFIG_FILE
 from raymerge.store import manifest, storage
 
 
@@ -76,7 +78,7 @@ def check_unchanged(
     for merge_id in sorted(redo):  # uncommit first: an interrupted rebuild lists none of them
         folder = manifest.merge_dir(plan.output, merge_id)
         storage.remove([storage.join(folder, manifest.MERGE_JSON)], options)
-        storage.remove([storage.join(folder, f) for f in manifest.ADAPTER_FILES], options)
+        storage.remove([storage.join(folder, f) for f in ADAPTER_FILES], options)
     return redo
 
 
@@ -110,3 +112,12 @@ def check_digest(name: str, uri: str, expected: str | None, found: str) -> None:
             f"{found[:12]}…, the sweep started with {expected[:12]}…; run the spec again "
             "(with --rebuild-changed to redo the merges made from the old version)"
         )
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

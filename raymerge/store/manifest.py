@@ -51,8 +51,6 @@ INPUTS = "inputs.json"
 SUMMARY = "summary.json"
 REFERENCES = "references.json"
 EVALUATION = "evaluation.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-"""The files of a merged adapter, as PEFT's save_pretrained writes them."""
 RECORDS_PER_READ = 1000
 SEGMENT_UPLOAD_SECONDS = 30.0
 """How long one background segment upload keeps retrying (the next flush takes its lines)."""

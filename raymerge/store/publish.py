@@ -1,6 +1,7 @@
-"""Writing one merge to the output: its files first (each atomically, with their digests), its
-merge.json last (the commit marker). A failure removes what the merge wrote, so no half-written
-merge folder is ever left behind, and nothing uncommitted is ever listed.
+"""Publishing one merge to the output: its tensors serialised in PEFT's format, its files written
+first (each atomically, with their digests), its merge.json last (the commit marker). A failure
+removes what the merge wrote, so no half-written merge folder is ever left behind, and nothing
+uncommitted is ever listed.
 """
 
 from __future__ import annotations
@@ -10,7 +11,26 @@ import hashlib
 import os
 from typing import Any
 
+from raymerge.merge.format import adapter_files
+from raymerge.merge.tensors import MergedAdapter
 from raymerge.store import manifest, storage
+
+
+def serialise(merged: MergedAdapter) -> dict[str, bytes]:
+    """The merged adapter's files (name -> bytes), as PEFT's save_pretrained writes them."""
+    return adapter_files(merged.tensors, merged.config)
+
+
+def digests(files: dict[str, bytes]) -> dict[str, str]:
+    """File name -> sha256, as merge.json records them."""
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def write_adapter(
+    folder: str, merged: MergedAdapter, storage_options=None, *, keep: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Serialise the merged adapter and write its files (see `write_files`)."""
+    return write_files(folder, serialise(merged), storage_options, keep=keep)
 
 
 def write_files(

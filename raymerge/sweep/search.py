@@ -32,7 +32,7 @@ from typing import Any
 
 from raymerge.merge.registry import METHODS
 from raymerge.score.objective import Objective
-from raymerge.sweep.plan import Candidate
+from raymerge.sweep.expand import Candidate
 from raymerge.sweep.spec import Range, SearchSpec
 from raymerge.task import MergeTask
 

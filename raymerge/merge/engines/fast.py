@@ -1,6 +1,6 @@
 """The fast engine: every combination type computed straight from the adapters' tensors, with
 PEFT's own arithmetic in PEFT's module order, batched over modules of equal shapes. Adapter
-tensors and configs in, the merged adapter's files out. No Ray, no storage.
+tensors and configs in, the merged adapter's tensors and config out. No Ray, no storage.
 
 Example:
     >>> import torch
@@ -11,7 +11,7 @@ Example:
     >>> b = AdapterTensors("b", config, {"q": (torch.ones(2, 3), -torch.ones(4, 2))})
     >>> state, merged = merge_tensors([a, b], [1.0, 1.0], METHODS["cat"], {}, seed=0,
     ...                              layout=["q"])
-    >>> delta = state[PREFIX + "q.lora_B.weight"] @ state[PREFIX + "q.lora_A.weight"]
+    >>> delta = state[saved_key("q", "lora_B")] @ state[saved_key("q", "lora_A")]
     >>> merged.r, float(delta.abs().sum())
     (4, 0.0)
 """
@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import operator
 from collections.abc import Sequence
@@ -27,21 +26,21 @@ from functools import reduce
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from raymerge.errors import MergeError
-from raymerge.merge.engines import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    AdapterTensors,
-    MergedAdapter,
-    scaled_output,
-)
+from raymerge.merge import seeding
+from raymerge.merge.format import config_dict, saved_key
 from raymerge.merge.layout import Layout, peft_fan_in_fan_out
 from raymerge.merge.registry import METHODS, Form, Method
+from raymerge.merge.tensors import (
+    AdapterTensors,
+    MergedAdapter,
+    MergeRun,
+    dtype_name,
+    scaled_output,
+)
 
 ENGINE = "fast"
-PREFIX = "base_model.model."
 
 
 class FastEngine:
@@ -49,30 +48,36 @@ class FastEngine:
 
     name = ENGINE
 
-    def __init__(self, layout: Layout, config_cache_entries: int = 256):
+    def __init__(self, layout: Layout | Sequence[str], config_cache_entries: int = 256):
         self.layout = layout
-        self._config_json: dict[tuple, bytes] = {}
+        self._configs: dict[tuple, dict[str, Any]] = {}
         self._config_cache_entries = config_cache_entries
 
-    def unsupported(self, task, inputs: Sequence[AdapterTensors]) -> str | None:
-        return unsupported(inputs, METHODS[task.combination_type])
+    def unsupported(self, recipe, inputs: Sequence[AdapterTensors]) -> str | None:
+        return unsupported(inputs, METHODS[recipe.combination_type])
 
-    def merge(self, task, inputs: Sequence[AdapterTensors]) -> MergedAdapter:
-        method = METHODS[task.combination_type]
+    def merge(self, recipe, inputs: Sequence[AdapterTensors]) -> MergedAdapter:
+        method = METHODS[recipe.combination_type]
         state, config = merge_tensors(
-            inputs, task.weights, method, task.params, task.merge_seed, self.layout
+            inputs, recipe.weights, method, recipe.params, recipe.merge_seed, self.layout
         )
-        state = scaled_output(state, task.output_dtype, f"merge {task.merge_id}")
+        first = next(iter(inputs[0].factors.values()))[0]
+        ran = MergeRun(ENGINE, str(first.device), compute_dtype(method, first.dtype))
+        state = scaled_output(state, recipe.output_dtype, f"merge {recipe.merge_id}")
+        # Converting a config to its JSON object costs more than a small merge: the same inputs
+        # give the same config (up to the rank), so it is made once.
         key = (tuple(a.name for a in inputs), config.r)
-        if key not in self._config_json:
-            if len(self._config_json) >= self._config_cache_entries:
-                self._config_json.pop(next(iter(self._config_json)))
-            self._config_json[key] = config_json(config)
-        files = {
-            WEIGHTS_FILE: save_safetensors(state, metadata={"format": "pt"}),
-            CONFIG_FILE: self._config_json[key],
-        }
-        return MergedAdapter(files, ENGINE)
+        if key not in self._configs:
+            if len(self._configs) >= self._config_cache_entries:
+                self._configs.pop(next(iter(self._configs)))
+            self._configs[key] = config_dict(config)
+        return MergedAdapter(state, self._configs[key], ran)
+
+
+def compute_dtype(method: Method, factor_dtype: torch.dtype) -> str:
+    """The precision a merge's arithmetic runs in: the methods PEFT lacks work in float64 (their
+    matrices are small), every other type in the inputs' factor dtype (float32 as loaded)."""
+    return "float64" if method.form is Form.LOWRANK else dtype_name(factor_dtype)
 
 
 def unsupported(adapters: Sequence[AdapterTensors], method: Method) -> str | None:
@@ -113,11 +118,7 @@ def merge_tensors(
         {m for adapter in adapters for m in adapter.factors},
         key=lambda m: (position.get(m, len(position)), m),
     )
-    device = next(iter(adapters[0].factors.values()))[0].device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=method.random):
-        if method.random:
-            torch.manual_seed(seed)
+    with seeding.seeded(seed, enabled=method.random):
         if method.random and method.peft:
             _replay_peft_initialisation(adapters, modules, new_rank)
         if method.form is Form.CONCAT:
@@ -131,15 +132,6 @@ def merge_tensors(
     config = merged_config(adapters, new_rank)
     config.fan_in_fan_out = peft_fan_in_fan_out(config.fan_in_fan_out, modules, layout)
     return state, config
-
-
-def config_json(config) -> bytes:
-    """adapter_config.json's bytes, exactly as PeftConfig.save_pretrained writes them."""
-    output = config.to_dict()
-    for key, value in output.items():
-        if isinstance(value, set):
-            output[key] = list(value)
-    return json.dumps(output, indent=2, sort_keys=True).encode()
 
 
 def merged_config(adapters: Sequence[AdapterTensors], new_rank: int):
@@ -168,8 +160,8 @@ def merged_config(adapters: Sequence[AdapterTensors], new_rank: int):
 def _entry(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> dict[str, torch.Tensor]:
     # + 0.0 turns -0.0 into 0.0: equal values, and equal bytes whichever path made them.
     return {
-        f"{PREFIX}{module}.lora_A.weight": (lora_a + 0.0).contiguous(),
-        f"{PREFIX}{module}.lora_B.weight": (lora_b + 0.0).contiguous(),
+        saved_key(module, "lora_A"): (lora_a + 0.0).contiguous(),
+        saved_key(module, "lora_B"): (lora_b + 0.0).contiguous(),
     }
 
 
@@ -178,31 +170,17 @@ def _present(adapters, weights, module: str) -> list[tuple[AdapterTensors, float
 
 
 def _replay_peft_initialisation(adapters, modules: list[str], new_rank: int) -> None:
-    """Consume the random stream as PEFT's path does before it draws DARE masks.
-
-    add_weighted_adapter first injects a new adapter into every target module: two nn.Linear
-    layers, each initialised by kaiming_uniform_, then PEFT's own init of A (init_lora_weights
-    of the first input). Drawing the same numbers, in module order, puts the generator where
-    PEFT's is when it draws the masks, so both paths draw the same masks from the same seed.
-    """
-    init = adapters[0].config.init_lora_weights
+    """Put the stream where PEFT's path has it when it draws the first mask (`seeding`)."""
+    shapes = []
     for module in modules:
         a, b = next(x.factors[module] for x in adapters if module in x.factors)
-        in_features, out_features = a.shape[1], b.shape[0]
-        torch.empty(new_rank, in_features).uniform_()  # nn.Linear(in, r).reset_parameters()
-        torch.empty(out_features, new_rank).uniform_()  # nn.Linear(r, out).reset_parameters()
-        if init is True:
-            torch.empty(new_rank, in_features).uniform_()  # kaiming_uniform_(lora_A)
-        elif init == "gaussian":
-            torch.empty(new_rank, in_features).normal_()
+        shapes.append((a.shape[1], b.shape[0]))
+    seeding.replay_peft_initialisation(shapes, adapters[0].config.init_lora_weights, new_rank)
 
 
 def _draw_masks(tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> list[torch.Tensor]:
-    """DARE's Bernoulli(density) masks, one per tensor, in order, as PEFT draws them."""
-    density = params["density"]
-    if density >= 1:  # PEFT draws nothing then
-        return [torch.ones_like(t) for t in tensors]
-    return [torch.bernoulli(torch.full_like(t, density)) for t in tensors]
+    """DARE's Bernoulli(density) masks, one per tensor, in order, by the seeding policy."""
+    return seeding.bernoulli_masks(tensors, params["density"])
 
 
 def _groups(adapters, weights, modules: list[str]) -> list[list[str]]:

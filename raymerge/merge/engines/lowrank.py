@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from raymerge.merge import arithmetic
+from raymerge.merge import arithmetic, seeding
 
 Input = tuple[torch.Tensor, torch.Tensor, float]
 """(B, A, scale) of one input for one module: its delta is scale * B @ A (scale = merge weight
@@ -185,11 +185,12 @@ def _ties_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _masks(stacked: torch.Tensor, params: dict[str, Any]) -> torch.Tensor | None:
-    """DARE's Bernoulli(density) masks, input by input (the caller seeds the generator)."""
+    """DARE's Bernoulli(density) masks, input by input, by the seeding policy (the caller seeds
+    the stream)."""
     density = params["density"]
     if density >= 1:
         return None
-    return torch.stack([torch.bernoulli(torch.full_like(core, density)) for core in stacked])
+    return torch.stack([seeding.bernoulli_mask(core, density) for core in stacked])
 
 
 METHODS = {

@@ -3,6 +3,7 @@ with the fixes that make its result exactly what merge.json says."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -11,8 +12,10 @@ from typing import Any
 
 import torch
 
-from raymerge.merge.engines import CONFIG_FILE, WEIGHTS_FILE, AdapterTensors, MergedAdapter
+from raymerge.merge import seeding
+from raymerge.merge.format import CONFIG_FILE, WEIGHTS_FILE, parse_config, parse_weights
 from raymerge.merge.registry import METHODS
+from raymerge.merge.tensors import AdapterTensors, MergedAdapter, MergeRun, dtype_name
 
 ENGINE = "peft"
 COMPUTE_DTYPE = torch.float32
@@ -38,34 +41,31 @@ class PeftEngine:
         self._loaded: dict[str, str] = {}  # adapter name -> PEFT's name for it
         self._names = itertools.count()
 
-    def unsupported(self, task, inputs: Sequence[AdapterTensors]) -> str | None:
-        if not METHODS[task.combination_type].peft:
-            return f"{task.combination_type} (not one of PEFT's combination types)"
+    def unsupported(self, recipe, inputs: Sequence[AdapterTensors]) -> str | None:
+        if not METHODS[recipe.combination_type].peft:
+            return f"{recipe.combination_type} (not one of PEFT's combination types)"
         return None
 
-    def merge(self, task, inputs: Sequence[AdapterTensors]) -> MergedAdapter:
+    def merge(self, recipe, inputs: Sequence[AdapterTensors]) -> MergedAdapter:
         names = [self.ensure(adapter) for adapter in inputs]
-        merged = f"merge_{task.merge_id}"
+        merged = f"merge_{recipe.merge_id}"
         try:
             add_merged_adapter(
                 self._model,
                 merged,
                 names,
-                task.weights,
-                task.combination_type,
-                task.params,
-                task.merge_seed,
+                recipe.weights,
+                recipe.combination_type,
+                recipe.params,
+                recipe.merge_seed,
             )
-            cast_adapter(self._model, merged, getattr(torch, task.output_dtype))
-            with tempfile.TemporaryDirectory(prefix="raymerge-") as tmp:
-                self._model.save_pretrained(tmp, selected_adapters=[merged])
-                files = {
-                    f: (Path(tmp) / merged / f).read_bytes() for f in (WEIGHTS_FILE, CONFIG_FILE)
-                }
+            ran = MergeRun(ENGINE, *_held_as(self._model, merged))
+            cast_adapter(self._model, merged, getattr(torch, recipe.output_dtype))
+            tensors, config = _saved(self._model, merged)
         finally:
             if merged in self._model.peft_config:
                 self._model.delete_adapter(merged)  # memory must not grow with the sweep
-        return MergedAdapter(files, ENGINE)
+        return MergedAdapter(tensors, config, ran)
 
     def ensure(self, adapter: AdapterTensors) -> str:
         """PEFT's name for `adapter`, loading it into the PeftModel (float32) the first time."""
@@ -86,6 +86,43 @@ class PeftEngine:
             self._model.delete_adapter(peft_name)
 
 
+def _held_as(model, name: str) -> tuple[str, str]:
+    """(devices, dtype) of adapter `name`'s factors as PEFT made them: PEFT computes a merge
+    into factors of the base layer's dtype (on a bf16 base, `cat` and the svd types come out
+    rounded to bf16 before any output cast), so that is the precision the merge ran in."""
+    tensors = [tensor for _, _, tensor in _factor_tensors(model, name)]
+    devices = ",".join(sorted({str(t.device) for t in tensors}))
+    dtypes = sorted({t.dtype for t in tensors}, key=lambda d: torch.finfo(d).bits)
+    return devices, dtype_name(dtypes[0])  # the narrowest one bounds the result's precision
+
+
+def _saved(model, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adapter `name`'s tensors and config exactly as PEFT's own save_pretrained writes them
+    (its writer decides the keys, the embedding copies and the config's fields)."""
+    with tempfile.TemporaryDirectory(prefix="raymerge-") as tmp:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        folder = Path(tmp) / name
+        return (
+            parse_weights((folder / WEIGHTS_FILE).read_bytes()),
+            parse_config((folder / CONFIG_FILE).read_bytes()),
+        )
+
+
+@contextlib.contextmanager
+def _masks_by_policy() -> Iterator[None]:
+    """PEFT draws each DARE mask on its layer's device; while it merges, it draws them by the
+    seeding policy instead (the CPU stream), as the fast engine does, so both engines give the
+    same masks on any device layout. One merge at a time per process, so the swap is safe."""
+    from peft.utils import merge_utils
+
+    original = merge_utils.random_pruning
+    merge_utils.random_pruning = seeding.random_pruning
+    try:
+        yield
+    finally:
+        merge_utils.random_pruning = original
+
+
 def add_merged_adapter(
     model,
     merged_name: str,
@@ -97,9 +134,10 @@ def add_merged_adapter(
 ) -> None:
     """Add adapter `merged_name` to `model`: the merge of its loaded `adapters`.
 
-    PEFT's DARE types draw their masks from torch's global RNG, so it is seeded with the merge's
-    own seed first, inside a forked RNG: the same merge gives the same adapter on the same
-    device, whatever ran before, and the caller's random state is left as it was.
+    PEFT's DARE types draw their masks from torch's global RNG: they are drawn by the seeding
+    policy (`raymerge.merge.seeding`: the CPU stream, seeded with the merge's own seed), so the
+    same merge gives the same adapter whatever ran before and wherever its layers lie, and the
+    caller's random state is left as it was.
     """
     from peft import PeftModel
 
@@ -108,9 +146,7 @@ def add_merged_adapter(
             f"add_weighted_adapter needs a peft.PeftModel, got {type(model).__name__}; wrap the "
             "base model with PeftModel.from_pretrained(base, adapter_path) first"
         )
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeding.seeded(seed), _masks_by_policy():
         model.add_weighted_adapter(
             adapters=list(adapters),
             weights=[float(w) for w in weights],

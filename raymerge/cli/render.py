@@ -1,0 +1,200 @@
+"""What the commands print: the plan, a sweep's summary, leaderboards, the demo's verdict,
+rebuilt merges and benchmark figures. Only output here; no command logic."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from raymerge.cli.console import consoles
+
+
+def number(value) -> str:
+    """A figure for a table cell: four decimals for floats, n/a when missing or NaN.
+
+    >>> number(0.123456), number(3), number(None), number(float("nan"))
+    ('0.1235', '3', 'n/a', 'n/a')
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _better(objective) -> str:
+    return "lower" if objective.direction == "minimize" else "higher"
+
+
+def print_plan(summary: dict[str, Any]) -> None:
+    """Merges per combination type, and the adapters they are made from."""
+    consoles.out.print(f"Plan: {summary['total']} merges → {summary['output']}")
+    table = Table()
+    table.add_column("combination type")
+    table.add_column("merges", justify="right")
+    for name, count in summary["by_type"].items():
+        table.add_row(name, str(count))
+    consoles.out.print(table)
+    adapters = Table(title="Adapters")
+    for column in ("name", "r", "lora_alpha"):
+        adapters.add_column(column)
+    adapters.add_column("location", overflow="fold")
+    for name, info in summary["adapters"].items():
+        adapters.add_row(name, str(info["r"]), str(info["lora_alpha"]), info["uri"])
+    consoles.out.print(adapters)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """A finished sweep's counts and costs, then its first ten failures on stderr."""
+    table = Table(title="Sweep summary", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
+    keys = ("done", "skipped", "failed", "not_run", "retries", "total", "seconds", "merge_seconds")
+    for key in (*keys, "merges_per_s", "adapter_loads", "bytes_written"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    per_worker = ", ".join(
+        f"w{k}: {w['done']} merges, {w['adapter_loads']} loads"
+        for k, w in summary["workers"].items()
+    )
+    table.add_row("per worker", per_worker)
+    table.add_row("output", summary["output"])
+    consoles.out.print(table)
+    for failure in summary["failures"][:10]:
+        consoles.err.print(Text(f"failed {failure['merge_id']}: {failure['error']}", "red"))
+
+
+def print_leaderboard(result, top: int) -> None:
+    """The TOP best merges of a report, then the base model and each adapter alone (dimmed)."""
+    from raymerge.report.model import primary_metrics
+
+    objective = result.objective
+    shown = primary_metrics(result.metrics)
+    table = Table(title=f"Best merges by {objective.name} ({_better(objective)} is better)")
+    for column in ("#", "adapters", "weights", "type", "objective", *shown):
+        left = column in ("adapters", "type")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
+    for rank, row in enumerate(result.rows[:top], start=1):
+        values = [number(row[m]) for m in shown]
+        table.add_row(
+            str(rank), row["adapters"], row["weights"], row["combination_type"],
+            number(row["objective"]), *values,
+        )  # fmt: skip
+    if result.references:
+        references = [("base model", result.references["base"])]
+        references += [(f"{n} alone", s) for n, s in result.references["adapters"].items()]
+        for label, scores in references:
+            values = [number(scores.get(m.rpartition(".")[0], {}).get(m.rpartition(".")[2]))
+                      for m in shown]  # fmt: skip
+            table.add_row(
+                "ref", label, "", "", number(objective.value(scores)), *values, style="dim"
+            )
+    consoles.out.print(table)
+
+
+def print_search(result) -> None:
+    """A searched sweep's best against the grid's, and the parameters that mattered."""
+    search = result.search
+    if not search:
+        return
+    best, grid = search["search_best"], search["grid_best"]
+    line = f"Search: best {result.objective.name} {number(best[-1])} after {len(best)} evaluations"
+    if grid:
+        line += f" (grid: {number(grid[-1])} after {len(grid)})"
+    consoles.out.print(line)
+    if search.get("importances"):
+        ranked = sorted(search["importances"].items(), key=lambda kv: -kv[1])
+        consoles.out.print(
+            "Parameters that mattered: " + ", ".join(f"{k} {v:.2f}" for k, v in ranked)
+        )
+
+
+def print_outputs(result) -> None:
+    """Where a report wrote its leaderboard and its HTML page."""
+    consoles.out.print(f"Leaderboard: {result.csv_uri}\nReport: {result.html_uri}")
+
+
+def verdict(result) -> str:
+    """Does the best merge beat every single adapter on the objective?"""
+    if not result.references:
+        return ""
+    objective = result.objective
+    singles = {
+        name: objective.value(scores) for name, scores in result.references["adapters"].items()
+    }
+    name, single = min(singles.items(), key=lambda item: objective.sort_key(item[1]))
+    best = result.rows[0]
+    value = best["objective"]
+    what = f"{objective.name} ({_better(objective)} is better)"
+    if objective.better(value, single):
+        return (
+            f"The best merge ({best['adapters']}, {best['combination_type']}, weights "
+            f"{best['weights']}) reaches {value:.4f} on the objective {what}, beating the best "
+            f"single adapter ({name}: {single:.4f})."
+        )
+    return (
+        f"No merge beats the best single adapter ({name}: {single:.4f}) on the objective {what};"
+        f" the best merge reaches {value:.4f}."
+    )
+
+
+def print_rebuilt(results) -> None:
+    """One line per rebuilt merge: where it is and whether it matches its merge.json."""
+    for result in results:
+        status = "matches its record" if result.matches_record else "DIFFERS from its record"
+        note = f" ({result.note})" if result.note else ""
+        consoles.out.print(f"{result.merge_id}: {result.path} — {status}{note}")
+
+
+def print_rows(title: str, rows: list[dict[str, Any]], names: list[str]) -> None:
+    """Figures as a table: one column per row given, one line per figure."""
+    table = Table(title=title)
+    table.add_column("figure")
+    for name in names:
+        table.add_column(name, justify="right")
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    for key in keys:
+        values = [row.get(key, "") for row in rows]
+        if any(isinstance(v, dict) for v in values):
+            values = [json.dumps(v) if isinstance(v, dict) else v for v in values]
+        table.add_row(key.replace("_", " "), *(str(v) for v in values))
+    consoles.out.print(table)
+
+
+def print_merge_figures(figures: dict[str, Any]) -> None:
+    """`bench merge`: merges/s of each type, and the driver's peak memory."""
+    rows = list(figures["types"].values())
+    print_rows("merges/s, whole raymerge run (steady state)", rows, list(figures["types"]))
+    consoles.out.print(f"driver peak RSS: {figures['driver_peak_rss_mb']} MB")
+
+
+def print_eval_figures(figures: dict[str, Any]) -> None:
+    """`bench eval`: each way of scoring, and what batching merges in one pass gains."""
+    ways = ["plain_loop", "merge_only", "per_pass_1", "per_pass_4", "per_pass_16"]
+    print_rows("raymerge bench eval", [figures[w] for w in ways], ways)
+    consoles.out.print(
+        f"{figures['merges']} merges; 16 per pass / 1 per pass: "
+        f"{figures['per_pass_16_over_1']}x merges/s, eval seconds per merge "
+        f"{figures['eval_per_merge_1_over_16']}x lower"
+    )
+
+
+def print_search_race(figures: dict[str, Any], seeds: int) -> None:
+    """`bench search`: the best objective each sampler reached at each budget, against the grid."""
+    budgets = figures["budgets"]
+    table = Table(title=f"Best {figures['objective']} reached (median over {seeds} seeds)")
+    table.add_column("way")
+    for budget in budgets:
+        table.add_column(f"{budget} evaluations", justify="right")
+    grid = figures["grid"]
+    table.add_row(f"grid ({grid['evaluations']} evaluations)", *([f"{grid['best']:.4f}"]
+                  + [""] * (len(budgets) - 1)))  # fmt: skip
+    for sampler in ("random", "tpe", "cmaes"):
+        if sampler in figures:
+            table.add_row(sampler, *(f"{v:.4f}" for v in figures[sampler]["median_best"]))
+    consoles.out.print(table)
+    target = figures["target"]
+    consoles.out.print(
+        f"At {target['budget']} evaluations (half the grid's or fewer), reaching the grid's "
+        f"best ({target['grid_best']:.4f}): {', '.join(target['met_by']) or 'none'}"
+    )

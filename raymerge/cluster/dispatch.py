@@ -1,0 +1,253 @@
+"""Dispatch: feeds merge workers tasks as they free up (pull-based), takes their results, retries
+the tasks of a worker that died, and waits for Ray to restart it (or drops it if it cannot).
+
+Usage (with started workers, see `workers.start_workers`)::
+
+    Dispatch(plan, actors, make_scheduler(plan, tasks, None), writer, summary, None, False).run()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from raymerge.cluster.keep import KeepTopK
+from raymerge.cluster.prune import drop_files
+from raymerge.cluster.schedule import (
+    ChainScheduler,
+    LocalityScheduler,
+    RoundRobinScheduler,
+    SearchScheduler,
+)
+from raymerge.cluster.session import root_error
+from raymerge.cluster.summary import Progress, RunSummary, WorkerStats
+from raymerge.cluster.workers import WorkerState
+from raymerge.score.objective import Objective
+from raymerge.store import manifest
+from raymerge.sweep.plan import Plan
+from raymerge.sweep.search import Search
+from raymerge.task import MergeResult, MergeTask
+
+# The driver's logger, as before dispatch had its own module: log settings keep applying.
+log = logging.getLogger(__name__)
+
+TASKS_IN_FLIGHT_PER_WORKER = 2  # one merging, one queued: no idle gap between tasks
+SECONDS_PER_CALL = 0.1
+"""Merge-only sweeps send each worker about this much work per call (measured as merges finish,
+at most MAX_MERGES_PER_CALL): cheap merges then cost one round trip per batch, not one each."""
+MAX_MERGES_PER_CALL = 32
+MANIFEST_FLUSH_SECONDS = 30.0
+
+
+def make_scheduler(plan: Plan, pending: Iterator[MergeTask], search):
+    """The grid's tasks (locality-aware or round-robin), then the search's candidates."""
+    workers = list(range(plan.spec.workers))
+    if plan.spec.scheduling == "round_robin":
+        grid = RoundRobinScheduler(pending, workers)
+    else:
+        grid = LocalityScheduler(pending)
+    return grid if search is None else ChainScheduler(grid, SearchScheduler(search))
+
+
+class Dispatch:
+    """The dispatch loop: pull-based feeding, results, worker deaths and retries."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        workers: dict[int, Any],
+        scheduler,
+        writer: manifest.ManifestWriter,
+        summary: RunSummary,
+        progress: Progress | None,
+        fail_fast: bool,
+        search: Search | None = None,
+    ):
+        self.plan = plan
+        self.workers = {i: WorkerState(i, actor) for i, actor in workers.items()}
+        self.uris = plan.adapter_uris()
+        self.writer = writer
+        self.summary = summary
+        self.progress = progress
+        self.fail_fast = fail_fast
+        self.stopping = False
+        self.scheduler = scheduler
+        self.search = search
+        evaluate = plan.spec.evaluate
+        self.objective = Objective.parse(evaluate.objective_terms()) if evaluate else None
+        self.keep = KeepTopK(plan.spec.keep.top, self.objective) if plan.spec.keep else None
+        self.in_flight: dict[Any, tuple[WorkerState, list[MergeTask]]] = {}
+        # Merges per call: the scorer takes them together (several adapters per forward pass);
+        # merge-only calls grow with how cheap merges turn out to be (see _batch_size).
+        self.fixed_per_call = evaluate.adapters_per_pass if evaluate is not None else None
+        if evaluate is None and plan.spec.scheduling == "round_robin":
+            self.fixed_per_call = 1  # task i to worker i % n, as it says
+        self.seconds_per_merge: float | None = None  # moving average of finished merges
+        # info() calls on workers that died, until they are back (in the order they died).
+        self.probes: dict[Any, WorkerState] = {}
+        self.attempts: dict[str, int] = {}
+        summary.workers = {str(w): WorkerStats() for w in workers}
+
+    def run(self) -> None:
+        for worker in self.workers.values():
+            for _ in range(TASKS_IN_FLIGHT_PER_WORKER):
+                self._feed(worker)
+        last_flush = time.monotonic()
+        while self.in_flight or self.probes:
+            [ref], _ = ray.wait([*self.in_flight, *self.probes], num_returns=1)
+            if ref in self.probes:
+                self._probed(ref)
+            else:
+                self._finished(ref)
+            if time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS:
+                self.writer.flush()  # in the background: never blocks dispatch
+                last_flush = time.monotonic()
+        for task in self.scheduler.drain():  # left by --fail-fast, a fatal error, or dead workers
+            if self.stopping:
+                self.summary.not_run += 1
+            else:
+                self._record_failure(task, "not run: every merge worker died")
+
+    def _feed(self, worker: WorkerState) -> None:
+        """Send `worker` its next call: up to `per_call` tasks."""
+        if self.stopping or not worker.alive or worker in self.probes.values():
+            return
+        expected = worker.cached | {
+            name
+            for w, tasks in self.in_flight.values()
+            if w is worker
+            for task in tasks
+            for name in task.adapters
+        }
+        tasks = []
+        per_call = self._batch_size()
+        while len(tasks) < per_call:
+            task = self.scheduler.next_for(worker.index, expected)
+            if task is None:
+                break
+            if self.keep is not None:
+                task = replace(task, keep_threshold=self.keep.threshold())
+            tasks.append(task)
+            expected |= set(task.adapters)
+            if task.trial is not None:  # one candidate per call: the next is asked knowing more
+                break
+        if tasks:
+            attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
+            self.in_flight[worker.actor.merge_many.remote(tasks, attempts)] = (worker, tasks)
+
+    def _batch_size(self) -> int:
+        if self.fixed_per_call is not None:
+            return self.fixed_per_call
+        if not self.seconds_per_merge:  # nothing measured yet: one at a time
+            return 1
+        return max(1, min(MAX_MERGES_PER_CALL, int(SECONDS_PER_CALL / self.seconds_per_merge)))
+
+    def _finished(self, ref) -> None:
+        worker, tasks = self.in_flight.pop(ref)
+        try:
+            results: list[MergeResult] = ray.get(ref)
+        except RayActorError as exc:
+            self._worker_died(worker, tasks, exc)
+            return
+        for task, result in zip(tasks, results, strict=True):
+            self._result(worker, task, result)
+        self._feed(worker)
+
+    def _result(self, worker: WorkerState, task: MergeTask, result: MergeResult) -> None:
+        stats = self.summary.workers[str(worker.index)]
+        stats.adapter_loads += result.adapter_loads
+        stats.busy_seconds = round(stats.busy_seconds + result.seconds, 3)
+        if result.done and result.seconds > 0:
+            previous = self.seconds_per_merge or result.seconds
+            self.seconds_per_merge = 0.8 * previous + 0.2 * result.seconds
+        stats.peak_rss_mb = max(stats.peak_rss_mb, result.peak_rss_mb)
+        stats.eval_seconds = round(stats.eval_seconds + result.eval_seconds, 3)
+        worker.cached = set(result.cached)
+        if result.done:
+            self._done(stats, task, result)
+        elif result.retryable and self._retry(task):
+            log.warning("merge %s will be retried: %s", task.merge_id, result.error)
+        else:
+            stats.failed += 1
+            self._record_failure(task, result.error or "failed", worker.index)
+            if result.fatal and not self.stopping:
+                self.summary.stopped_by = (
+                    f"the sweep stopped: {result.error}. Free space or fix permissions, then run "
+                    "the same spec again: committed merges are kept"
+                )
+            self.stopping = self.stopping or self.fail_fast or result.fatal
+
+    def _done(self, stats: WorkerStats, task: MergeTask, result: MergeResult) -> None:
+        """A committed merge: its manifest line, keep top-k, the search told, progress."""
+        line = manifest.manifest_line(
+            self.plan.output, result.record, result.adapter_loads, result.load_seconds
+        )
+        metrics = result.record.get("metrics")
+        if metrics and self.objective is not None:
+            line["objective"] = round(self.objective.value(metrics), 6)
+        stats.done += 1
+        stats.bytes_written += line["bytes"]
+        self.writer.add(line)
+        if self.keep is not None:  # files of merges pushed out of the top k go now
+            for merge_id in self.keep.offer(line):
+                drop_files(self.plan, merge_id)
+        if self.search is not None and task.trial is not None:
+            self.search.tell(task, metrics)
+        if self.progress:
+            self.progress.advance(result)
+
+    def _retry(self, task: MergeTask) -> bool:
+        """Queue `task` again if it has retries left."""
+        attempts = self.attempts.get(task.merge_id, 0) + 1
+        self.attempts[task.merge_id] = attempts
+        if attempts > self.plan.spec.task_retries:
+            return False
+        self.summary.retries += 1
+        self.scheduler.retry(task)
+        return True
+
+    def _worker_died(self, worker: WorkerState, tasks: list[MergeTask], exc: Exception) -> None:
+        """Retry the tasks anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
+        for task in tasks:
+            if not self._retry(task):
+                attempts = self.attempts[task.merge_id]
+                error = f"worker died {attempts} times running it: {root_error(exc)}"
+                self._record_failure(task, error, worker.index)
+        worker.cached = set()
+        if worker.alive and worker not in self.probes.values():
+            self.summary.workers[str(worker.index)].restarts += 1
+            self.probes[worker.actor.info.remote()] = worker
+        for other in self._alive():  # a retried task may go to any worker now
+            self._top_up(other)
+
+    def _probed(self, ref) -> None:
+        worker = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:  # out of restarts, or its node is gone
+            worker.alive = False
+            self.scheduler.drop_worker(worker.index)
+            return
+        self._top_up(worker)
+
+    def _alive(self) -> list[WorkerState]:
+        return [worker for worker in self.workers.values() if worker.alive]
+
+    def _top_up(self, worker: WorkerState) -> None:
+        busy = sum(1 for w, _ in self.in_flight.values() if w is worker)
+        for _ in range(TASKS_IN_FLIGHT_PER_WORKER - busy):
+            self._feed(worker)
+
+    def _record_failure(self, task: MergeTask, error: str, worker: int | None = None) -> None:
+        if self.search is not None and task.trial is not None:
+            self.search.tell(task, None)
+        self.summary.add_failure(task.merge_id, error)
+        self.writer.add(manifest.failure_line(task, self.uris, error))
+        if self.progress:
+            self.progress.advance(MergeResult.failure(task, worker=worker, error=error))

@@ -1,0 +1,108 @@
+"""What a run reports: progress while it runs (`Progress`, drawn by the CLI), and its figures at
+the end (`RunSummary`, also written to `<output>/summary.json`).
+
+Example:
+    >>> summary = RunSummary(output="out", total=3, workers={"0": WorkerStats(done=2)})
+    >>> summary.done, summary.to_json()["done"]
+    (2, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from raymerge.store import manifest, storage
+from raymerge.sweep.plan import Plan
+from raymerge.task import MergeResult
+
+MAX_FAILURES_IN_SUMMARY = 100
+
+
+class Progress(Protocol):
+    """What the driver reports while it runs (the CLI draws it; tests may record it)."""
+
+    def start(self, total: int, skipped: int) -> None: ...
+
+    def advance(self, result: MergeResult) -> None: ...
+
+
+@dataclass
+class WorkerStats:
+    """One worker's share of the run."""
+
+    done: int = 0
+    failed: int = 0
+    adapter_loads: int = 0
+    bytes_written: int = 0
+    busy_seconds: float = 0.0
+    restarts: int = 0
+    peak_rss_mb: float = 0.0
+    eval_seconds: float = 0.0
+    """Of busy_seconds, the time spent scoring merges."""
+    node: str = ""
+    """The Ray node it ran on (when it started)."""
+
+
+@dataclass
+class RunSummary:
+    """The figures of one run, also written to `<output>/summary.json`. Totals of what workers
+    did (done, adapter loads, bytes) are derived from the per-worker figures."""
+
+    output: str
+    total: int
+    skipped: int = 0
+    failed: int = 0
+    not_run: int = 0
+    """Tasks left undone: --fail-fast stopped the run, the output became unwritable, or every
+    worker died."""
+    retries: int = 0
+    """Tasks run again because their worker died or the store was unreachable."""
+    seconds: float = 0.0
+    """Wall time of the run, Ray start and model loading included."""
+    merge_seconds: float = 0.0
+    """Time from the first task dispatched to the last result (workers loaded)."""
+    merges_per_s: float = 0.0
+    """Merges done per second of `merge_seconds`."""
+    workers: dict[str, WorkerStats] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    """The first failures (merge_id and error); all of them are in the manifest."""
+    stopped_by: str | None = None
+    """Why dispatching stopped early (a fatal storage error), if it did."""
+
+    @property
+    def done(self) -> int:
+        return sum(w.done for w in self.workers.values())
+
+    @property
+    def adapter_loads(self) -> int:
+        return sum(w.adapter_loads for w in self.workers.values())
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self.workers.values())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            done=self.done, adapter_loads=self.adapter_loads, bytes_written=self.bytes_written
+        )
+        return data
+
+    def add_failure(self, merge_id: str, error: str) -> None:
+        """Count a failed merge; the first MAX_FAILURES_IN_SUMMARY are listed."""
+        self.failed += 1
+        if len(self.failures) < MAX_FAILURES_IN_SUMMARY:
+            self.failures.append({"merge_id": merge_id, "error": error})
+
+
+def write_summary(plan: Plan, summary: RunSummary, started: float) -> None:
+    """Settle the run's timings (`started`: its time.perf_counter() at the start) and write
+    summary.json, if the store lets us."""
+    summary.seconds = round(time.perf_counter() - started, 3)
+    if summary.merge_seconds:
+        summary.merges_per_s = round(summary.done / summary.merge_seconds, 3)
+    with contextlib.suppress(*storage.errors()):  # the figures are also returned and printed
+        manifest.write_summary(plan.output, summary.to_json(), plan.spec.storage_options)

@@ -1,0 +1,107 @@
+"""The spec's `evaluate` section: eval sets, lm-eval tasks and the objective.
+
+Example:
+    >>> EvaluateSpec.model_validate({"datasets": {"qa": "qa.jsonl"}}).objective_terms()
+    [{'metric': 'mean_loss'}]
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from raymerge.sweep.spec.types import AdapterName, FrozenModel, as_grid
+
+
+class EvalSetSpec(FrozenModel):
+    """One eval set: a JSONL file and what kind of examples it holds."""
+
+    path: str = Field(min_length=1)
+    """Location of the JSONL file (local path, file:// or s3://)."""
+    kind: Literal["text", "choice", "generate"] = "text"
+    """text: {"text"} -> loss; choice: {"prompt", "choices", "answer"} -> accuracy;
+    generate: {"prompt", "answer"} -> exact match of the greedy continuation."""
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+    """generate: tokens generated at most."""
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    """generate: the continuation ends at the first of these."""
+    ignore_case: bool = False
+    """generate: compare answers without regard to case."""
+
+
+class ObjectiveTerm(FrozenModel):
+    metric: str = Field(min_length=1)
+    """SET.METRIC (e.g. qa.accuracy), an lm-eval TASK.METRIC, or mean_loss."""
+    weight: float = 1.0
+    direction: Literal["minimize", "maximize"] | None = None
+    """Default: minimize losses and perplexities, maximize the rest."""
+
+
+Objectives = Annotated[list[str | ObjectiveTerm], BeforeValidator(as_grid)]
+"""One metric or a list of them, each a name or an ObjectiveTerm."""
+
+
+class LmEvalSpec(FrozenModel):
+    """lm-evaluation-harness tasks, run on the held model with each merge active
+    (`pip install raymerge[lm-eval]`)."""
+
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int = Field(default=0, ge=0)
+    limit: int | None = Field(default=None, ge=1)
+    """Examples per task (default: all)."""
+    include_path: str | None = None
+    """A folder of task YAMLs (your own tasks, over local data files)."""
+    batch_size: int = Field(default=8, ge=1)
+
+
+class EvaluateSpec(FrozenModel):
+    """Score every merge on small eval sets with the held base model."""
+
+    datasets: dict[AdapterName, str | EvalSetSpec] = Field(default_factory=dict)
+    """Eval set name -> a JSONL location (a text set), or {path, kind, ...}."""
+    max_samples: int = Field(default=64, ge=1)
+    """Examples scored per eval set."""
+    batch_size: int = Field(default=8, ge=1)
+    """Examples per forward pass (times adapters_per_pass rows)."""
+    max_length: int = Field(default=128, ge=2)
+    """Tokens per example (longer ones are truncated)."""
+    adapters_per_pass: int = Field(default=1, ge=1, le=64)
+    """Merges scored together through PEFT's mixed-adapter batches (one base pass for all)."""
+    objective: Objectives | None = None
+    """What "best" means: a metric, or a list of them (weighted sum); default: mean_loss over
+    the text sets, else the first set's main metric."""
+    lm_eval: LmEvalSpec | None = None
+
+    @model_validator(mode="after")
+    def _something_to_score(self) -> EvaluateSpec:
+        if not self.datasets and self.lm_eval is None:
+            raise ValueError("give `datasets`, `lm_eval`, or both")
+        if self.lm_eval:
+            clash = sorted(set(self.lm_eval.tasks) & set(self.datasets))
+            if clash:
+                raise ValueError(f"{', '.join(clash)} names both a dataset and an lm_eval task")
+        return self
+
+    def sets(self) -> dict[str, EvalSetSpec]:
+        """Every dataset as an EvalSetSpec (a bare location is a text set)."""
+        return {
+            name: EvalSetSpec(path=value) if isinstance(value, str) else value
+            for name, value in self.datasets.items()
+        }
+
+    def objective_terms(self) -> list[dict[str, Any]]:
+        """The objective as plain terms, the default filled in."""
+        if self.objective:
+            return [
+                {"metric": t} if isinstance(t, str) else t.model_dump(exclude_none=True)
+                for t in self.objective
+            ]
+        sets = self.sets()
+        if any(s.kind == "text" for s in sets.values()):
+            return [{"metric": "mean_loss"}]
+        if sets:
+            name, first = next(iter(sets.items()))
+            primary = {"choice": "accuracy", "generate": "exact_match"}[first.kind]
+            return [{"metric": f"{name}.{primary}"}]
+        return [{"metric": f"{self.lm_eval.tasks[0]}.acc"}]

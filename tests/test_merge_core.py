@@ -1,0 +1,122 @@
+"""The merge core: one seeding policy for both engines (mask for mask), and merge.json's compute
+dtype is what ran, not a literal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import base_spec, write_spec
+from transformers import AutoModelForCausalLM
+
+from raymerge.cluster.merger import Merger
+from raymerge.cluster.worker import MergeWorker
+from raymerge.merge import core, seeding
+from raymerge.sweep.plan import load_plan
+
+DARE_TYPES = {
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    # PEFT's dense path: masks over whole deltas, in the layer's own weight layout
+    "dare_linear_svd": {"density": 0.5, "svd_rank": 4},
+}
+
+
+def _plan(world, tmp_path, combination_type: str, params: dict, **overrides):
+    spec = base_spec(world, tmp_path / "out", gpus_per_worker=0, **overrides)
+    spec["combinations"][0]["methods"] = [{"combination_type": combination_type, **params}]
+    return load_plan(write_spec(tmp_path, spec))
+
+
+def _recorded_masks(monkeypatch) -> list[torch.Tensor]:
+    """Every mask the seeding policy draws, in order, whichever engine asks for it."""
+    drawn: list[torch.Tensor] = []
+    policy = seeding.bernoulli_mask
+
+    def recording(like, density):
+        mask = policy(like, density)
+        drawn.append(mask.clone())
+        return mask
+
+    monkeypatch.setattr(seeding, "bernoulli_mask", recording)
+    return drawn
+
+
+@pytest.mark.parametrize("combination_type", sorted(DARE_TYPES))
+def test_both_engines_draw_the_same_masks(world, tmp_path, monkeypatch, combination_type):
+    plan = _plan(world, tmp_path, combination_type, DARE_TYPES[combination_type])
+    [task] = plan.tasks()
+    merger = Merger(plan.worker_config())
+    inputs = merger.inputs(task.adapters)
+    drawn = _recorded_masks(monkeypatch)
+    fast = core.merge(task, inputs, merger.fast)
+    fast_masks = list(drawn)
+    drawn.clear()
+    peft = core.merge(task, inputs, merger.peft_engine())
+    assert (fast.ran.engine, peft.ran.engine) == ("fast", "peft")
+    # PEFT, left to itself, draws its masks without the policy: none would be recorded.
+    assert len(fast_masks) == len(drawn) > 0
+    for ours, theirs in zip(fast_masks, drawn, strict=True):
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+        assert 0 < float(ours.mean()) < 1  # real draws, not all-ones
+    assert fast.tensors.keys() == peft.tensors.keys()
+    for key, tensor in fast.tensors.items():
+        torch.testing.assert_close(tensor, peft.tensors[key], rtol=1e-5, atol=1e-6)
+
+
+def test_masks_do_not_depend_on_the_device_of_what_they_mask():
+    """The policy draws on the CPU stream and only then places a mask: tensors on another
+    device (here `meta`) consume the stream exactly as CPU tensors do, so a model sharded over
+    GPUs gets the masks a CPU worker gets."""
+    shapes = [(4, 8), (8, 4), (3, 5)]
+    states = {}
+    for device in ("cpu", "meta"):
+        with seeding.seeded(123):
+            masks = seeding.bernoulli_masks([torch.empty(s, device=device) for s in shapes], 0.3)
+            states[device] = torch.get_rng_state()
+            after = torch.rand(3)
+        assert {m.device.type for m in masks} == {device}
+        states[device + "_next"] = after
+    assert torch.equal(states["cpu"], states["meta"])
+    assert torch.equal(states["cpu_next"], states["meta_next"])
+
+
+def test_seeded_leaves_the_callers_stream_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    with seeding.seeded(99):
+        seeding.bernoulli_masks([torch.empty(10)], 0.5)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize(
+    ("combination_type", "params", "expected"),
+    [
+        ("linear", {}, "float32"),
+        ("core_ta", {"svd_rank": 4}, "float64"),  # the methods PEFT lacks work in float64
+    ],
+)
+def test_merge_json_records_the_compute_dtype_that_ran(
+    world, tmp_path, combination_type, params, expected
+):
+    plan = _plan(world, tmp_path, combination_type, params)
+    [task] = plan.tasks()
+    result = MergeWorker(0, plan.worker_config()).merge(task)
+    assert result.done, result
+    assert result.record["engine"] == "fast"
+    assert result.record["compute_dtype"] == expected
+    assert result.record["worker"]["device"] == "cpu"
+
+
+def test_peft_path_on_a_bfloat16_base_records_bfloat16(world, tmp_path):
+    """PEFT computes a merge into factors of the base layer's dtype: on a bf16 base its `cat`
+    is rounded to bf16 before the output cast, and merge.json says so."""
+    base = AutoModelForCausalLM.from_pretrained(world.base_model, dtype=torch.bfloat16)
+    base.save_pretrained(tmp_path / "base16")
+    plan = _plan(world, tmp_path, "cat", {}, base_model=str(tmp_path / "base16"), engine="peft")
+    [task] = plan.tasks()
+    result = MergeWorker(0, plan.worker_config()).merge(task)
+    assert result.done, result
+    assert result.record["engine"] == "peft"
+    assert result.record["compute_dtype"] == "bfloat16"
+    assert result.record["output_dtype"] == "float32"
