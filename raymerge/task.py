@@ -44,7 +44,8 @@ class MergeTask:
     merge_seed: int
     """This merge's own random seed (DARE masks), derived from its identity."""
     output_dtype: str
-    """dtype the merged adapter is written in (the arithmetic is float32)."""
+    """dtype the merged adapter is written in (merge.json's compute_dtype says what the
+    arithmetic ran in)."""
     trial: int | None = None
     """The search trial that proposed this merge (None for grid merges)."""
     search_params: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ from raymerge.cli import render
 from raymerge.cli.bench import bench_app
 from raymerge.cli.console import consoles
 from raymerge.cli.errors import exit_on_error
-from raymerge.cli.runs import location, rebuild, run_and_report, run_demo
+from raymerge.cli.runs import location, run_and_report, run_demo
 
 app = typer.Typer(
     add_completion=False,
@@ -126,9 +126,11 @@ def materialize(
     ),
 ) -> None:
     """Rebuild recorded merges from their merge.json and check them against its digests."""
+    from raymerge.cluster.materialize import materialize_on
+
     with exit_on_error():
         target = None if to is None else location(to)
-        results = rebuild(location(output), merge_ids, target, address)
+        results = materialize_on(address, location(output), merge_ids, target)
         render.print_rebuilt(results)
         if not all(result.matches_record for result in results):
             raise typer.Exit(1)

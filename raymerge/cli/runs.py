@@ -1,5 +1,5 @@
 """What the commands run beyond one call: a sweep under the progress bar, the demo's grid and
-search, a rebuild on a Ray cluster. Lower layers are imported when a command runs."""
+search. Lower layers are imported when a command runs."""
 
 from __future__ import annotations
 
@@ -66,16 +66,3 @@ def run_demo(the_plan, spec: Path, address: str | None) -> None:
     )
     consoles.out.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
     render.print_outputs(result)
-
-
-def rebuild(output: str, merge_ids: list[str], to: str | None, address: str | None) -> list:
-    """Rebuild MERGE_IDS of OUTPUT into TO: on the Ray cluster at ADDRESS (one CPU), else in
-    this process."""
-    from raymerge.cluster.materialize import materialize
-
-    if not address:
-        return list(materialize(output, merge_ids, to))
-    import ray
-
-    ray.init(address=address, log_to_driver=False)
-    return list(ray.get(ray.remote(materialize).options(num_cpus=1).remote(output, merge_ids, to)))

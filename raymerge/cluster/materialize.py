@@ -93,6 +93,23 @@ def materialize(
     return results
 
 
+def materialize_on(
+    address: str | None, output: str, merge_ids: list[str], to: str | None = None
+) -> list[Materialized]:
+    """`materialize` on the Ray cluster at `address` (one CPU there, where the inputs and the
+    output are reachable), else in this process."""
+    if not address:
+        return materialize(output, merge_ids, to)
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        rebuild = ray.remote(materialize).options(num_cpus=1)
+        return list(ray.get(rebuild.remote(output, merge_ids, to)))
+    finally:
+        ray.shutdown()
+
+
 def _rebuild(merger: Merger, record, output: str, to: str | None, storage_options) -> Materialized:
     task = task_of(record)
     inputs = merger.inputs(task.adapters)
