@@ -87,6 +87,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def all_true(mask: torch.Tensor) -> bool:
+    """Whether every element of a boolean tensor is true: with `count`, the only places the merge
+    core reads a value back from its device (a sync). Tests on devices without values (`meta`)
+    put their own in their place."""
+    return bool(mask.all())
+
+
+def count(mask: torch.Tensor) -> int:
+    """How many elements of a boolean tensor are true (see `all_true`)."""
+    return int(mask.sum())
+
+
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """MergeError naming the first tensor holding NaN or Inf."""
     import torch
@@ -94,8 +106,8 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for key, tensor in tensors.items():
         # A finite sum means every element is finite (NaN and Inf propagate through it); only a
         # sum that is not (an overflow of large finite values, or a real NaN) is looked at closely.
-        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not all_true(torch.isfinite(tensor.sum())) and not all_true(torch.isfinite(tensor)):
+            bad = count(~torch.isfinite(tensor))
             raise MergeError(
                 f"{what}: {key} holds {bad} non-finite value(s) (NaN or Inf); nothing was written"
             )

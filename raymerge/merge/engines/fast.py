@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from raymerge.errors import MergeError
-from raymerge.merge import seeding
+from raymerge.merge import seeding, tensors
 from raymerge.merge.format import config_dict, saved_key
 from raymerge.merge.layout import Layout, peft_fan_in_fan_out
 from raymerge.merge.registry import METHODS, Form, Method
@@ -370,7 +370,7 @@ def _lowrank(adapters, weights, modules: list[str], method: Method, params, new_
 
 def _check_svd_input(module: str, matrix: torch.Tensor) -> None:
     """An SVD of NaN or Inf fails obscurely (or not at all): say what happened instead."""
-    if not bool(torch.isfinite(matrix).all()):
+    if not tensors.all_true(torch.isfinite(matrix)):
         raise MergeError(
             f"{module}: the weighted delta is not finite in float32 (are the weights too large?); "
             "nothing was written"

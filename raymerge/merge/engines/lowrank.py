@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from raymerge.merge import arithmetic, seeding
+from raymerge.merge import arithmetic, seeding, tensors
 
 Input = tuple[torch.Tensor, torch.Tensor, float]
 """(B, A, scale) of one input for one module: its delta is scale * B @ A (scale = merge weight
@@ -99,14 +99,14 @@ def _core_ta(inputs, params, rank):
 def _core_ties(inputs, params, rank):
     u_ref, v_ref = core_bases(inputs)
     stacked = cores(inputs, u_ref, v_ref).unsqueeze(1)  # [T, 1 module, R, R]
-    ones = torch.ones(len(inputs), dtype=stacked.dtype)
+    ones = stacked.new_ones(len(inputs))
     return u_ref @ arithmetic.ties(stacked, ones, _ties_params(params))[0], v_ref
 
 
 def _core_dare(inputs, params, rank):
     u_ref, v_ref = core_bases(inputs)
     stacked = cores(inputs, u_ref, v_ref).unsqueeze(1)
-    ones = torch.ones(len(inputs), dtype=stacked.dtype)
+    ones = stacked.new_ones(len(inputs))
     merged = arithmetic.dare_linear(stacked, ones, params, _masks(stacked, params))[0]
     return u_ref @ merged, v_ref
 
@@ -119,7 +119,7 @@ def knots_space(inputs: Sequence[Input]) -> tuple[torch.Tensor, list[torch.Tenso
     q_as, r_as = zip(*(torch.linalg.qr(a.T) for _, a, _ in inputs), strict=True)
     middle = r_b @ torch.block_diag(*(r.T for r in r_as))
     p, s, qh = torch.linalg.svd(middle, full_matrices=False)
-    keep = int((s > s.max() * 1e-10).sum()) if s.numel() else 0
+    keep = tensors.count(s > s.max() * 1e-10) if s.numel() else 0
     u = q_b @ p[:, :keep]
     blocks, start = [], 0
     for q_a in q_as:
@@ -132,14 +132,14 @@ def knots_space(inputs: Sequence[Input]) -> tuple[torch.Tensor, list[torch.Tenso
 def _knots_ties(inputs, params, rank):
     u, blocks = knots_space(inputs)
     stacked = torch.stack(blocks).unsqueeze(1)
-    ones = torch.ones(len(inputs), dtype=stacked.dtype)
+    ones = stacked.new_ones(len(inputs))
     return u, arithmetic.ties(stacked, ones, _ties_params(params))[0]
 
 
 def _knots_dare(inputs, params, rank):
     u, blocks = knots_space(inputs)
     stacked = torch.stack(blocks).unsqueeze(1)
-    ones = torch.ones(len(inputs), dtype=stacked.dtype)
+    ones = stacked.new_ones(len(inputs))
     return u, arithmetic.dare_linear(stacked, ones, params, _masks(stacked, params))[0]
 
 
@@ -173,9 +173,10 @@ def _iso_c(inputs, params, rank):
     spectrum has no best rank-k part: the written rank keeps the sum's own top directions."""
     u_ref, v_ref = core_bases(inputs)
     u, s, vh = torch.linalg.svd(cores(inputs, u_ref, v_ref).sum(dim=0))
-    nonzero = s > s.max() * max(s.shape[0], 1) * torch.finfo(torch.float32).eps
-    flat = s[nonzero].mean() if bool(nonzero.any()) else s.new_zeros(())
-    kept = min(rank, int(nonzero.sum()))
+    nonzero = tensors.count(s > s.max() * max(s.shape[0], 1) * torch.finfo(torch.float32).eps)
+    # Singular values come sorted: the non-zero ones are the first `nonzero`.
+    flat = s[:nonzero].mean() if nonzero else s.new_zeros(())
+    kept = min(rank, nonzero)
     merged = (u[:, :kept] * flat) @ vh[:kept]
     return u_ref @ merged, v_ref
 

@@ -20,12 +20,12 @@ def _polar(matrix):
 
 def _ties(tensors, density):
     with torch.no_grad():
-        return merge_utils.ties(tensors, torch.ones(len(tensors), dtype=tensors[0].dtype),
+        return merge_utils.ties(tensors, tensors[0].new_ones(len(tensors)),
                                 density, "total")  # fmt: skip
 
 
 def _dare(tensors, density):
-    return merge_utils.dare_linear(tensors, torch.ones(len(tensors), dtype=tensors[0].dtype),
+    return merge_utils.dare_linear(tensors, tensors[0].new_ones(len(tensors)),
                                    density)  # fmt: skip
 
 
