@@ -87,6 +87,9 @@ class WorkerConfig:
     num_threads: int = 1
     torch_dtype: str = "auto"
     gpu_headroom_gb: float = 2.0
+    gpus: float = 0
+    """GPUs Ray reserves for the worker (the spec's gpus_per_worker): with none it computes on
+    the CPU, even on a GPU node; a fraction below 1 shares one card."""
     adapter_cache_bytes: int | None = None
     engine: str = "fast"
     evaluate: EvalConfig | None = None

@@ -134,7 +134,9 @@ def base_spec(world: World, output: str | Path, **overrides: Any) -> dict[str, A
         ],
         "output": str(output),
         "workers": 1,  # each worker is a process importing torch and PEFT: 2 where a test needs it
-        "gpus_per_worker": 1,
+        # None: a CPU test never takes a real GPU on a CUDA host (and its DARE and svd_driver
+        # expectations are the CPU's); tests of GPU scheduling ask for logical ones explicitly.
+        "gpus_per_worker": 0,
         "seed": 0,
     }
     spec.update(overrides)

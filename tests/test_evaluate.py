@@ -38,7 +38,7 @@ def _eval_spec(demo_dir: Path, output: str, **overrides) -> dict:
         ],
         "output": output,
         "workers": 2,
-        "gpus_per_worker": 1,
+        "gpus_per_worker": 0,
         "evaluate": {
             "datasets": {t: str(demo_dir / "eval" / f"{t}.jsonl") for t in ("sums", "reverse")},
             "max_samples": 32,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from raymerge.sweep.expand import candidates
 from raymerge.sweep.plan import load_plan
 from raymerge.sweep.spec import load_spec
 
@@ -31,3 +33,24 @@ def test_local_demo_job_plans_against_the_demo_world(demo_dir, tmp_path):
     # 3 pairs x 2 weightings x (linear + 2 ties + dare_ties) + cat + 2 svd ranks
     assert plan.counts() == {"linear": 6, "ties": 12, "dare_ties": 6, "cat": 1, "svd": 2}
     assert sorted(plan.eval_sets) == ["reverse", "sums", "upper"]
+
+
+def _job(name: str):
+    return load_spec(JOBS[0].parent / name)
+
+
+def test_merge_only_jobs_ask_for_at_most_the_one_gpu_the_fast_engine_uses():
+    """A sweep without `evaluate` never loads its base's weights: a second GPU would sit idle."""
+    for job in JOBS:
+        spec = load_spec(job)
+        if spec.evaluate is None and spec.engine == "fast":
+            assert spec.gpus_per_worker <= 1, job.name
+    assert _job("gpu-pairs-sweep.yaml").gpus_per_worker == 1
+
+
+def test_one_example_shards_a_scored_sweep_over_two_gpus():
+    spec = _job("sharded-eval-sweep.yaml")
+    assert spec.evaluate is not None and spec.evaluate.adapters_per_pass == 4
+    assert spec.gpus_per_worker == 2 and spec.torch_dtype == "bfloat16"
+    counts = Counter(c.combination_type for c in candidates(spec))
+    assert counts == {"linear": 18, "ties": 36, "svd": 18}  # 6 pairs x 3 weightings

@@ -128,7 +128,7 @@ def test_new_methods_are_written_as_peft_loras_that_reload(world, ray_cluster, t
         ],
         "output": str(tmp_path / "one"),
         "workers": 1,
-        "gpus_per_worker": 1,
+        "gpus_per_worker": 0,
         "engine": "peft",  # not PEFT's types: the fast engine runs them, and says so
     }
     plans = []

@@ -82,7 +82,7 @@ def _spec(base: Path, output: Path, names: list[str], groups: list[dict]) -> dic
         "output": str(output),
         "workers": 1,
         "cpus_per_worker": 1,  # one LAPACK thread, as the reference below
-        "gpus_per_worker": 1,
+        "gpus_per_worker": 0,
     }
 
 

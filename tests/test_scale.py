@@ -203,7 +203,8 @@ def test_fail_fast_stops_dispatching_at_the_first_failure(world, ray_cluster, tm
 def test_each_worker_reserves_its_resources_in_a_strict_pack_placement_group(
     world, ray_cluster, tmp_path
 ):
-    plan = load_plan(write_spec(tmp_path, base_spec(world, tmp_path / "out", workers=2)))
+    spec = base_spec(world, tmp_path / "out", workers=2, gpus_per_worker=1)
+    plan = load_plan(write_spec(tmp_path, spec))
     workers, groups, _ = start_workers(plan, 120, fixed_size=False)
     try:
         assert len(groups) == 2

@@ -71,7 +71,7 @@ def _raymerge(*args, env) -> subprocess.CompletedProcess:
 
 def test_submit_follow_runs_the_sweep_on_a_token_cluster(world, token_head, tmp_path):
     address, token, env = token_head
-    spec = base_spec(world, tmp_path / "out", workers=1, gpus_per_worker=1)
+    spec = base_spec(world, tmp_path / "out", workers=1)
     spec["combinations"][0]["methods"] = [{"combination_type": ["linear", "cat"]}]
     path = write_spec(tmp_path, spec)
     result = _raymerge(

@@ -15,6 +15,7 @@ Usage (starts or joins a Ray cluster)::
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from typing import Any
@@ -27,10 +28,13 @@ from raymerge.cluster.resume import Output, pending_tasks, prepare_output
 from raymerge.cluster.session import ray_session
 from raymerge.cluster.summary import Progress, RunSummary, write_summary
 from raymerge.cluster.workers import start_workers, stop_workers
-from raymerge.errors import StorageError
+from raymerge.errors import ClusterError, RaymergeError, StorageError
+from raymerge.score.failures import first_line, out_of_memory, out_of_memory_message
 from raymerge.store import manifest
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.search import Search
+
+log = logging.getLogger(__name__)
 
 MANIFEST_CLOSE_SECONDS = 300.0
 """How long the driver keeps trying to write the manifest when the store does not answer at the
@@ -134,10 +138,31 @@ def _run_on_cluster(
 
 
 def _score_references(plan: Plan, workers: dict[int, Any]) -> None:
-    """Score the input adapters once per output (on worker 0), unless an earlier run did."""
+    """Score the input adapters once per output (on worker 0), unless an earlier run did. A
+    failure ends the run with one line naming it (ClusterError; an input's own error as is)."""
     options = plan.spec.storage_options
     if plan.spec.evaluate is not None and manifest.read_references(plan.output, options) is None:
-        references = ray.get(workers[0].score_references.remote(plan.adapters_used()))
+        names = plan.adapters_used()
+        what = f"the references (the base model and input adapters {', '.join(names)}) on worker 0"
+        try:
+            references = ray.get(workers[0].score_references.remote(names))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            log.debug("scoring the references failed:\n%s", exc)  # the worker's traceback
+            if isinstance(cause, RaymergeError):
+                raise type(cause)(f"scoring {what}: {cause}") from None
+            if out_of_memory(cause):
+                evaluate = plan.worker_config().evaluate
+                raise ClusterError(out_of_memory_message(cause, evaluate, what)) from None
+            raise ClusterError(
+                f"scoring {what} failed: {type(cause).__name__}: {first_line(cause)}; fix what it "
+                "names and run again, or remove `evaluate:` to merge without scoring"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            raise ClusterError(
+                f"scoring {what} failed: the worker died ({first_line(exc)}); if it ran out of "
+                "host memory, lower evaluate.batch_size or evaluate.adapters_per_pass"
+            ) from None
         manifest.write_references(plan.output, references, options)
 
 

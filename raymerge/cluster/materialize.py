@@ -56,6 +56,9 @@ def task_of(record: dict[str, Any]) -> MergeTask:
 
 
 def worker_config(record: dict[str, Any], storage_options=None) -> WorkerConfig:
+    """A worker like the one that made the merge: on CUDA only if the record says it ran on CUDA
+    (and this machine has it: the base model decides), else on the CPU."""
+    ran_on = str(record.get("worker", {}).get("device", "cpu")).split(":")[0]
     return WorkerConfig(
         base_model=record["base_model"],
         adapter_uris={a["name"]: a["uri"] for a in record["adapters"]},
@@ -63,6 +66,7 @@ def worker_config(record: dict[str, Any], storage_options=None) -> WorkerConfig:
         storage_options=dict(storage_options or {}),
         task_type=record.get("task_type"),
         num_threads=record.get("worker", {}).get("threads", 1),
+        gpus=1 if ran_on == "cuda" else 0,
         engine=record["engine"] if record["engine"] in ("fast", "peft") else "fast",
     )
 

@@ -39,6 +39,7 @@ class Merger:
             task_type=config.task_type,
             torch_dtype=config.torch_dtype,
             gpu_headroom_gb=config.gpu_headroom_gb,
+            gpus=config.gpus,
         )
         self.cache: AdapterCache[AdapterTensors] = AdapterCache(
             self._load_adapter,

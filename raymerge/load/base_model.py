@@ -4,12 +4,19 @@ once and sharded over the worker's GPUs with accelerate's `device_map="auto"`.
 
 A merge-only sweep on the fast engine never loads a weight: a worker then needs no GPU and only
 the memory of the adapters it merges.
+
+A worker computes on CUDA only when it holds GPUs (`gpus` > 0) and CUDA is there. Its weights
+go where `gpu_memory_budget` allows: each GPU's free memory (at most the worker's share of the
+card) less the headroom, then host memory, never disk; a load that runs out of memory is a
+`ClusterError` that says what to change, not a broken checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +24,24 @@ from typing import Any
 
 import torch
 
-from raymerge.errors import InputError
+from raymerge.errors import ClusterError, InputError, RaymergeError
 from raymerge.merge.layout import Layout, layout_from_config, model_class_name
 from raymerge.store import storage
 
 log = logging.getLogger(__name__)
+
+GB = 2**30
+HOST_MARGIN_BYTES = 2 * GB
+"""Host memory never offered to accelerate for weights: a tenth of what is available, and at
+least this (the worker's adapters and merges live there too)."""
+OOM_HINT = (
+    "give it more memory: raise `gpus_per_worker` (its weights are sharded over the worker's "
+    "GPUs), lower `gpu_headroom_gb`, or load it in a smaller `torch_dtype` (bfloat16 takes half "
+    "of float32)"
+)
+OOM_TEXTS = ("out of memory", "not enough memory", "not enough space on")
+"""Lower-cased phrases of an allocation failure: torch's "CUDA out of memory" and
+"DefaultCPUAllocator: not enough memory", accelerate's "Not enough space on 0 to put ..."."""
 
 
 class BaseModel:
@@ -35,6 +55,7 @@ class BaseModel:
         task_type: str | None = None,
         torch_dtype: str = "auto",
         gpu_headroom_gb: float = 2.0,
+        gpus: float = 0,
     ):
         from transformers import AutoConfig
 
@@ -43,14 +64,15 @@ class BaseModel:
         self.task_type = task_type
         self.torch_dtype = torch_dtype
         self.gpu_headroom_gb = gpu_headroom_gb
+        self.gpus = gpus
         self._local: str | None = None
         if storage.is_remote(location):
             self.config = _config_from_storage(location, self.storage_options)
         else:
             self.config = AutoConfig.from_pretrained(self.local_location())
         self.layout: Layout = layout_from_config(self.config, task_type)
-        self.device = torch.device("cuda", 0) if _has_cuda() else torch.device("cpu")
-        """Where merges are computed: this worker's first GPU, else the CPU."""
+        self.device = compute_device(gpus, _has_cuda())
+        """Where merges are computed: this worker's first GPU when it holds any, else the CPU."""
         self._model = None
         self._peft = None
 
@@ -80,11 +102,17 @@ class BaseModel:
         class_name = model_class_name(self.config.to_dict(), self.task_type)
         dtype = self.torch_dtype
         kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-        if _has_cuda():
-            # Ray limited CUDA_VISIBLE_DEVICES to this actor's GPUs: shard over those only, and
-            # keep headroom on each for adapters and merge buffers.
+        budget = None
+        if self.device.type == "cuda":
+            # Ray limited CUDA_VISIBLE_DEVICES to this actor's GPUs: shard over those only, keep
+            # headroom on each for adapters and merge buffers, and spill to host memory at most.
+            budget = gpu_memory_budget(
+                _cuda_figures(self.gpus), self.gpu_headroom_gb, self.gpus, _host_available()
+            )
+            needed = weight_bytes(self.config, class_name, dtype)
+            check_fits(self.location, needed, budget)
             kwargs["device_map"] = "auto"
-            kwargs["max_memory"] = gpu_memory_budget(self.gpu_headroom_gb)
+            kwargs["max_memory"] = budget
         from safetensors import SafetensorError
 
         log.info("loading the base model's weights from %s", self.location)
@@ -92,12 +120,9 @@ class BaseModel:
             model = getattr(transformers, class_name).from_pretrained(
                 self.local_location(), **kwargs
             )
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            raise InputError(
-                f"base_model {self.location}: its weights cannot be loaded "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); save it again with "
-                "save_pretrained"
-            ) from exc
+        except (OSError, ValueError, RuntimeError, MemoryError, SafetensorError) as exc:
+            raise load_error(self.location, exc, budget) from exc
+        check_placement(self.location, model, budget)
         model.eval()
         return model
 
@@ -167,13 +192,141 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
-def gpu_memory_budget(headroom_gb: float) -> dict[int, int]:
-    """Bytes of base-model weights accelerate may put on each visible GPU: all but the headroom."""
-    budget = {}
-    for device in range(torch.cuda.device_count()):
-        _, total = torch.cuda.mem_get_info(device)
-        budget[device] = max(0, total - int(headroom_gb * 2**30))
+def compute_device(gpus: float, cuda_available: bool) -> torch.device:
+    """Where a worker holding `gpus` GPUs computes: its first GPU when it holds any and CUDA is
+    there, else the CPU (a zero-GPU worker on a GPU node too).
+
+    >>> compute_device(0, cuda_available=True), compute_device(0.5, cuda_available=True)
+    (device(type='cpu'), device(type='cuda', index=0))
+    """
+    return torch.device("cuda", 0) if gpus > 0 and cuda_available else torch.device("cpu")
+
+
+def gpu_memory_budget(
+    devices: list[tuple[int, int]], headroom_gb: float, gpus: float, host_available: int
+) -> dict[int | str, int]:
+    """`max_memory` for from_pretrained: bytes of weights accelerate may put on each of the
+    worker's GPUs and on the host, never on disk.
+
+    `devices` holds each GPU's (free, total) bytes (torch.cuda.mem_get_info). A GPU gets its free
+    memory, capped at this worker's share of the card (a fraction of it when `gpus` < 1: other
+    workers hold the rest), less `headroom_gb`; `cpu` gets the host's available memory less a
+    margin (a tenth, at least 2 GiB).
+
+    >>> gpu_memory_budget([(80 * GB, 80 * GB)], 2, 0.5, 10 * GB) == {0: 38 * GB, "cpu": 8 * GB}
+    True
+    """
+    share = gpus if 0 < gpus < 1 else 1.0
+    headroom = int(headroom_gb * GB)
+    budget: dict[int | str, int] = {
+        index: max(0, min(free, int(total * share)) - headroom)
+        for index, (free, total) in enumerate(devices)
+    }
+    budget["cpu"] = max(0, host_available - max(HOST_MARGIN_BYTES, host_available // 10))
     return budget
+
+
+def check_fits(location: str, needed: int, budget: dict[int | str, int]) -> None:
+    """Refuse a load whose weights (`needed` bytes) exceed the budget of GPUs and host together:
+    accelerate would put the rest on disk, which from_pretrained cannot load."""
+    if needed > sum(budget.values()):
+        raise ClusterError(
+            f"base_model {location}: its weights take {needed / GB:.1f} GB, more than this worker "
+            f"may use ({describe_budget(budget)}); {OOM_HINT}"
+        )
+
+
+def describe_budget(budget: dict[int | str, int]) -> str:
+    """`GPU 0: 38.0 GB, cpu: 8.0 GB`."""
+    return ", ".join(
+        f"{'GPU ' if isinstance(device, int) else ''}{device}: {size / GB:.1f} GB"
+        for device, size in budget.items()
+    )
+
+
+def weight_bytes(config, class_name: str, torch_dtype: str) -> int:
+    """Bytes of the model's parameters in `torch_dtype`, counted on a meta-device copy (nothing
+    is allocated). auto: the dtype its config names, else 2 bytes a parameter, the least a float
+    checkpoint takes (so that `check_fits` refuses only what cannot fit)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    model_class = getattr(transformers, class_name)
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if class_name.startswith("Auto"):
+            model = model_class.from_config(config)
+        else:
+            model = model_class(config)
+    dtype = torch_dtype if torch_dtype != "auto" else getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.bfloat16
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is an allocation failure: torch's
+    OutOfMemoryError, MemoryError, or a message saying so (a full disk is not one)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+            return True
+        disk_full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        if not disk_full and any(text in str(exc).lower() for text in OOM_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def load_error(
+    location: str, exc: BaseException, budget: dict[int | str, int] | None = None
+) -> RaymergeError:
+    """The error a failed weight load is reported as: out of memory (a resource of the worker,
+    with what to change), else an unusable checkpoint (an input to fix)."""
+    lines = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
+    if is_out_of_memory(exc):
+        used = f"; this worker may use {describe_budget(budget)}" if budget else ""
+        return ClusterError(
+            f"base_model {location}: out of memory while loading its weights ({what}){used}; "
+            f"{OOM_HINT}"
+        )
+    return InputError(
+        f"base_model {location}: its weights cannot be loaded ({what}); save it again with "
+        "save_pretrained"
+    )
+
+
+def check_placement(location: str, model, budget: dict[int | str, int] | None) -> None:
+    """No weight on disk (accelerate's last resort); weights on the host are slow: said."""
+    placed = set((getattr(model, "hf_device_map", None) or {}).values())
+    if "disk" in placed:
+        raise ClusterError(
+            f"base_model {location}: its weights do not fit this worker's GPUs and host memory "
+            f"({describe_budget(budget or {})}) and would be offloaded to disk; {OOM_HINT}"
+        )
+    if "cpu" in placed:
+        log.warning(
+            "base_model %s: part of its weights is on the host, not the GPUs (slower); %s",
+            location,
+            OOM_HINT,
+        )
+
+
+def _cuda_figures(gpus: float) -> list[tuple[int, int]]:
+    """(free, total) bytes of each GPU this worker holds (Ray shows it only those; in-process,
+    the first ceil(gpus) of the visible ones)."""
+    count = min(torch.cuda.device_count(), max(1, math.ceil(gpus)))
+    return [tuple(torch.cuda.mem_get_info(index)) for index in range(count)]
+
+
+def _host_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,11 @@ Up to `adapters_per_pass` merged adapters are loaded into the PeftModel together
 tensors written (no temporary folder), and every eval set is run once for all of them through
 PEFT's mixed-adapter batches: each example appears once per adapter in the batch, and
 `adapter_names` routes each row through its adapter (one base-layer pass for all). The metrics
-equal those of scoring each adapter alone. lm-evaluation-harness tasks, if any, run one adapter
-at a time (the harness knows no mixed batches).
+equal those of scoring each adapter alone (one adapter per pass goes through the same mixed
+batch, so that they are equal to the last bit on a bf16 base too). Each adapter is held in the
+dtype its files hold (`slots`); log-probabilities are computed on the logits' device, in memory
+bounded by `logprobs.extra_bytes_bound`. lm-evaluation-harness tasks, if any, run one adapter at
+a time (the harness knows no mixed batches).
 
 Metrics, per eval set: text `{loss, perplexity, tokens}`; choice `{accuracy, accuracy_norm,
 examples}`; generate `{exact_match, examples}`; an lm-eval task, the harness's own.
@@ -21,9 +24,10 @@ from typing import Any
 
 import torch
 
-from raymerge.merge.format import config_bytes, parameter_name, parse_config
 from raymerge.merge.tensors import MergedAdapter
 from raymerge.score import evalsets
+from raymerge.score.logprobs import token_logprobs
+from raymerge.score.slots import Slots, load_reference
 from raymerge.task import EvalConfig
 
 BASE = "__base__"
@@ -40,7 +44,7 @@ class Scorer:
         self._sets: dict[str, _EvalSet] | None = None
         self._harness = None
         self._names = itertools.count()
-        self._slots = _Slots(base, capacity=4 * config.adapters_per_pass)
+        self._slots = Slots(base, capacity=4 * config.adapters_per_pass)
 
     def sets(self) -> dict[str, _EvalSet]:
         """The eval sets, read and tokenized once with the base model's tokenizer."""
@@ -81,7 +85,7 @@ class Scorer:
         """The base model alone and each input adapter alone, on every eval set."""
         names = [f"ref_{next(self._names)}" for _ in inputs]
         for name, adapter in zip(names, inputs, strict=True):
-            self.base.load_adapter(adapter.folder, name)
+            load_reference(self.base, adapter.folder, name)
         try:
             scores = self._score([None, *names])
         finally:
@@ -128,83 +132,17 @@ class Scorer:
         return self._harness.score(self.base.peft, name)
 
 
-class _Slots:
-    """Adapters injected into the PeftModel once and refilled with each merge's tensors: PEFT's
-    injection (new modules, initialised, for every target) costs far more than copying the
-    factors in. A slot is reused only for a merge of the same config and tensor shapes, so
-    filling it gives exactly what loading the merge's files afresh gives."""
-
-    def __init__(self, base, capacity: int):
-        self.base = base
-        self.capacity = capacity
-        self._free: dict[tuple, list[str]] = {}
-        self._signature: dict[str, tuple] = {}
-        self._params: dict[str, dict[str, Any]] = {}  # slot -> saved key -> its parameter
-        self._names = itertools.count()
-
-    def load(self, merged: MergedAdapter) -> str:
-        import json
-
-        from peft import PeftConfig
-
-        raw = parse_config(config_bytes(merged.config))  # the config as its file gives it
-        state = merged.tensors
-        signature = (
-            json.dumps(raw, sort_keys=True),
-            tuple(sorted((key, tuple(t.shape)) for key, t in state.items())),
-        )
-        free = self._free.setdefault(signature, [])
-        if free:
-            name = free.pop()
-        else:
-            self._make_room()
-            name = f"slot_{next(self._names)}"
-            config = PeftConfig.from_peft_type(**raw)
-            config.inference_mode = True
-            self.base.add_adapter(name, config)
-            self.base.load_weights(name, dict(state))  # PEFT's own load, checked, the first time
-            self._signature[name] = signature
-            self._params[name] = self._parameters(name, state)
-            return name
-        with torch.no_grad():
-            for key, tensor in state.items():
-                self._params[name][key].copy_(tensor)
-        return name
-
-    def _parameters(self, name: str, state: dict) -> dict[str, Any]:
-        """Where each saved tensor lives in slot `name` (PEFT inserts the adapter's name)."""
-        params = dict(self.base.peft.named_parameters())
-        return {key: params[parameter_name(key, name)] for key in state}
-
-    def release(self, names: list[str]) -> None:
-        for name in names:
-            self._free[self._signature[name]].append(name)
-
-    def _make_room(self) -> None:
-        """Drop free slots beyond the capacity (memory must not grow with the sweep)."""
-        while len(self._signature) >= self.capacity:
-            signature = next((s for s, names in self._free.items() if names), None)
-            if signature is None:
-                return
-            name = self._free[signature].pop()
-            del self._signature[name], self._params[name]
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Adapter .* was active")
-                self.base.peft.delete_adapter(name)
-
-
 def adapter_rows(names: list[str | None], rows: int) -> list[str]:
     """adapter_names for `rows` examples repeated once per adapter, adapter by adapter."""
     return [BASE if name is None else name for name in names for _ in range(rows)]
 
 
 def _routing(model, names: list[str | None], rows: int) -> dict[str, Any]:
-    """How a batch reaches its adapters: one adapter is simply made active (PEFT's plain
-    forward); several go through a mixed-adapter batch (`adapter_names`, one per row)."""
+    """How a batch reaches its adapters: through PEFT's mixed-adapter batch (`adapter_names`,
+    one per row), for one adapter as for several. PEFT's plain forward adds an adapter's output
+    to the base layer's before rounding to the base dtype, the mixed batch after: one path for
+    every pass is what makes K merges per pass score exactly as one at a time on a bf16 base."""
     if not _is_peft(model):
-        return {}
-    if len(names) == 1 and names[0] is not None:
-        model.set_adapter(names[0])
         return {}
     return {"adapter_names": adapter_rows(names, rows)}
 
@@ -253,9 +191,8 @@ class _EvalSet:
         totals = torch.zeros(len(names), dtype=torch.float64)
         tokens = 0
         for batch in self._prepared(rows, batch_size):
-            sums, counts = _target_logprobs(model, batch, names)
-            totals -= sums.sum(dim=1)
-            tokens += sum(counts)
+            totals -= target_logprobs(model, batch, names).sum(dim=1)
+            tokens += int(batch[2].sum())
         out = []
         for total in totals.tolist():
             loss = total / max(tokens, 1)
@@ -284,7 +221,7 @@ class _EvalSet:
         loglik = torch.zeros(len(names), len(rows), dtype=torch.float64)
         start = 0
         for batch in self._prepared(rows, batch_size):
-            sums, _ = _target_logprobs(model, batch, names)
+            sums = target_logprobs(model, batch, names)
             loglik[:, start : start + sums.shape[1]] = sums
             start += sums.shape[1]
         loglik = loglik.tolist()
@@ -369,24 +306,20 @@ def _prepare(sequences: list[list[int]], first_targets: list[int], pad_id: int) 
 
 
 @torch.inference_mode()
-def _target_logprobs(model, batch: tuple, names: list[str | None]) -> tuple[torch.Tensor, list]:
+def target_logprobs(model, batch: tuple, names: list[str | None]) -> torch.Tensor:
     """Summed log-probabilities of each sequence's target tokens (each given what precedes it),
-    for every adapter in one pass: [adapter, sequence], and the targets counted per sequence."""
+    for every adapter in one pass: [adapter, sequence], float64, on the CPU.
+
+    The inputs go to the device of the model's first parameter; the logits come back wherever
+    the model leaves them (on a sharded model, maybe `lm_head`'s device) and are scored there,
+    in the memory `logprobs.extra_bytes_bound` gives.
+    """
     input_ids, mask, targets = batch
-    rows = input_ids.shape[0]
+    rows, k = input_ids.shape[0], len(names)
     device = next(model.parameters()).device
-    kwargs = _routing(model, names, rows)
-    logits = (
-        model(
-            input_ids=input_ids.repeat(len(names), 1).to(device),
-            attention_mask=mask.repeat(len(names), 1).to(device),
-            **kwargs,
-        )
-        .logits[:, :-1]
-        .float()
-    )
-    logprobs = torch.log_softmax(logits, dim=-1)
-    following = input_ids[:, 1:].repeat(len(names), 1).to(device)
-    picked = logprobs.gather(-1, following.unsqueeze(-1)).squeeze(-1).double().cpu()
-    picked = picked.masked_fill(~targets.repeat(len(names), 1), 0.0)
-    return picked.sum(dim=1).view(len(names), rows), targets.sum(dim=1).tolist()
+    ids = input_ids.repeat(k, 1).to(device)
+    logits = model(
+        input_ids=ids, attention_mask=mask.repeat(k, 1).to(device), **_routing(model, names, rows)
+    ).logits
+    picked = token_logprobs(logits, ids, targets.repeat(k, 1))
+    return picked.double().sum(dim=1).cpu().view(k, rows)

@@ -121,6 +121,7 @@ class Plan:
             num_threads=max(1, int(spec.cpus_per_worker)),
             torch_dtype=spec.torch_dtype,
             gpu_headroom_gb=spec.gpu_headroom_gb,
+            gpus=spec.gpus_per_worker,
             adapter_cache_bytes=cache_bytes,
             engine=spec.engine,
             evaluate=self.eval_config(),

@@ -1,0 +1,49 @@
+"""What a scoring failure tells the user: an out-of-memory named as one, with what to change.
+
+No torch here: the driver reads these too, from exceptions a worker raised.
+
+Example:
+    >>> from raymerge.task import EvalConfig
+    >>> config = EvalConfig(datasets={}, batch_size=8, adapters_per_pass=16, max_length=128)
+    >>> error = RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    >>> out_of_memory(error), out_of_memory(RuntimeError("shapes cannot be multiplied"))
+    (True, False)
+    >>> print(out_of_memory_message(error, config, "a pass of 16 merges"))  # doctest: +ELLIPSIS
+    scoring a pass of 16 merges ran out of memory (CUDA out of memory. Tried to allocate ...): ...
+"""
+
+from __future__ import annotations
+
+from raymerge.task import EvalConfig
+
+OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory")
+"""How CUDA's (and other devices') and the host allocator's failures read."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A device or host allocation failed: torch.OutOfMemoryError, or a RuntimeError saying so."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(t in text for t in OUT_OF_MEMORY_TEXTS)
+
+
+def out_of_memory_message(exc: BaseException, config: EvalConfig, what: str) -> str:
+    """One line: which scoring ran out of memory, how large its passes are, what to change."""
+    rows = config.batch_size * config.adapters_per_pass
+    return (
+        f"scoring {what} ran out of memory ({first_line(exc)}): a forward pass holds "
+        f"evaluate.batch_size {config.batch_size} x evaluate.adapters_per_pass "
+        f"{config.adapters_per_pass} = {rows} sequences of up to {config.max_length} tokens and "
+        "their logits over the whole vocabulary; lower evaluate.adapters_per_pass or "
+        "evaluate.batch_size, or raise gpu_headroom_gb (the memory each GPU keeps free of base "
+        "weights), and run again (committed merges are kept)"
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (never a traceback)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
