@@ -48,3 +48,35 @@ class StorageError(RaymergeError):
     """The output cannot be written (no space, no permission, a store that stays unreachable)."""
 
     exit_code = 1
+
+
+ALLOCATION_FAILURES = ("out of memory", "not enough memory", "can't allocate memory")
+"""How torch's device and host allocators word a failed allocation (in a RuntimeError)."""
+PLACEMENT_FAILURE = "not enough space on"
+"""accelerate's ValueError when a model's layers do not fit the devices it may use."""
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether an error, or one it was raised from, is an allocation failure: MemoryError,
+    torch's OutOfMemoryError (known by name: no torch here), a RuntimeError saying so, or
+    accelerate's placement failure. A full disk is none of these.
+
+    >>> is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    True
+    >>> is_out_of_memory(ValueError("a spec value says out of memory"))
+    False
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return True
+        if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
+            return True
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) and any(t in text for t in ALLOCATION_FAILURES):
+            return True
+        if isinstance(exc, ValueError) and PLACEMENT_FAILURE in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from raymerge.cluster.materialize import worker_config as materialize_config
 from raymerge.cluster.merger import Merger
-from raymerge.errors import ClusterError, InputError
+from raymerge.errors import ClusterError, InputError, is_out_of_memory
 from raymerge.load.base_model import (
     GB,
     BaseModel,
@@ -24,10 +24,10 @@ from raymerge.load.base_model import (
     check_placement,
     compute_device,
     gpu_memory_budget,
-    is_out_of_memory,
     load_error,
     weight_bytes,
 )
+from raymerge.merge.layout import layout_from_config
 from raymerge.sweep.plan import load_plan
 
 HINTS = ("gpus_per_worker", "gpu_headroom_gb", "torch_dtype")
@@ -104,13 +104,14 @@ def test_weight_bytes_counts_the_models_parameters_in_the_dtype_it_is_loaded_in(
     config = AutoConfig.from_pretrained(world.base_model)
     model = AutoModelForCausalLM.from_pretrained(world.base_model, dtype=torch.float32)
     count = sum(p.numel() for p in model.parameters())
-    name = type(model).__name__
-    assert weight_bytes(config, name, "float32") == 4 * count
-    assert weight_bytes(config, name, "bfloat16") == 2 * count
+    parameters = layout_from_config(config, "CAUSAL_LM").parameters  # counted on the meta model
+    assert parameters == count
+    assert weight_bytes(parameters, config, "float32") == 4 * count
+    assert weight_bytes(parameters, config, "bfloat16") == 2 * count
     config.dtype = torch.float32  # auto: the dtype the checkpoint's config names
-    assert weight_bytes(config, "AutoModelForCausalLM", "auto") == 4 * count
+    assert weight_bytes(parameters, config, "auto") == 4 * count
     config.dtype = None  # none named: the least a float checkpoint takes, never an overestimate
-    assert weight_bytes(config, "AutoModelForCausalLM", "auto") == 2 * count
+    assert weight_bytes(parameters, config, "auto") == 2 * count
 
 
 def _raised_from(cause: BaseException) -> RuntimeError:

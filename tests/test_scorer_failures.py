@@ -13,8 +13,7 @@ from helpers import base_spec, write_spec
 
 from raymerge.cluster.driver import _score_references
 from raymerge.cluster.worker import MergeWorker
-from raymerge.errors import ClusterError, InputError
-from raymerge.score.failures import out_of_memory
+from raymerge.errors import ClusterError, InputError, is_out_of_memory
 from raymerge.store.manifest import read_references
 from raymerge.sweep.plan import load_plan
 
@@ -35,12 +34,12 @@ def _host_allocation_failure() -> RuntimeError:
 
 
 def test_out_of_memory_is_told_from_other_errors():
-    assert out_of_memory(torch.OutOfMemoryError(CUDA_OOM))
-    assert out_of_memory(RuntimeError(f"HIP error: {CUDA_OOM.lower()}"))
-    assert out_of_memory(_host_allocation_failure())
-    assert out_of_memory(MemoryError())
-    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not out_of_memory(ValueError("a spec value says out of memory"))
+    assert is_out_of_memory(torch.OutOfMemoryError(CUDA_OOM))
+    assert is_out_of_memory(RuntimeError(f"HIP error: {CUDA_OOM.lower()}"))
+    assert is_out_of_memory(_host_allocation_failure())
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("a spec value says out of memory"))
 
 
 def _plan(world, tmp_path, name="sweep.yaml"):

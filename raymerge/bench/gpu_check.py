@@ -88,7 +88,6 @@ def _config(world, device: str, output: str, **extra) -> WorkerConfig:
         adapter_uris={name: str(path) for name, path in world.adapters.items()},
         output=output,
         gpus=1 if device.startswith("cuda") else 0,
-        gpu_headroom_gb=extra.pop("gpu_headroom_gb", 2.0),
         **extra,
     )
 

@@ -28,8 +28,8 @@ from raymerge.cluster.resume import Output, pending_tasks, prepare_output
 from raymerge.cluster.session import ray_session
 from raymerge.cluster.summary import Progress, RunSummary, write_summary
 from raymerge.cluster.workers import start_workers, stop_workers
-from raymerge.errors import ClusterError, RaymergeError, StorageError
-from raymerge.score.failures import first_line, out_of_memory, out_of_memory_message
+from raymerge.errors import ClusterError, RaymergeError, StorageError, is_out_of_memory
+from raymerge.score.failures import first_line, out_of_memory_message
 from raymerge.store import manifest
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.search import Search
@@ -151,7 +151,7 @@ def _score_references(plan: Plan, workers: dict[int, Any]) -> None:
             log.debug("scoring the references failed:\n%s", exc)  # the worker's traceback
             if isinstance(cause, RaymergeError):
                 raise type(cause)(f"scoring {what}: {cause}") from None
-            if out_of_memory(cause):
+            if is_out_of_memory(cause):
                 evaluate = plan.worker_config().evaluate
                 raise ClusterError(out_of_memory_message(cause, evaluate, what)) from None
             raise ClusterError(

@@ -25,9 +25,9 @@ import torch
 import raymerge
 from raymerge.cluster.keep import keeps_files
 from raymerge.cluster.merger import Merger
-from raymerge.errors import MergeError, RaymergeError
+from raymerge.errors import MergeError, RaymergeError, is_out_of_memory
 from raymerge.merge.tensors import AdapterTensors, MergedAdapter
-from raymerge.score.failures import out_of_memory, out_of_memory_message
+from raymerge.score.failures import out_of_memory_message
 from raymerge.score.objective import Objective
 from raymerge.store import manifest, publish, storage
 from raymerge.task import MergeResult, MergeTask, Status, WorkerConfig
@@ -112,7 +112,7 @@ class MergeWorker:
                 for job in pending:
                     job.caught.extend(caught)
             except Exception as exc:  # scoring failed: every merge of the pass is failed by it
-                if out_of_memory(exc):  # named as one, with what to change (no traceback)
+                if is_out_of_memory(exc):  # named as one, with what to change (no traceback)
                     what = f"the pass of {len(pending)} merge(s) this one was scored in"
                     exc = MergeError(out_of_memory_message(exc, self.config.evaluate, what))
                 for job in pending:

@@ -14,7 +14,6 @@ card) less the headroom, then host memory, never disk; a load that runs out of m
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import warnings
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from raymerge.errors import ClusterError, InputError, RaymergeError
+from raymerge.errors import ClusterError, InputError, RaymergeError, is_out_of_memory
 from raymerge.merge.layout import Layout, layout_from_config, model_class_name
 from raymerge.store import storage
 
@@ -39,9 +38,6 @@ OOM_HINT = (
     "GPUs), lower `gpu_headroom_gb`, or load it in a smaller `torch_dtype` (bfloat16 takes half "
     "of float32)"
 )
-OOM_TEXTS = ("out of memory", "not enough memory", "not enough space on")
-"""Lower-cased phrases of an allocation failure: torch's "CUDA out of memory" and
-"DefaultCPUAllocator: not enough memory", accelerate's "Not enough space on 0 to put ..."."""
 
 
 class BaseModel:
@@ -109,7 +105,7 @@ class BaseModel:
             budget = gpu_memory_budget(
                 _cuda_figures(self.gpus), self.gpu_headroom_gb, self.gpus, _host_available()
             )
-            needed = weight_bytes(self.config, class_name, dtype)
+            needed = weight_bytes(self.layout.parameters, self.config, dtype)
             check_fits(self.location, needed, budget)
             kwargs["device_map"] = "auto"
             kwargs["max_memory"] = budget
@@ -244,41 +240,16 @@ def describe_budget(budget: dict[int | str, int]) -> str:
     )
 
 
-def weight_bytes(config, class_name: str, torch_dtype: str) -> int:
-    """Bytes of the model's parameters in `torch_dtype`, counted on a meta-device copy (nothing
-    is allocated). auto: the dtype its config names, else 2 bytes a parameter, the least a float
-    checkpoint takes (so that `check_fits` refuses only what cannot fit)."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    model_class = getattr(transformers, class_name)
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        if class_name.startswith("Auto"):
-            model = model_class.from_config(config)
-        else:
-            model = model_class(config)
+def weight_bytes(parameters: int, config, torch_dtype: str) -> int:
+    """Bytes of `parameters` weights (the layout's count) in `torch_dtype`. auto: the dtype the
+    config names, else 2 bytes a parameter, the least a float checkpoint takes (so that
+    `check_fits` refuses only what cannot fit)."""
     dtype = torch_dtype if torch_dtype != "auto" else getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     if not isinstance(dtype, torch.dtype):
         dtype = torch.bfloat16
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
-
-
-def is_out_of_memory(exc: BaseException | None) -> bool:
-    """Whether an error (or one it was raised from) is an allocation failure: torch's
-    OutOfMemoryError, MemoryError, or a message saying so (a full disk is not one)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-            return True
-        disk_full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-        if not disk_full and any(text in str(exc).lower() for text in OOM_TEXTS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return parameters * dtype.itemsize
 
 
 def load_error(

@@ -54,6 +54,8 @@ class Layout:
     """Every module name, in `named_modules()` order (PEFT's walking order)."""
     layers: dict[str, Layer]
     """Targetable modules by name."""
+    parameters: int = 0
+    """The model's parameter count (what its weights take, times their dtype's size)."""
 
 
 def model_class_name(config: dict[str, Any], task_type: str | None) -> str:
@@ -97,7 +99,7 @@ def layout_from_config(config, task_type: str | None = None) -> Layout:
         elif isinstance(module, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
             layers[name] = Layer("conv", module.in_channels, module.out_channels)
     order = tuple(name for name, _ in model.named_modules())
-    return Layout(class_name, order, layers)
+    return Layout(class_name, order, layers, sum(p.numel() for p in model.parameters()))
 
 
 def layout_from_config_json(data: bytes, task_type: str | None = None) -> Layout:

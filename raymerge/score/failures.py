@@ -1,4 +1,5 @@
-"""What a scoring failure tells the user: an out-of-memory named as one, with what to change.
+"""What a scoring failure tells the user: an out-of-memory (`raymerge.errors.is_out_of_memory`)
+named as one, with what to change.
 
 No torch here: the driver reads these too, from exceptions a worker raised.
 
@@ -6,8 +7,6 @@ Example:
     >>> from raymerge.task import EvalConfig
     >>> config = EvalConfig(datasets={}, batch_size=8, adapters_per_pass=16, max_length=128)
     >>> error = RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
-    >>> out_of_memory(error), out_of_memory(RuntimeError("shapes cannot be multiplied"))
-    (True, False)
     >>> print(out_of_memory_message(error, config, "a pass of 16 merges"))  # doctest: +ELLIPSIS
     scoring a pass of 16 merges ran out of memory (CUDA out of memory. Tried to allocate ...): ...
 """
@@ -15,19 +14,6 @@ Example:
 from __future__ import annotations
 
 from raymerge.task import EvalConfig
-
-OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory")
-"""How CUDA's (and other devices') and the host allocator's failures read."""
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """A device or host allocation failed: torch.OutOfMemoryError, or a RuntimeError saying so."""
-    if isinstance(exc, MemoryError):
-        return True
-    if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(t in text for t in OUT_OF_MEMORY_TEXTS)
 
 
 def out_of_memory_message(exc: BaseException, config: EvalConfig, what: str) -> str:
