@@ -93,6 +93,15 @@ class WorkerConfig:
     adapter_cache_bytes: int | None = None
     engine: str = "fast"
     evaluate: EvalConfig | None = None
+    write_queue_bytes: int = 2**30
+    """Merged adapters a worker holds waiting to be written (always at least one): a slower
+    store makes the merging wait rather than fill memory."""
+    writers: int = 2
+    """Merges a worker writes at once (threads: hashing and file I/O release the GIL)."""
+    upload_part_bytes: int = 16 * 2**20
+    """S3 multipart part size for large files (files under two parts go in one PUT)."""
+    upload_concurrency: int = 8
+    """Parts of one file uploaded at once."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,9 @@ class MergeResult:
     """The worker process's peak resident memory so far."""
     eval_seconds: float = 0.0
     """Its share of the scoring pass it was in (part of `seconds`)."""
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage (load, arithmetic, eval, serialise, copy_to_host, hash, write, commit);
+    `seconds` is their sum, the work done for it (not time spent waiting in the write queue)."""
 
     @classmethod
     def failure(cls, task: MergeTask, *, worker: int | None, error: str, **extra) -> MergeResult:

@@ -1,7 +1,10 @@
 """A real HTTP proxy in front of the S3 test store that misbehaves like a busy or failing S3
 endpoint: every `throttle_every`-th request gets a 503 SlowDown, every `drop_every`-th connection
 is cut; and on demand the endpoint goes `down` (connections cut at once) or becomes a
-`blackhole` (requests are read, never answered, until the blackhole ends)."""
+`blackhole` (requests are read, never answered, until the blackhole ends). A slow store delays
+each PUT by `put_delay` seconds; after `deny_puts_after` PUTs every further PUT gets 403
+AccessDenied (a store that turned unwritable). `requests` logs what was forwarded, in order:
+(method, path, query, start, end)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message></Error>"
+)
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
@@ -25,6 +32,10 @@ class FlakyS3Proxy:
         self.faults = {"throttled": 0, "dropped": 0, "forwarded": 0, "refused": 0, "held": 0}
         self.down = False
         self.blackhole_until = 0.0
+        self.put_delay = 0.0
+        self.deny_puts_after: int | None = None
+        self.requests: list[tuple[str, str, str, float, float]] = []
+        puts = itertools.count(1)
         faults = self.faults
         lock = threading.Lock()
         proxy = self
@@ -62,12 +73,16 @@ class FlakyS3Proxy:
                 if throttle_every and n % throttle_every == 0:
                     with lock:
                         faults["throttled"] += 1
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    self._answer(503, SLOW_DOWN)
                     return
+                started = time.monotonic()
+                if self.command == "PUT":
+                    with lock:
+                        put = next(puts)
+                    if proxy.deny_puts_after is not None and put > proxy.deny_puts_after:
+                        self._answer(403, ACCESS_DENIED)
+                        return
+                    time.sleep(proxy.put_delay)
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
@@ -75,6 +90,8 @@ class FlakyS3Proxy:
                 data = response.read()
                 with lock:
                     faults["forwarded"] += 1
+                    path, _, query = self.path.partition("?")
+                    proxy.requests.append((self.command, path, query, started, time.monotonic()))
                 self.send_response(response.status)
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 for key, value in response.getheaders():
@@ -86,6 +103,13 @@ class FlakyS3Proxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 upstream_conn.close()
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

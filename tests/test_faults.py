@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,30 +141,6 @@ def test_an_input_truncated_after_planning_names_the_adapter_and_file(world, tmp
     assert f"adapter 'b' ({b})" in result.error and "adapter_model.safetensors" in result.error
     assert "truncated or replaced" in result.error
     assert not Path(plan.output, "merges").exists()
-
-
-@pytest.fixture
-def mount(tmp_path):
-    """A tmpfs mounted for one test (a small or read-only disk); skipped where mounting is not
-    permitted. Unmounted afterwards."""
-    mounted = []
-
-    def make(name: str, options: str) -> Path:
-        point = tmp_path / name
-        point.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield make
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def _cli_run(spec_path: Path) -> tuple[int, str]:

@@ -24,6 +24,7 @@ COVERED_ELSEWHERE = {
     "raymerge run  SPEC --address auto": "test_scale (RAY_ADDRESS) and test_submit",
     "raymerge run  SPEC --output s3://b/sweeps/x --workers 8 --gpus-per-worker 2": "test_s3",
     "raymerge run  SPEC --fail-fast": "test_scale.test_fail_fast_stops_dispatching",
+    "raymerge run  SPEC --ray": "test_startup",
     "raymerge submit SPEC --address http://HEAD:8265 --follow": "test_submit",
 }
 """Commands with placeholders (a spec, a cluster): run by the tests named."""

@@ -157,7 +157,8 @@ def test_a_planted_secret_never_appears_in_outputs_logs_or_errors(
     }
     spec = _s3_spec(world, bucket, s3_endpoint, workers=1, gpus_per_worker=0)
     ok = subprocess.run(
-        [sys.executable, "-m", "raymerge", "run", str(write_spec(tmp_path, spec))],
+        # --ray: the workers' logs under RAY_TMPDIR are searched too
+        [sys.executable, "-m", "raymerge", "run", str(write_spec(tmp_path, spec)), "--ray"],
         env=env,
         capture_output=True,
         timeout=300,

@@ -85,9 +85,10 @@ def test_a_tiny_adapter_cache_still_merges_correctly(world, eight, ray_cluster, 
     plan = load_plan(write_spec(tmp_path, spec))
     summary = run_sweep(plan)
     assert (summary.done, summary.failed) == (6, 0)
-    # Pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3), keeping only the last merge's adapters: 2+1+1+2+1+1
-    # loads (an unbounded cache would load each of the 4 adapters once).
-    assert summary.adapter_loads == 8
+    # Pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): the cache keeps only the adapters of the call
+    # at hand (one or more merges), so adapters are loaded again where an unbounded cache would
+    # load each of the 4 once, and never more than twice per merge.
+    assert 4 < summary.adapter_loads <= 12
     for line in read_manifest(plan.output):
         names = [a["name"] for a in line["adapters"]]
         record = json.loads(Path(line["path"], "merge.json").read_text())

@@ -12,6 +12,7 @@ import torch
 from helpers import base_spec, write_spec
 
 from raymerge.cluster.driver import _score_references
+from raymerge.cluster.executor import RayWorkers
 from raymerge.cluster.worker import MergeWorker
 from raymerge.errors import ClusterError, InputError, is_out_of_memory
 from raymerge.store.manifest import read_references
@@ -108,14 +109,14 @@ def test_a_failure_scoring_the_references_ends_the_run_with_one_line(world, ray_
     saved = eval_set.read_text()
     eval_set.unlink()  # after planning: the worker finds it gone
     with pytest.raises(InputError) as unreadable:
-        _score_references(plan, {0: actor})
+        _score_references(plan, RayWorkers({0: actor}))
     eval_set.write_text(saved)
     ray.get(actor.fail_with.remote(torch.OutOfMemoryError(CUDA_OOM)))
     with pytest.raises(ClusterError) as oom:
-        _score_references(plan, {0: actor})
+        _score_references(plan, RayWorkers({0: actor}))
     ray.get(actor.fail_with.remote(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED\nat line 3")))
     with pytest.raises(ClusterError) as other:
-        _score_references(plan, {0: actor})
+        _score_references(plan, RayWorkers({0: actor}))
     ray.kill(actor)
     for raised in (unreadable, oom, other):
         assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)

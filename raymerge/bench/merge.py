@@ -174,6 +174,10 @@ def _raymerge_steady(
         "io_floor_mb_per_s": round(floor_rate * per_merge_mb, 1),
         "mb_per_merge": round(per_merge_mb, 1),
         "worker_peak_rss_mb": large["worker_peak_rss_mb"],
+        "stage_ms_per_merge": {
+            stage: round(1000 * seconds / large["done"], 3)
+            for stage, seconds in large["stage_seconds"].items()
+        },
         "whole_runs": f"{small['done']} in {small['seconds']:.1f} s, "
         f"{large['done']} in {large['seconds']:.1f} s",
     }
@@ -212,6 +216,7 @@ def _raymerge_run(world, combination_type, out: Path, threads: int, weightings: 
         "seconds": round(seconds, 3),
         "merge_seconds": summary.merge_seconds,
         "worker_peak_rss_mb": max(w.peak_rss_mb for w in summary.workers.values()),
+        "stage_seconds": summary.stage_seconds,
     }
 
 

@@ -58,8 +58,14 @@ def run(
         "--rebuild-changed",
         help="Redo the committed merges made from an adapter that has changed since.",
     ),
+    use_ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Start Ray even for one local CPU worker (which otherwise runs in this process).",
+    ),
 ) -> None:
-    """Run every merge of SPEC on Ray; merges already done in the output are skipped."""
+    """Run every merge of SPEC on Ray (one local CPU worker: in this process); merges already
+    done in the output are skipped."""
     from raymerge.sweep.plan import load_plan
 
     with exit_on_error():
@@ -70,7 +76,7 @@ def run(
             "engine": engine,
         }
         the_plan = load_plan(spec, overrides)
-        run_and_report(the_plan, address, fail_fast, rebuild_changed)
+        run_and_report(the_plan, address, fail_fast, rebuild_changed, True if use_ray else None)
 
 
 @app.command()

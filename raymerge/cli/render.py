@@ -58,10 +58,20 @@ def print_summary(summary: dict[str, Any]) -> None:
         for k, w in summary["workers"].items()
     )
     table.add_row("per worker", per_worker)
+    if summary.get("stage_seconds"):
+        table.add_row("stage seconds", stage_line(summary["stage_seconds"]))
+    if summary.get("executor"):
+        table.add_row("workers ran", summary["executor"])
     table.add_row("output", summary["output"])
     consoles.out.print(table)
     for failure in summary["failures"][:10]:
         consoles.err.print(Text(f"failed {failure['merge_id']}: {failure['error']}", "red"))
+
+
+def stage_line(stages: dict[str, float]) -> str:
+    """Seconds per stage, slowest first: the stages overlap, so the slowest sets the pace."""
+    ordered = sorted(stages.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in ordered)
 
 
 def print_leaderboard(result, top: int) -> None:
@@ -163,8 +173,17 @@ def print_rows(title: str, rows: list[dict[str, Any]], names: list[str]) -> None
 
 def print_merge_figures(figures: dict[str, Any]) -> None:
     """`bench merge`: merges/s of each type, and the driver's peak memory."""
-    rows = list(figures["types"].values())
-    print_rows("merges/s, whole raymerge run (steady state)", rows, list(figures["types"]))
+    names = list(figures["types"])
+    rows = [
+        {k: v for k, v in row.items() if k != "stage_ms_per_merge"}
+        for row in figures["types"].values()
+    ]
+    print_rows("merges/s, whole raymerge run (steady state)", rows, names)
+    stages = [figures["types"][name].get("stage_ms_per_merge", {}) for name in names]
+    if any(stages):
+        print_rows(
+            "ms per merge in each stage (they overlap: the slowest sets the pace)", stages, names
+        )
     consoles.out.print(f"driver peak RSS: {figures['driver_peak_rss_mb']} MB")
 
 

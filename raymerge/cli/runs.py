@@ -24,7 +24,11 @@ def location(where: str) -> str:
 
 
 def run_and_report(
-    the_plan, address: str | None, fail_fast: bool = False, rebuild_changed: bool = False
+    the_plan,
+    address: str | None,
+    fail_fast: bool = False,
+    rebuild_changed: bool = False,
+    use_ray: bool | None = None,
 ) -> None:
     """Run THE_PLAN with a progress bar and print its summary; exit 1 if a merge failed or
     was not run."""
@@ -37,6 +41,7 @@ def run_and_report(
             progress=bar,
             fail_fast=fail_fast,
             rebuild_changed=rebuild_changed,
+            use_ray=use_ray,
         )
     render.print_summary(summary.to_json())
     if summary.not_run:

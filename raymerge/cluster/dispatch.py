@@ -1,9 +1,9 @@
 """Dispatch: feeds merge workers tasks as they free up (pull-based), takes their results, retries
 the tasks of a worker that died, and waits for Ray to restart it (or drops it if it cannot).
 
-Usage (with started workers, see `workers.start_workers`)::
+Usage (with started workers: `executor.RayWorkers` or `executor.LocalWorkers`)::
 
-    Dispatch(plan, actors, make_scheduler(plan, tasks, None), writer, summary, None, False).run()
+    Dispatch(plan, workers, make_scheduler(plan, tasks, None), writer, summary, None, False).run()
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import ray
-from ray.exceptions import RayActorError
-
+from raymerge.cluster.executor import CALLS_PER_WORKER, WorkerDied
 from raymerge.cluster.keep import KeepTopK
 from raymerge.cluster.prune import drop_files
 from raymerge.cluster.schedule import (
@@ -25,9 +23,7 @@ from raymerge.cluster.schedule import (
     RoundRobinScheduler,
     SearchScheduler,
 )
-from raymerge.cluster.session import root_error
 from raymerge.cluster.summary import Progress, RunSummary, WorkerStats
-from raymerge.cluster.workers import WorkerState
 from raymerge.score.objective import Objective
 from raymerge.store import manifest
 from raymerge.sweep.plan import Plan
@@ -37,12 +33,24 @@ from raymerge.task import MergeResult, MergeTask
 # The driver's logger, as before dispatch had its own module: log settings keep applying.
 log = logging.getLogger(__name__)
 
-TASKS_IN_FLIGHT_PER_WORKER = 2  # one merging, one queued: no idle gap between tasks
+TASKS_IN_FLIGHT_PER_WORKER = CALLS_PER_WORKER + 1
+"""Calls sent to a worker ahead: one merging, one writing, one queued (no idle gap)."""
 SECONDS_PER_CALL = 0.1
 """Merge-only sweeps send each worker about this much work per call (measured as merges finish,
 at most MAX_MERGES_PER_CALL): cheap merges then cost one round trip per batch, not one each."""
 MAX_MERGES_PER_CALL = 32
 MANIFEST_FLUSH_SECONDS = 30.0
+
+
+@dataclass(eq=False)  # compared by identity: two workers are never "equal"
+class WorkerState:
+    """What the dispatcher knows of one merge worker."""
+
+    index: int
+    cached: set[str] = field(default_factory=set)
+    """The adapters in its cache, as its last result listed them (empty after it died)."""
+    alive: bool = True
+    """False once Ray cannot restart it (out of restarts, or its node is gone)."""
 
 
 def make_scheduler(plan: Plan, pending: Iterator[MergeTask], search):
@@ -61,7 +69,7 @@ class Dispatch:
     def __init__(
         self,
         plan: Plan,
-        workers: dict[int, Any],
+        workers,
         scheduler,
         writer: manifest.ManifestWriter,
         summary: RunSummary,
@@ -70,7 +78,8 @@ class Dispatch:
         search: Search | None = None,
     ):
         self.plan = plan
-        self.workers = {i: WorkerState(i, actor) for i, actor in workers.items()}
+        self.executor = workers
+        self.workers = {i: WorkerState(i) for i in workers.indices()}
         self.uris = plan.adapter_uris()
         self.writer = writer
         self.summary = summary
@@ -92,7 +101,7 @@ class Dispatch:
         # info() calls on workers that died, until they are back (in the order they died).
         self.probes: dict[Any, WorkerState] = {}
         self.attempts: dict[str, int] = {}
-        summary.workers = {str(w): WorkerStats() for w in workers}
+        summary.workers = {str(w): WorkerStats() for w in self.workers}
 
     def run(self) -> None:
         for worker in self.workers.values():
@@ -100,7 +109,7 @@ class Dispatch:
                 self._feed(worker)
         last_flush = time.monotonic()
         while self.in_flight or self.probes:
-            [ref], _ = ray.wait([*self.in_flight, *self.probes], num_returns=1)
+            ref = self.executor.first_done([*self.in_flight, *self.probes])
             if ref in self.probes:
                 self._probed(ref)
             else:
@@ -139,7 +148,8 @@ class Dispatch:
                 break
         if tasks:
             attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
-            self.in_flight[worker.actor.merge_many.remote(tasks, attempts)] = (worker, tasks)
+            call = self.executor.submit(worker.index, "merge_many", tasks, attempts)
+            self.in_flight[call] = (worker, tasks)
 
     def _batch_size(self) -> int:
         if self.fixed_per_call is not None:
@@ -151,8 +161,8 @@ class Dispatch:
     def _finished(self, ref) -> None:
         worker, tasks = self.in_flight.pop(ref)
         try:
-            results: list[MergeResult] = ray.get(ref)
-        except RayActorError as exc:
+            results: list[MergeResult] = self.executor.result(ref)
+        except WorkerDied as exc:
             self._worker_died(worker, tasks, exc)
             return
         for task, result in zip(tasks, results, strict=True):
@@ -161,13 +171,10 @@ class Dispatch:
 
     def _result(self, worker: WorkerState, task: MergeTask, result: MergeResult) -> None:
         stats = self.summary.workers[str(worker.index)]
-        stats.adapter_loads += result.adapter_loads
-        stats.busy_seconds = round(stats.busy_seconds + result.seconds, 3)
+        stats.add(result)
         if result.done and result.seconds > 0:
             previous = self.seconds_per_merge or result.seconds
             self.seconds_per_merge = 0.8 * previous + 0.2 * result.seconds
-        stats.peak_rss_mb = max(stats.peak_rss_mb, result.peak_rss_mb)
-        stats.eval_seconds = round(stats.eval_seconds + result.eval_seconds, 3)
         worker.cached = set(result.cached)
         if result.done:
             self._done(stats, task, result)
@@ -212,25 +219,25 @@ class Dispatch:
         self.scheduler.retry(task)
         return True
 
-    def _worker_died(self, worker: WorkerState, tasks: list[MergeTask], exc: Exception) -> None:
+    def _worker_died(self, worker: WorkerState, tasks: list[MergeTask], exc: WorkerDied) -> None:
         """Retry the tasks anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
         for task in tasks:
             if not self._retry(task):
                 attempts = self.attempts[task.merge_id]
-                error = f"worker died {attempts} times running it: {root_error(exc)}"
+                error = f"worker died {attempts} times running it: {exc}"
                 self._record_failure(task, error, worker.index)
         worker.cached = set()
         if worker.alive and worker not in self.probes.values():
             self.summary.workers[str(worker.index)].restarts += 1
-            self.probes[worker.actor.info.remote()] = worker
+            self.probes[self.executor.submit(worker.index, "info")] = worker
         for other in self._alive():  # a retried task may go to any worker now
             self._top_up(other)
 
     def _probed(self, ref) -> None:
         worker = self.probes.pop(ref)
         try:
-            ray.get(ref)
-        except RayActorError:  # out of restarts, or its node is gone
+            self.executor.result(ref)
+        except WorkerDied:  # out of restarts, or its node is gone
             worker.alive = False
             self.scheduler.drop_worker(worker.index)
             return

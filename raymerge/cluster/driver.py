@@ -2,9 +2,9 @@
 tasks whose worker died, and keeps the manifest and summary. It knows nothing of the merge math.
 
 Each of those jobs has its module: `session` (Ray), `workers` (actors, placement groups,
-resources), `resume` (what the output holds already), `dispatch` (feeding workers, retries),
-`prune` (keep top-k's deletions) and `summary` (progress and figures); `run_sweep` strings them
-together.
+resources), `executor` (Ray actors, or one worker in this process, behind one interface),
+`resume` (what the output holds already), `dispatch` (feeding workers, retries), `prune` (keep
+top-k's deletions) and `summary` (progress and figures); `run_sweep` strings them together.
 
 Usage (starts or joins a Ray cluster)::
 
@@ -14,20 +14,18 @@ Usage (starts or joins a Ray cluster)::
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
+import sys
 import time
-from typing import Any
-
-import ray
 
 from raymerge.cluster.dispatch import Dispatch, make_scheduler
+from raymerge.cluster.executor import LocalWorkers, RayWorkers, WorkerDied
 from raymerge.cluster.prune import settle_top_k
 from raymerge.cluster.resume import Output, pending_tasks, prepare_output
-from raymerge.cluster.session import ray_session
 from raymerge.cluster.summary import Progress, RunSummary, write_summary
-from raymerge.cluster.workers import start_workers, stop_workers
 from raymerge.errors import ClusterError, RaymergeError, StorageError, is_out_of_memory
 from raymerge.score.failures import first_line, out_of_memory_message
 from raymerge.store import manifest
@@ -49,15 +47,18 @@ def run_sweep(
     start_timeout: float = 600.0,
     fail_fast: bool = False,
     rebuild_changed: bool = False,
+    use_ray: bool | None = None,
 ) -> RunSummary:
     """Run every merge of `plan` that is not committed yet, and its search up to the budget;
     returns the run's summary.
 
     Uses the Ray instance this process is connected to, else `address`, else RAY_ADDRESS, else
-    starts a local one. Merges already committed under the output (merge.json present) are
-    skipped, so rerunning a spec resumes it, after checking that the inputs are those the
-    committed merges were made from (`rebuild_changed` redoes the merges of changed inputs);
-    with `fail_fast` the run stops dispatching at the first failed merge.
+    starts a local one; a run of one CPU worker with none of those runs it in this process,
+    without Ray (`use_ray`: True starts Ray anyway, False requires this process). Merges
+    already committed under the output (merge.json present) are skipped, so rerunning a spec
+    resumes it, after checking that the inputs are those the committed merges were made from
+    (`rebuild_changed` redoes the merges of changed inputs); with `fail_fast` the run stops
+    dispatching at the first failed merge.
     """
     started = time.perf_counter()
     out = prepare_output(plan, rebuild_changed)
@@ -82,6 +83,7 @@ def run_sweep(
             progress=progress,
             fail_fast=fail_fast,
             search=search,
+            use_ray=use_ray,
         )
     if search is not None:
         summary.total += search.asked
@@ -112,58 +114,115 @@ def _run_on_cluster(
     progress: Progress | None,
     fail_fast: bool,
     search: Search | None,
+    use_ray: bool | None,
 ) -> None:
-    """Start Ray and the workers, score the references, dispatch every task, stop the workers.
-    On any error the manifest is left uncompacted: what was published stays for the next run."""
+    """Start the workers (Ray actors, or one in this process), score the references, dispatch
+    every task, stop the workers. On any error the manifest is left uncompacted: what was
+    published stays for the next run."""
+    dispatch = functools.partial(
+        _dispatch, plan, scheduler, out, summary, progress, fail_fast, search
+    )
     try:
-        with ray_session(address) as fixed_size:
-            workers, groups, nodes = start_workers(plan, start_timeout, fixed_size, out.digests)
+        if _in_process(plan, address, use_ray):
+            workers = _start_in_process(plan, out.digests)
             try:
-                _score_references(plan, workers)
-                dispatch = Dispatch(
-                    plan, workers, scheduler, out.writer, summary, progress, fail_fast, search
-                )
-                for index, node in nodes.items():
-                    summary.workers[str(index)].node = node or ""
-                dispatch_started = time.perf_counter()
-                try:
-                    dispatch.run()
-                finally:
-                    summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
+                dispatch(workers, {})
             finally:
-                stop_workers(workers, groups)
+                workers.close()
+            return
+        from raymerge.cluster.session import ray_session
+        from raymerge.cluster.workers import start_workers, stop_workers
+
+        with ray_session(address) as fixed_size:
+            actors, groups, nodes = start_workers(plan, start_timeout, fixed_size, out.digests)
+            try:
+                dispatch(RayWorkers(actors), nodes)
+            finally:
+                stop_workers(actors, groups)
     except BaseException:
         out.writer.discard()  # segments published so far stay for the next run
         raise
 
 
-def _score_references(plan: Plan, workers: dict[int, Any]) -> None:
+def _in_process(plan: Plan, address: str | None, use_ray: bool | None) -> bool:
+    if use_ray is None:
+        return runs_in_process(plan, address)
+    if not use_ray and (plan.spec.workers != 1 or plan.spec.gpus_per_worker):
+        raise ClusterError(
+            f"a run in this process has one CPU worker; this spec asks for workers="
+            f"{plan.spec.workers} with gpus_per_worker={plan.spec.gpus_per_worker:g}: run it on Ray"
+        )
+    return not use_ray
+
+
+def runs_in_process(plan: Plan, address: str | None) -> bool:
+    """Whether the run's one worker runs in this process, with no Ray at all: one CPU worker,
+    no cluster named (`address`, RAY_ADDRESS) and none connected. Starting Ray and a worker
+    process that imports torch again is most of a small local run's time."""
+    ray = sys.modules.get("ray")
+    connected = ray is not None and ray.is_initialized()
+    spec = plan.spec
+    cluster = address or os.environ.get("RAY_ADDRESS") or connected
+    return spec.workers == 1 and spec.gpus_per_worker == 0 and not cluster
+
+
+def _start_in_process(plan: Plan, digests) -> LocalWorkers:
+    from raymerge.cluster.worker import MergeWorker
+
+    try:
+        worker = MergeWorker(0, plan.worker_config(), digests)
+    except RaymergeError:
+        raise
+    except Exception as exc:  # as a worker that failed to start on Ray is reported
+        log.debug("the merge worker failed to start", exc_info=True)
+        raise ClusterError(
+            f"a merge worker failed to start: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
+    return LocalWorkers({0: worker})
+
+
+def _dispatch(
+    plan, scheduler, out, summary, progress, fail_fast, search, workers, nodes: dict
+) -> None:
+    summary.executor = workers.kind
+    _score_references(plan, workers)
+    dispatch = Dispatch(plan, workers, scheduler, out.writer, summary, progress, fail_fast, search)
+    for index, node in nodes.items():
+        summary.workers[str(index)].node = node or ""
+    dispatch_started = time.perf_counter()
+    try:
+        dispatch.run()
+    finally:
+        summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
+
+
+def _score_references(plan: Plan, workers) -> None:
     """Score the input adapters once per output (on worker 0), unless an earlier run did. A
     failure ends the run with one line naming it (ClusterError; an input's own error as is)."""
     options = plan.spec.storage_options
-    if plan.spec.evaluate is not None and manifest.read_references(plan.output, options) is None:
-        names = plan.adapters_used()
-        what = f"the references (the base model and input adapters {', '.join(names)}) on worker 0"
-        try:
-            references = ray.get(workers[0].score_references.remote(names))
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            log.debug("scoring the references failed:\n%s", exc)  # the worker's traceback
-            if isinstance(cause, RaymergeError):
-                raise type(cause)(f"scoring {what}: {cause}") from None
-            if is_out_of_memory(cause):
-                evaluate = plan.worker_config().evaluate
-                raise ClusterError(out_of_memory_message(cause, evaluate, what)) from None
-            raise ClusterError(
-                f"scoring {what} failed: {type(cause).__name__}: {first_line(cause)}; fix what it "
-                "names and run again, or remove `evaluate:` to merge without scoring"
-            ) from None
-        except ray.exceptions.RayActorError as exc:
-            raise ClusterError(
-                f"scoring {what} failed: the worker died ({first_line(exc)}); if it ran out of "
-                "host memory, lower evaluate.batch_size or evaluate.adapters_per_pass"
-            ) from None
-        manifest.write_references(plan.output, references, options)
+    if plan.spec.evaluate is None or manifest.read_references(plan.output, options) is not None:
+        return
+    names = plan.adapters_used()
+    what = f"the references (the base model and input adapters {', '.join(names)}) on worker 0"
+    try:
+        references = workers.result(workers.submit(0, "score_references", names))
+    except WorkerDied as exc:
+        raise ClusterError(
+            f"scoring {what} failed: the worker died ({exc}); if it ran out of "
+            "host memory, lower evaluate.batch_size or evaluate.adapters_per_pass"
+        ) from None
+    except RaymergeError as cause:
+        raise type(cause)(f"scoring {what}: {cause}") from None
+    except Exception as cause:
+        log.debug("scoring the references failed", exc_info=True)  # the worker's traceback
+        if is_out_of_memory(cause):
+            evaluate = plan.worker_config().evaluate
+            raise ClusterError(out_of_memory_message(cause, evaluate, what)) from None
+        raise ClusterError(
+            f"scoring {what} failed: {type(cause).__name__}: {first_line(cause)}; fix what it "
+            "names and run again, or remove `evaluate:` to merge without scoring"
+        ) from None
+    manifest.write_references(plan.output, references, options)
 
 
 def _finish(plan: Plan, writer: manifest.ManifestWriter) -> None:

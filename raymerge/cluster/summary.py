@@ -44,6 +44,19 @@ class WorkerStats:
     """Of busy_seconds, the time spent scoring merges."""
     node: str = ""
     """The Ray node it ran on (when it started)."""
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage over its merges (load, arithmetic, eval, serialise, copy_to_host, hash,
+    write, commit): the stages overlap (writes run beside the merging), so the slowest one,
+    not their sum, bounds its pace."""
+
+    def add(self, result: MergeResult) -> None:
+        """Count one result's work (done and failed are counted by the dispatcher)."""
+        self.adapter_loads += result.adapter_loads
+        self.busy_seconds = round(self.busy_seconds + result.seconds, 3)
+        self.peak_rss_mb = max(self.peak_rss_mb, result.peak_rss_mb)
+        self.eval_seconds = round(self.eval_seconds + result.eval_seconds, 3)
+        for stage, seconds in result.stages.items():
+            self.stages[stage] = round(self.stages.get(stage, 0.0) + seconds, 6)
 
 
 @dataclass
@@ -71,6 +84,8 @@ class RunSummary:
     """The first failures (merge_id and error); all of them are in the manifest."""
     stopped_by: str | None = None
     """Why dispatching stopped early (a fatal storage error), if it did."""
+    executor: str = ""
+    """Where the workers ran: "ray" (actors) or "in-process" (one worker, no Ray)."""
 
     @property
     def done(self) -> int:
@@ -84,10 +99,22 @@ class RunSummary:
     def bytes_written(self) -> int:
         return sum(w.bytes_written for w in self.workers.values())
 
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds per stage over every worker's merges, slowest first."""
+        totals: dict[str, float] = {}
+        for worker in self.workers.values():
+            for stage, seconds in worker.stages.items():
+                totals[stage] = totals.get(stage, 0.0) + seconds
+        return {k: round(v, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(
-            done=self.done, adapter_loads=self.adapter_loads, bytes_written=self.bytes_written
+            done=self.done,
+            adapter_loads=self.adapter_loads,
+            bytes_written=self.bytes_written,
+            stage_seconds=self.stage_seconds,
         )
         return data
 

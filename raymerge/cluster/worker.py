@@ -13,10 +13,12 @@ import logging
 import os
 import resource
 import socket
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +27,9 @@ import torch
 import raymerge
 from raymerge.cluster.keep import keeps_files
 from raymerge.cluster.merger import Merger
+from raymerge.cluster.pipeline import CommitQueue
 from raymerge.errors import MergeError, RaymergeError, is_out_of_memory
-from raymerge.merge.tensors import AdapterTensors, MergedAdapter
+from raymerge.merge.tensors import AdapterTensors, MergedAdapter, MergeRun
 from raymerge.score.failures import out_of_memory_message
 from raymerge.score.objective import Objective
 from raymerge.store import manifest, publish, storage
@@ -63,6 +66,11 @@ class MergeWorker:
             self.objective = Objective.parse(config.evaluate.objective)
         if config.evaluate is not None or config.engine == "peft":
             _ = self.base.model  # needed by every merge: load now, fail at start if it cannot
+        self._merging = threading.Lock()  # one call merges at a time; another may be writing
+        self.writes: CommitQueue[MergeResult] = CommitQueue(
+            config.write_queue_bytes, config.writers, fatal=lambda r: r.fatal and r.error
+        )
+        self.upload = storage.Upload(config.upload_part_bytes, config.upload_concurrency)
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs; the driver calls it to know the worker is (back) up."""
@@ -79,64 +87,73 @@ class MergeWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
+    def close(self) -> None:
+        """Wait for the queued writes and stop the writer threads (an in-process worker)."""
+        self.writes.close()
+
     def merge(self, task: MergeTask, attempt: int = 0) -> MergeResult:
         """One task: see `merge_many`."""
         return self.merge_many([task], [attempt])[0]
 
     def merge_many(self, tasks: list[MergeTask], attempts: list[int]) -> list[MergeResult]:
-        """Merge each task, score the merges together (several per forward pass), then write
-        each one's files and commit its merge.json. Never raises for a bad merge: each result
-        says what happened to its task.
+        """Merge each task, score the merges together (several per forward pass), then queue
+        each one's files and merge.json for the writer threads; returns once every one is
+        committed (or failed). Never raises for a bad merge: each result says what happened.
 
-        A retried task (`attempt` > 0) whose merge.json exists was committed by a worker that died
-        right after: it is reported, not written again.
+        Two calls may run at once (the actor's max_concurrency): one merges while the other
+        waits for its writes. A retried task (`attempt` > 0) whose merge.json exists was
+        committed by a worker that died right after: it is reported, not written again.
         """
+        with self._merging:
+            pending = self._make(tasks, attempts)
+        return [item.result() if isinstance(item, Future) else item for item in pending]
+
+    def _make(self, tasks: list[MergeTask], attempts: list[int]) -> list:
+        """Merge (and score) the tasks and queue their writes: a result or a future each."""
         keep = {name for task in tasks for name in task.adapters}
-        if self.scorer is None:  # merge only: each merge written as soon as it is made
-            results = [
-                self._merge_and_commit(task, attempt)
-                for task, attempt in zip(tasks, attempts, strict=True)
-            ]
+        if self.scorer is None:  # merge only: each merge queued as soon as it is made
+            queued = []
+            for task, attempt in zip(tasks, attempts, strict=True):
+                job = _Job(task, self.merger.cache.loads, self.merger.cache.load_seconds)
+                if self.writes.stopped is None:
+                    self._merge_job(job, attempt)
+                else:
+                    self._settle_loads(job)
+                queued.append(self._queue(job, None))
             self.merger.release(keep)
-            return results
-        jobs = [
-            self._merge_job(task, attempt) for task, attempt in zip(tasks, attempts, strict=True)
-        ]
-        pending = [job for job in jobs if job.result is None]
-        metrics: list[dict | None] = [None] * len(pending)
-        if pending:
-            started = time.perf_counter()
-            try:
-                with _captured_warnings() as caught:
-                    metrics = self.scorer.score_merged([job.merged for job in pending])
-                for job in pending:
-                    job.caught.extend(caught)
-            except Exception as exc:  # scoring failed: every merge of the pass is failed by it
-                if is_out_of_memory(exc):  # named as one, with what to change (no traceback)
-                    what = f"the pass of {len(pending)} merge(s) this one was scored in"
-                    exc = MergeError(out_of_memory_message(exc, self.config.evaluate, what))
-                for job in pending:
-                    job.result = self._failure(job, exc)
-            share = (time.perf_counter() - started) / len(pending)
-            for job in pending:
-                job.started -= share  # each merge's time includes its share of the pass
-                job.eval_seconds = share
-        for job, job_metrics in zip(pending, metrics, strict=True):
-            if job.result is None:
-                self._guarded(job, lambda job=job, m=job_metrics: self._commit(job, m))
+            return queued
+        jobs = [_Job(t, self.merger.cache.loads, self.merger.cache.load_seconds) for t in tasks]
+        for job, attempt in zip(jobs, attempts, strict=True):
+            self._merge_job(job, attempt)
+        metrics = self._score([job for job in jobs if job.result is None])
+        queued = [self._queue(job, metrics.get(id(job))) for job in jobs]
         self.merger.release(keep)
-        return [job.result for job in jobs]
+        return queued
 
-    def _merge_and_commit(self, task: MergeTask, attempt: int) -> MergeResult:
-        """One merge-only task, start to commit (one merged adapter in memory at a time)."""
-        job = self._merge_job(task, attempt)
-        if job.result is None:
-            self._guarded(job, lambda: self._commit(job, None))
-        return job.result
+    def _score(self, pending: list[_Job]) -> dict[int, dict | None]:
+        """Score the merges of one pass together; a failed pass fails each of its merges."""
+        if not pending:
+            return {}
+        started = time.perf_counter()
+        metrics: list[dict | None] = [None] * len(pending)
+        try:
+            with _captured_warnings() as caught:
+                metrics = self.scorer.score_merged([job.merged for job in pending])
+            for job in pending:
+                job.caught.extend(caught)
+        except Exception as exc:  # scoring failed: every merge of the pass is failed by it
+            if is_out_of_memory(exc):  # named as one, with what to change (no traceback)
+                what = f"the pass of {len(pending)} merge(s) this one was scored in"
+                exc = MergeError(out_of_memory_message(exc, self.config.evaluate, what))
+            for job in pending:
+                job.result = self._failure(job, exc)
+        share = (time.perf_counter() - started) / len(pending)
+        for job in pending:
+            job.stages["eval"] = share  # each merge's time includes its share of the pass
+        return {id(job): m for job, m in zip(pending, metrics, strict=True)}
 
-    def _merge_job(self, task: MergeTask, attempt: int) -> _Job:
-        cache = self.merger.cache
-        job = _Job(task, time.perf_counter(), cache.loads, cache.load_seconds)
+    def _merge_job(self, job: _Job, attempt: int) -> None:
+        task = job.task
 
         def merge() -> None:
             if attempt:
@@ -146,21 +163,64 @@ class MergeWorker:
                 if record is not None:
                     job.result = self._result(job, Status.DONE, record=record)
                     return
+            started = time.perf_counter()
             job.inputs = self.merger.inputs(task.adapters)
+            loaded = time.perf_counter()
             job.merged = self.merger.merge(task, job.inputs)
+            job.ran = job.merged.ran
+            job.stages["load"] = loaded - started
+            job.stages["arithmetic"] = time.perf_counter() - loaded
 
         self._guarded(job, merge)
-        return job
+        self._settle_loads(job)
 
-    def _commit(self, job: _Job, metrics: dict | None) -> None:
+    def _settle_loads(self, job: _Job) -> None:
+        """What its merge loaded, and what the cache holds after it: taken here, in the merging
+        thread, as the next merges change both while it is written (once: later calls keep it)."""
+        if job.settled:
+            return
+        job.settled = True
+        cache = self.merger.cache
+        job.loads, job.load_seconds = cache.loads - job.loads, cache.load_seconds - job.load_seconds
+        job.cached = tuple(sorted(cache.names()))
+
+    def _queue(self, job: _Job, metrics: dict | None):
+        """The job's result if it is settled, else a future of it once its writes are done."""
+        if job.result is not None:
+            return job.result
+        if job.merged is None:  # writing stopped before it was made
+            return self._skipped(job, self.writes.stopped or "writing stopped")
+        staged = publish.stage(job.merged, job.stages)  # on CUDA: the host copy starts
+        job.merged = None  # the staged buffers hold what is still needed
+        return self.writes.submit(
+            staged.nbytes,
+            write=lambda: self._write(job, staged, metrics),
+            skipped=lambda why: self._skipped(job, why),
+        )
+
+    def _write(self, job: _Job, staged: publish.StagedAdapter, metrics: dict | None):
+        """In a writer thread: the job's files, then its merge.json (errors become its result)."""
+        try:
+            self._commit(job, staged, metrics)
+        except Exception as exc:
+            job.result = self._failure(job, exc)
+        return job.result
+
+    def _skipped(self, job: _Job, why: str) -> MergeResult:
+        """Not written: the output failed fatally before this merge's turn."""
+        return self._result(job, Status.FAILED, error=f"not written: {why}", fatal=True)
+
+    def _commit(self, job: _Job, staged: publish.StagedAdapter, metrics: dict | None) -> None:
         task = job.task
         folder = manifest.merge_dir(self.config.output, task.merge_id)
         keep = True
         if self.objective is not None:
             keep = keeps_files(self.objective, metrics, task.keep_threshold)
         options = self.config.storage_options
-        files = publish.write_adapter(folder, job.merged, options, keep=keep)
-        ran = job.merged.ran
+        files = publish.write_adapter(
+            folder, staged, options, keep=keep, upload=self.upload, stages=job.stages
+        )
+        ran = job.ran
         record = manifest.merge_record(
             task,
             inputs=[adapter.provenance for adapter in job.inputs],
@@ -170,7 +230,7 @@ class MergeWorker:
             metrics=metrics,
             compute_dtype=ran.compute_dtype,
             files=files,
-            seconds=time.perf_counter() - job.started,
+            seconds=job.seconds,
             worker={
                 "index": self.index,
                 "host": socket.gethostname(),
@@ -181,7 +241,7 @@ class MergeWorker:
             versions=_versions(),
             warnings=_warning_texts(job.caught),
         )
-        publish.commit(self.config.output, folder, record, options)
+        publish.commit(self.config.output, folder, record, options, stages=job.stages)
         job.result = self._result(job, Status.DONE, record=record)
 
     def _guarded(self, job: _Job, step) -> None:
@@ -217,16 +277,18 @@ class MergeWorker:
         return self.scorer.references(self.merger.inputs(names))
 
     def _result(self, job: _Job, status: Status, **extra) -> MergeResult:
+        self._settle_loads(job)  # a no-op in the writer threads: settled once merged
         return MergeResult(
             merge_id=job.task.merge_id,
             status=status,
             worker=self.index,
-            adapter_loads=self.merger.cache.loads - job.loads,
-            load_seconds=self.merger.cache.load_seconds - job.load_seconds,
-            seconds=time.perf_counter() - job.started,
-            cached=tuple(sorted(self.merger.cache.names())),
+            adapter_loads=job.loads,
+            load_seconds=job.load_seconds,
+            seconds=round(job.seconds, 4),
+            cached=job.cached,
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            eval_seconds=round(job.eval_seconds, 4),
+            eval_seconds=round(job.stages.get("eval", 0.0), 4),
+            stages={name: round(seconds, 6) for name, seconds in job.stages.items()},
             **extra,
         )
 
@@ -236,16 +298,26 @@ class _Job:
     """One task on its way through a worker."""
 
     task: MergeTask
-    started: float
     loads: int
-    """The cache's load count when it started (its own loads are the difference)."""
+    """The cache's load count when it started; once merged, its own loads."""
     load_seconds: float
+    cached: tuple[str, ...] = ()
+    """The adapters the cache held once it was merged."""
+    settled: bool = False
+    """Whether `loads`, `load_seconds` and `cached` are its own (see `_settle_loads`)."""
     caught: list = field(default_factory=list)
     """Warnings raised while it was worked on."""
     inputs: list[AdapterTensors] | None = None
     merged: MergedAdapter | None = None
     result: MergeResult | None = None
-    eval_seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds of each stage it went through (load, arithmetic, eval, serialise, ...)."""
+    ran: MergeRun | None = None
+
+    @property
+    def seconds(self) -> float:
+        """The work done for it: its stages' sum (not the time it waited in the queue)."""
+        return sum(self.stages.values())
 
 
 @contextlib.contextmanager

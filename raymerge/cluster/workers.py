@@ -1,6 +1,5 @@
 """Starting the merge workers: one Ray actor per worker, each in its own placement group, with
-explicit CPUs and GPUs; the check that a fixed-size cluster can hold them; stopping them; and
-what the dispatcher knows of each one (`WorkerState`).
+explicit CPUs and GPUs; the check that a fixed-size cluster can hold them; stopping them.
 
 Usage (on a Ray connection)::
 
@@ -11,7 +10,6 @@ Usage (on a Ray connection)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -19,23 +17,11 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raymerge.cluster.executor import CALLS_PER_WORKER
 from raymerge.cluster.session import root_error
 from raymerge.cluster.worker import MergeWorker
 from raymerge.errors import ClusterError
 from raymerge.sweep.plan import Plan
-
-
-@dataclass(eq=False)  # compared by identity: two workers are never "equal"
-class WorkerState:
-    """What the dispatcher knows of one merge worker."""
-
-    index: int
-    actor: Any
-    """The `MergeWorker` actor handle."""
-    cached: set[str] = field(default_factory=set)
-    """The adapters in its cache, as its last result listed them (empty after it died)."""
-    alive: bool = True
-    """False once Ray cannot restart it (out of restarts, or its node is gone)."""
 
 
 def start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=None):
@@ -54,7 +40,7 @@ def start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=No
             num_cpus=spec.cpus_per_worker,
             num_gpus=spec.gpus_per_worker,
             max_restarts=spec.max_worker_restarts,
-            max_concurrency=1,
+            max_concurrency=CALLS_PER_WORKER,  # one merging, one waiting for its writes
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
         ).remote(i, config, digests)
         for i, group in enumerate(groups)

@@ -32,8 +32,12 @@ PREFIX = "base_model.model."
 LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
 SAFETENSORS_METADATA = {"format": "pt"}
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-"""safetensors' dtype names -> torch's."""
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+"""safetensors' dtype names -> torch's, in the order safetensors writes them (it sorts tensors by
+dtype, widest first, then by name, which keeps every tensor's offset aligned to its dtype)."""
+_LAID_OUT = {
+    torch_name: (rank, name) for rank, (name, torch_name) in enumerate(SAFETENSORS_DTYPES.items())
+}
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,78 @@ def weights_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
     return save(tensors, metadata=SAFETENSORS_METADATA)
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    """adapter_model.safetensors laid out, without its bytes: the header (length prefix and JSON,
+    space-padded to 8 bytes), then each tensor's bytes at its offset in the data that follows,
+    in `order`. Writing `header` then the tensors' buffers in order gives the bytes
+    `weights_bytes` gives (safetensors' own layout), with no joined copy."""
+
+    header: bytes
+    order: tuple[str, ...]
+    offsets: tuple[tuple[int, int], ...]
+    """Each tensor's [start, end) in the data section, in `order`."""
+
+    @property
+    def data_bytes(self) -> int:
+        return self.offsets[-1][1] if self.offsets else 0
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+def weights_layout(tensors: dict[str, torch.Tensor]) -> WeightsLayout | None:
+    """The layout of `tensors`' safetensors file; None where it holds a dtype or a name this
+    does not lay out as safetensors would (other dtypes, non-ASCII names): use `weights_bytes`."""
+    kinds = {}
+    for name, tensor in tensors.items():
+        kind = _LAID_OUT.get(str(tensor.dtype).removeprefix("torch."))
+        if kind is None or not (name.isascii() and name.isprintable()):
+            return None
+        kinds[name] = kind
+    order = tuple(sorted(tensors, key=lambda name: (kinds[name][0], name)))
+    entries: dict[str, Any] = {"__metadata__": SAFETENSORS_METADATA}
+    offsets, start = [], 0
+    for name in order:
+        tensor = tensors[name]
+        end = start + tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": kinds[name][1],
+            "shape": list(tensor.shape),
+            "data_offsets": [start, end],
+        }
+        offsets.append((start, end))
+        start = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return WeightsLayout(len(text).to_bytes(8, "little") + text, order, tuple(offsets))
+
+
+def host_buffers(tensor: torch.Tensor) -> memoryview:
+    """A host tensor's bytes as safetensors stores them (little-endian, row-major), without a
+    copy where it is contiguous."""
+    import torch
+
+    tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
+        tensor = tensor.view(torch.int16)
+    if not tensor.numel():
+        return memoryview(b"")
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def weights_parts(tensors: dict[str, torch.Tensor]) -> list:
+    """adapter_model.safetensors as a list of buffers whose concatenation is the file (host
+    tensors: the header, then each tensor's own memory; see `WeightsLayout`)."""
+    layout = weights_layout(tensors)
+    if layout is None or any(t.device.type != "cpu" for t in tensors.values()):
+        return [weights_bytes(tensors)]
+    return [layout.header, *(host_buffers(tensors[name]) for name in layout.order)]
 
 
 def parse_weights(data: bytes) -> dict[str, torch.Tensor]:

@@ -1,7 +1,17 @@
-"""Publishing one merge to the output: its tensors serialised in PEFT's format, its files written
+"""Publishing one merge to the output: its tensors laid out in PEFT's format, its files written
 first (each atomically, with their digests), its merge.json last (the commit marker). A failure
 removes what the merge wrote, so no half-written merge folder is ever left behind, and nothing
 uncommitted is ever listed.
+
+The weights file is written from the tensors' own buffers (a header, then each tensor's bytes):
+the bytes are those safetensors writes, with no joined copy. Each stage's time is added to the
+`stages` dict a caller passes (copy_to_host, serialise, hash, write, commit), in seconds.
+
+Usage::
+
+    staged = stage(merged)                      # in the merging thread: starts the host copy
+    files = write_adapter(folder, staged, options, stages=stages)   # in a writer thread
+    commit(output, folder, record, options, stages=stages)
 """
 
 from __future__ import annotations
@@ -9,11 +19,44 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-from raymerge.merge.format import adapter_files
+from raymerge.merge.format import CONFIG_FILE, WEIGHTS_FILE, adapter_files, config_bytes
+from raymerge.merge.host import HostWeights, to_host
 from raymerge.merge.tensors import MergedAdapter
 from raymerge.store import manifest, storage
+
+_uploads = ThreadPoolExecutor(8, thread_name_prefix="raymerge-upload")
+"""A merge's files go to a remote store concurrently (each file's parts are concurrent too)."""
+
+
+@dataclass
+class StagedAdapter:
+    """A merged adapter's files on their way out: the weights being copied to the host, the
+    config's bytes."""
+
+    weights: HostWeights
+    config: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes + len(self.config)
+
+    def files(self) -> dict[str, Sequence]:
+        """File name -> its buffers, in order (waits for the host copy)."""
+        return {WEIGHTS_FILE: self.weights.parts(), CONFIG_FILE: [self.config]}
+
+
+def stage(merged: MergedAdapter, stages: dict[str, float] | None = None) -> StagedAdapter:
+    """Start the merged adapter's copy to the host and lay out its files."""
+    started = time.perf_counter()
+    staged = StagedAdapter(to_host(merged.tensors), config_bytes(merged.config))
+    _add(stages, "serialise", time.perf_counter() - started)
+    return staged
 
 
 def serialise(merged: MergedAdapter) -> dict[str, bytes]:
@@ -27,39 +70,81 @@ def digests(files: dict[str, bytes]) -> dict[str, str]:
 
 
 def write_adapter(
-    folder: str, merged: MergedAdapter, storage_options=None, *, keep: bool = True
+    folder: str,
+    staged: StagedAdapter | MergedAdapter,
+    storage_options=None,
+    *,
+    keep: bool = True,
+    upload: storage.Upload = storage.DEFAULT_UPLOAD,
+    stages: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Serialise the merged adapter and write its files (see `write_files`)."""
-    return write_files(folder, serialise(merged), storage_options, keep=keep)
+    """Write a staged (or merged) adapter's files (see `write_files`)."""
+    if isinstance(staged, MergedAdapter):
+        staged = stage(staged, stages)
+    started = time.perf_counter()
+    contents = staged.files()
+    _add(stages, "copy_to_host", time.perf_counter() - started)
+    return write_files(folder, contents, storage_options, keep=keep, upload=upload, stages=stages)
 
 
 def write_files(
-    folder: str, contents: dict[str, bytes], storage_options=None, *, keep: bool = True
+    folder: str,
+    contents: dict[str, bytes | Sequence],
+    storage_options=None,
+    *,
+    keep: bool = True,
+    upload: storage.Upload = storage.DEFAULT_UPLOAD,
+    stages: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Write the adapter files; returns each one's size and sha256. With `keep=False` (keep
-    top-k: the merge did not make the cut) nothing is written, and the digests say what the
-    files would have held (`kept: false`)."""
-    files: dict[str, dict[str, Any]] = {}
-    for name, data in contents.items():
-        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if not keep:
-            files[name]["kept"] = False
-            continue
-        try:
-            storage.write_bytes(storage.join(folder, name), data, storage_options)
-        except BaseException:
-            remove(folder, files, storage_options)
-            raise
+    """Write the adapter files (each bytes, or buffers to write one after the other); returns
+    each one's size and sha256. With `keep=False` (keep top-k: the merge did not make the cut)
+    nothing is written, and the digests say what the files would have held (`kept: false`)."""
+    started = time.perf_counter()
+    parts = {name: [data] if isinstance(data, bytes) else data for name, data in contents.items()}
+    files = {name: _digest(buffers) for name, buffers in parts.items()}
+    _add(stages, "hash", time.perf_counter() - started)
+    if not keep:
+        for entry in files.values():
+            entry["kept"] = False
+        return files
+    started = time.perf_counter()
+    try:
+        targets = {storage.join(folder, name): buffers for name, buffers in parts.items()}
+        if storage.is_remote(folder) and len(targets) > 1:
+            uploads = [
+                _uploads.submit(storage.write, uri, buffers, storage_options, upload)
+                for uri, buffers in targets.items()
+            ]
+            errors = [future.exception() for future in uploads]  # waits for every one
+            if first := next((error for error in errors if error is not None), None):
+                raise first
+        else:
+            for uri, buffers in targets.items():
+                storage.write(uri, buffers, storage_options, upload)
+    except BaseException:
+        remove(folder, files, storage_options)
+        raise
+    finally:
+        _add(stages, "write", time.perf_counter() - started)
     return files
 
 
-def commit(output: str, folder: str, record: dict[str, Any], storage_options=None) -> None:
+def commit(
+    output: str,
+    folder: str,
+    record: dict[str, Any],
+    storage_options=None,
+    stages: dict[str, float] | None = None,
+) -> None:
     """Write merge.json, which makes the merge done; if that fails, remove its files too."""
+    started = time.perf_counter()
     try:
         manifest.commit_merge(output, record, storage_options)
     except BaseException:
         remove(folder, record.get("files", {}), storage_options)
         raise
+    finally:
+        _add(stages, "commit", time.perf_counter() - started)
 
 
 def remove(folder: str, files: dict[str, Any], storage_options=None) -> None:
@@ -70,3 +155,15 @@ def remove(folder: str, files: dict[str, Any], storage_options=None) -> None:
     if not storage.is_remote(folder):
         with contextlib.suppress(OSError):
             os.rmdir(folder)
+
+
+def _digest(buffers: Sequence) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    for buffer in buffers:
+        digest.update(buffer)  # hashlib releases the GIL on large buffers
+    return {"bytes": sum(memoryview(b).nbytes for b in buffers), "sha256": digest.hexdigest()}
+
+
+def _add(stages: dict[str, float] | None, stage_name: str, seconds: float) -> None:
+    if stages is not None:
+        stages[stage_name] = stages.get(stage_name, 0.0) + seconds

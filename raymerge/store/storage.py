@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import hashlib
 import json
 import logging
@@ -25,8 +24,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from functools import cache
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +39,12 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+
+# What its errors mean, kept in their own module; callers use them from here.
+from raymerge.store.faults import describe as describe
+from raymerge.store.faults import errors as errors
+from raymerge.store.faults import is_fatal as is_fatal
+from raymerge.store.faults import is_transient as is_transient
 
 REMOTE_SCHEMES = ("s3",)
 S3_CLIENT_CONFIG = {
@@ -57,18 +62,6 @@ RETRY_MAX_SECONDS = 60.0
 """raymerge's retries of a storage call that failed transiently after botocore's and s3fs's:
 exponential backoff with full jitter (so that many workers do not retry in lockstep), at most
 this many attempts and this long in all."""
-_TRANSIENT_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-}
-_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-_FATAL_CODES = {"AccessDenied", "NoSuchBucket", "AllAccessDisabled", "InvalidAccessKeyId"}
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -120,78 +113,6 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     fs = fsspec.filesystem(_scheme(uri), **options)
     fs.retries = S3FS_RETRIES  # a class attribute in s3fs, not a constructor option
     return fs, uri.split("://", 1)[1]
-
-
-@cache
-def _transient_classes() -> tuple[type[BaseException], ...]:
-    """Network errors worth another try, from the libraries s3fs stands on."""
-    import aiohttp
-    from botocore import exceptions as botocore_errors
-
-    return (
-        ConnectionError,
-        TimeoutError,
-        botocore_errors.EndpointConnectionError,
-        botocore_errors.ConnectTimeoutError,
-        botocore_errors.ReadTimeoutError,
-        botocore_errors.ConnectionClosedError,
-        botocore_errors.ResponseStreamingError,
-        botocore_errors.IncompleteReadError,
-        aiohttp.ClientConnectionError,
-        aiohttp.ClientPayloadError,
-    )
-
-
-def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    """The error and the ones beneath it (s3fs translates botocore's into OSErrors)."""
-    for _ in range(8):
-        if exc is None:
-            return
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _response(exc: BaseException) -> tuple[str | None, int]:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return None, 0
-    code = response.get("Error", {}).get("Code")
-    return code, response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a storage error is worth retrying: throttling, 5xx, connection resets, timeouts."""
-    for error in _chain(exc):
-        if isinstance(error, _transient_classes()):
-            return True
-        code, status = _response(error)
-        if code in _TRANSIENT_CODES or status >= 500:
-            return True
-    return False
-
-
-def is_fatal(exc: BaseException) -> bool:
-    """Whether a write error will hit every write to this output (no space, no permission, a
-    read-only disk, a missing bucket): the sweep should stop rather than fail merge by merge."""
-    for error in _chain(exc):
-        if isinstance(error, OSError) and error.errno in _FATAL_ERRNOS:
-            return True
-        code, status = _response(error)
-        if code in _FATAL_CODES or status == 403:
-            return True
-    return False
-
-
-def describe(exc: BaseException) -> str:
-    """A storage error in one line, from the most specific error beneath it."""
-    for error in _chain(exc):
-        if isinstance(error, OSError) and error.errno in _FATAL_ERRNOS:
-            return f"{os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
-        code, _ = _response(error)
-        if code:
-            return f"{code}: {error}"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def backoff(min_wait: float = 0.5, max_wait: float = 16.0):
@@ -286,31 +207,57 @@ def is_file(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     return retrying(lambda: fs.isfile(path))
 
 
+@dataclass(frozen=True)
+class Upload:
+    """How large files go to S3: as multipart uploads of `part_bytes` parts, `concurrency` of
+    them at a time (files under two parts go in one PUT). Local writes ignore it."""
+
+    part_bytes: int = 16 * 2**20
+    concurrency: int = 8
+
+
+DEFAULT_UPLOAD = Upload()
+
+
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write a whole file atomically: readers see the old file or the new one, never a part, and
     a failed write leaves nothing behind (no temporary file)."""
     write(uri, data, storage_options)
 
 
-def write(uri: str, source: bytes | Path, storage_options: dict[str, Any] | None = None) -> None:
-    """The one atomic write: `source`'s bytes (or a local file's, streamed) to `uri`."""
+def write(
+    uri: str,
+    source: bytes | Path | Sequence,
+    storage_options: dict[str, Any] | None = None,
+    upload: Upload = DEFAULT_UPLOAD,
+) -> None:
+    """The one atomic write of `source` to `uri`: bytes, a local file's bytes (streamed), or a
+    sequence of buffers whose concatenation is the file (written one after the other, never
+    joined on a local disk)."""
     if is_remote(uri):
         fs, path = filesystem(uri, storage_options)
-        if isinstance(source, bytes):  # one PUT: S3 objects appear whole
-            retrying(lambda: fs.pipe_file(path, source))
-        else:  # a multipart upload appears whole when it completes
+        if isinstance(source, Path):  # a multipart upload appears whole when it completes
             retrying(lambda: fs.put_file(str(source), path))
+            return
+        # One PUT, or concurrent parts: either way the object appears whole.
+        data = source if isinstance(source, bytes) else b"".join(source)
+        retrying(
+            lambda: fs.pipe_file(
+                path, data, chunksize=upload.part_bytes, max_concurrency=upload.concurrency
+            )
+        )
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            if isinstance(source, bytes):
-                f.write(source)
-            else:
+            if isinstance(source, Path):
                 with open(source, "rb") as src:
                     shutil.copyfileobj(src, f, 1 << 20)
+            else:
+                for part in [source] if isinstance(source, bytes) else source:
+                    f.write(part)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -323,20 +270,6 @@ def iter_text_lines(uri: str, storage_options: dict[str, Any] | None = None) -> 
     with retrying(lambda: fs.open(path, "rb", block_size=1 << 22)) as f:
         for line in f:
             yield line.decode()
-
-
-@cache
-def errors() -> tuple[type[BaseException], ...]:
-    """Every error a storage call may raise besides programming errors: for `except`."""
-    import aiohttp
-    from botocore import exceptions as botocore_errors
-
-    return (
-        OSError,
-        botocore_errors.BotoCoreError,
-        botocore_errors.ClientError,
-        aiohttp.ClientError,
-    )
 
 
 def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> None:

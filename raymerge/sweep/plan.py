@@ -125,6 +125,10 @@ class Plan:
             adapter_cache_bytes=cache_bytes,
             engine=spec.engine,
             evaluate=self.eval_config(),
+            write_queue_bytes=int(spec.writes.queue_gb * 2**30),
+            writers=spec.writes.writers,
+            upload_part_bytes=int(spec.writes.part_mb * 2**20),
+            upload_concurrency=spec.writes.upload_concurrency,
         )
 
     def eval_config(self) -> EvalConfig | None:

@@ -35,6 +35,7 @@ from raymerge.sweep.spec.models import (
     Group,
     KeepSpec,
     SweepSpec,
+    WritesSpec,
 )
 from raymerge.sweep.spec.search import Range, SearchMethodSpec, SearchParam, SearchSpec
 from raymerge.sweep.spec.types import FLOAT32_MAX, SINGLE_ADAPTER_HINT, AdapterName, Grid
@@ -61,6 +62,7 @@ __all__ = [
     "SearchParam",
     "SearchSpec",
     "SweepSpec",
+    "WritesSpec",
     "load_spec",
     "parse_spec",
     "read_spec_file",

@@ -118,6 +118,21 @@ class KeepSpec(FrozenModel):
     """How many merges, best by the objective, keep their files."""
 
 
+class WritesSpec(FrozenModel):
+    """How each worker writes its merges: in writer threads beside the merging, through a queue
+    of bounded size, large files to S3 as concurrent multipart uploads."""
+
+    queue_gb: float = Field(default=1.0, gt=0)
+    """Merged adapters a worker holds waiting to be written (always at least one): a slower
+    store makes merging wait instead of filling memory."""
+    writers: int = Field(default=2, ge=1, le=32)
+    """Merges a worker writes at once."""
+    part_mb: float = Field(default=16, ge=5, le=5120)
+    """S3 multipart part size (S3 allows 5 MiB to 5 GiB); files under two parts go in one PUT."""
+    upload_concurrency: int = Field(default=8, ge=1, le=64)
+    """Parts of one file uploaded at once."""
+
+
 class SweepSpec(FrozenModel):
     """A whole sweep: which adapters to merge how, where the results go, and on how many workers."""
 
@@ -164,6 +179,8 @@ class SweepSpec(FrozenModel):
     """Accept adapters stored only as adapter_model.bin (a pickle; loaded with weights_only)."""
     evaluate: EvaluateSpec | None = None
     """Optional: score each merge (and, once, the base model and each input adapter)."""
+    writes: WritesSpec = Field(default_factory=WritesSpec)
+    """How workers write merges (queue size, writer threads, S3 part size and concurrency)."""
     output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """dtype of the merged adapters (default: the input adapters' dtype; float32 if they differ).
     The merge arithmetic itself is always float32."""

@@ -1,0 +1,110 @@
+"""A merged adapter's weights on their way to the host, laid out as adapter_model.safetensors.
+
+On the CPU the tensors are the file's buffers already (no copy). On a CUDA device every tensor is
+copied into one pinned host buffer laid out as the file's data, on a side stream: the copies
+overlap the next merge's arithmetic, and the writer waits for them (`HostWeights.parts`) in its
+own thread. Elsewhere (other devices, dtypes safetensors is not laid out for here) the copy is a
+plain one.
+
+Usage::
+
+    staged = to_host(merged.tensors)   # returns at once on CUDA: the copies are queued
+    parts = staged.parts()             # the file's buffers (waits for the copies)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from raymerge.merge.format import host_buffers, weights_bytes, weights_layout
+
+if TYPE_CHECKING:
+    import torch
+
+_streams: dict[Any, Any] = {}
+_streams_lock = threading.Lock()
+
+
+@dataclass
+class HostWeights:
+    """The file's buffers once the copies to the host are done (`ready`: an event, or None)."""
+
+    buffers: list
+    ready: Any = None
+    nbytes: int = 0
+    wait_seconds: float = field(default=0.0)
+    """How long `parts` waited for the device-to-host copies."""
+
+    def parts(self) -> list:
+        """The file as buffers, in order (waits for the copies to the host)."""
+        if self.ready is not None:
+            started = time.perf_counter()
+            self.ready.synchronize()
+            self.wait_seconds += time.perf_counter() - started
+            self.ready = None
+        return self.buffers
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> HostWeights:
+    """Start the copy of `tensors` to the host, as the safetensors file's buffers."""
+    layout = weights_layout(tensors)
+    devices = {tensor.device for tensor in tensors.values()}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if layout is None:
+        return HostWeights([weights_bytes(tensors)], nbytes=nbytes)
+    if devices and all(device.type == "cuda" for device in devices):
+        return _pinned_copy(tensors, layout, nbytes)
+    host = {name: tensor.cpu() for name, tensor in tensors.items()}  # no copy on the CPU
+    buffers = [layout.header, *(host_buffers(host[name]) for name in layout.order)]
+    return HostWeights(buffers, nbytes=nbytes)
+
+
+def _pinned_copy(tensors: dict[str, torch.Tensor], layout, nbytes: int) -> HostWeights:
+    """Queue each tensor's copy into its slice of one pinned buffer, on a side stream per device
+    that first waits for the work that made the tensors; the caching host allocator reuses the
+    pinned memory of earlier merges, so this allocates no new page-locked memory in steady state.
+    """
+    import torch
+
+    data = torch.empty(layout.data_bytes, dtype=torch.uint8, pin_memory=True)
+    done = None
+    for device in sorted({t.device for t in tensors.values()}, key=str):
+        stream = _side_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for name, (start, end) in zip(layout.order, layout.offsets, strict=True):
+                tensor = tensors[name]
+                if tensor.device != device or start == end:
+                    continue
+                target = data[start:end].view(tensor.dtype).view(tensor.shape)
+                target.copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)  # not reused by the allocator until copied
+        event = torch.cuda.Event()
+        event.record(stream)
+        done = _Events(done, event)
+    return HostWeights([layout.header, memoryview(data.numpy())], done, nbytes)
+
+
+@dataclass
+class _Events:
+    """Every device's copies: synchronised one after the other."""
+
+    earlier: Any
+    event: Any
+
+    def synchronize(self) -> None:
+        if self.earlier is not None:
+            self.earlier.synchronize()
+        self.event.synchronize()
+
+
+def _side_stream(device):
+    import torch
+
+    with _streams_lock:
+        if device not in _streams:
+            _streams[device] = torch.cuda.Stream(device)
+        return _streams[device]
