@@ -66,17 +66,17 @@ def run(
 ) -> None:
     """Run every merge of SPEC on Ray (one local CPU worker: in this process); merges already
     done in the output are skipped."""
-    from raymerge.cluster.startup import plan_while_ray_starts
+    from raymerge.sweep.plan import load_plan
 
-    overrides = {
-        "output": output,
-        "workers": workers,
-        "gpus_per_worker": gpus_per_worker,
-        "engine": engine,
-    }
-    ray = True if use_ray else None
-    with exit_on_error(), plan_while_ray_starts(spec, overrides, address=address, use_ray=ray) as p:
-        run_and_report(p, address, fail_fast, rebuild_changed, ray)
+    with exit_on_error():
+        overrides = {
+            "output": output,
+            "workers": workers,
+            "gpus_per_worker": gpus_per_worker,
+            "engine": engine,
+        }
+        the_plan = load_plan(spec, overrides)
+        run_and_report(the_plan, address, fail_fast, rebuild_changed, True if use_ray else None)
 
 
 @app.command()

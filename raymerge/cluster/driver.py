@@ -31,7 +31,6 @@ from raymerge.score.failures import first_line, out_of_memory_message
 from raymerge.store import manifest
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.search import Search
-from raymerge.sweep.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +161,8 @@ def runs_in_process(plan: Plan, address: str | None) -> bool:
     process that imports torch again is most of a small local run's time."""
     ray = sys.modules.get("ray")
     connected = ray is not None and ray.is_initialized()
-    return not connected and one_local_worker(plan.spec, address)
-
-
-def one_local_worker(spec: SweepSpec, address: str | None) -> bool:
-    """One CPU worker, and no cluster named (`address`, RAY_ADDRESS)."""
-    cluster = address or os.environ.get("RAY_ADDRESS")
+    spec = plan.spec
+    cluster = address or os.environ.get("RAY_ADDRESS") or connected
     return spec.workers == 1 and spec.gpus_per_worker == 0 and not cluster
 
 

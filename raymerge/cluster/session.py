@@ -19,10 +19,6 @@ import ray
 
 from raymerge.errors import ClusterError
 
-_started_locally = False
-"""Whether the Ray connection open now is a local instance a `ray_session` started: a session
-opened inside it (run_sweep's inside the CLI's) then still knows the cluster's size is fixed."""
-
 
 @contextlib.contextmanager
 def ray_session(address: str | None, **local: Any) -> Iterator[bool]:
@@ -31,9 +27,8 @@ def ray_session(address: str | None, **local: Any) -> Iterator[bool]:
 
     Yields whether the cluster is of fixed size (a local instance we started: no autoscaler).
     """
-    global _started_locally
     if ray.is_initialized():
-        yield _started_locally
+        yield False
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
@@ -48,11 +43,9 @@ def ray_session(address: str | None, **local: Any) -> Iterator[bool]:
         raise ClusterError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {exc}"
         ) from None
-    _started_locally = not address
     try:
         yield not address
     finally:
-        _started_locally = False
         ray.shutdown()
 
 
