@@ -3,8 +3,7 @@
 On the CPU the tensors are the file's buffers already (no copy). On a CUDA device every tensor is
 copied into one pinned host buffer laid out as the file's data, on a side stream: the copies
 overlap the next merge's arithmetic, and the writer waits for them (`HostWeights.parts`) in its
-own thread. Elsewhere (other devices, dtypes safetensors is not laid out for here) the copy is a
-plain one.
+own thread. Elsewhere (other devices, dtypes not laid out here) the copy is a plain one.
 
 Usage::
 
@@ -15,11 +14,10 @@ Usage::
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raymerge.merge.format import host_buffers, weights_bytes, weights_layout
+from raymerge.merge.format import weights_layout, weights_parts
 
 if TYPE_CHECKING:
     import torch
@@ -35,31 +33,24 @@ class HostWeights:
     buffers: list
     ready: Any = None
     nbytes: int = 0
-    wait_seconds: float = field(default=0.0)
-    """How long `parts` waited for the device-to-host copies."""
 
     def parts(self) -> list:
         """The file as buffers, in order (waits for the copies to the host)."""
         if self.ready is not None:
-            started = time.perf_counter()
             self.ready.synchronize()
-            self.wait_seconds += time.perf_counter() - started
             self.ready = None
         return self.buffers
 
 
 def to_host(tensors: dict[str, torch.Tensor]) -> HostWeights:
     """Start the copy of `tensors` to the host, as the safetensors file's buffers."""
-    layout = weights_layout(tensors)
-    devices = {tensor.device for tensor in tensors.values()}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    if layout is None:
-        return HostWeights([weights_bytes(tensors)], nbytes=nbytes)
-    if devices and all(device.type == "cuda" for device in devices):
+    devices = {tensor.device.type for tensor in tensors.values()}
+    layout = weights_layout(tensors) if devices == {"cuda"} else None
+    if layout is not None:
         return _pinned_copy(tensors, layout, nbytes)
     host = {name: tensor.cpu() for name, tensor in tensors.items()}  # no copy on the CPU
-    buffers = [layout.header, *(host_buffers(host[name]) for name in layout.order)]
-    return HostWeights(buffers, nbytes=nbytes)
+    return HostWeights(weights_parts(host), nbytes=nbytes)
 
 
 def _pinned_copy(tensors: dict[str, torch.Tensor], layout, nbytes: int) -> HostWeights:

@@ -71,16 +71,14 @@ def digests(files: dict[str, bytes]) -> dict[str, str]:
 
 def write_adapter(
     folder: str,
-    staged: StagedAdapter | MergedAdapter,
+    staged: StagedAdapter,
     storage_options=None,
     *,
     keep: bool = True,
     upload: storage.Upload = storage.DEFAULT_UPLOAD,
     stages: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Write a staged (or merged) adapter's files (see `write_files`)."""
-    if isinstance(staged, MergedAdapter):
-        staged = stage(staged, stages)
+    """Write a staged adapter's files (see `write_files`)."""
     started = time.perf_counter()
     contents = staged.files()
     _add(stages, "copy_to_host", time.perf_counter() - started)
