@@ -72,6 +72,8 @@ class EvalConfig:
     lm_eval: dict[str, Any] | None = None
     objective: list[dict[str, Any]] | None = None
     """The objective's terms (keep top-k decides by it on the worker)."""
+    normalize: str = "none"
+    """How the objective's terms are scaled (`Objective.parse`)."""
 
 
 @dataclass(frozen=True)

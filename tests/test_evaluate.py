@@ -114,6 +114,23 @@ def test_leaderboard_csv_and_html(scored, tmp_path):
         assert float(row["mean_loss"]) == pytest.approx(
             (float(row["sums.loss"]) + float(row["reverse.loss"])) / 2, abs=1e-6
         )
+    for row in rows:  # every number has its error bar, the objective's too
+        for column in ("objective", "sums.loss", "reverse.loss", "sums.perplexity"):
+            assert 0 < float(row[f"{column}_stderr"]) < float(row[column]), (column, row)
+    assert rows[0]["tied"] == "True"
+    # The best merge against the base model and each adapter alone, on the same examples.
+    verdicts = {v["reference"]: v for v in report.verdicts}
+    assert set(verdicts) == {"base model", "sums alone", "reverse alone"}
+    for verdict in verdicts.values():
+        assert verdict["low"] < verdict["difference"] < verdict["high"]
+        assert verdict["verdict"] in ("better", "worse", "not distinguishable")
+        assert verdict["reference"] in verdict["text"]
+        expected = "better" if verdict["low"] > 0 else "worse" if verdict["high"] < 0 else None
+        assert verdict["verdict"] == (expected or "not distinguishable")
+        # mean_loss is minimised: positive means the best merge's loss is lower.
+        assert verdict["difference"] == pytest.approx(
+            verdict["objective"] - float(rows[0]["objective"]), abs=1e-5
+        )
     by_sums = build_report(scored[0].output, out=str(tmp_path / "s"), metric="sums").rows
     assert [r["sums.loss"] for r in by_sums] == sorted(r["sums.loss"] for r in by_sums)
     page = Path(report.html_uri).read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -43,6 +44,8 @@ def print_plan(summary: dict[str, Any]) -> None:
     for name, info in summary["adapters"].items():
         adapters.add_row(name, str(info["r"]), str(info["lora_alpha"]), info["uri"])
     consoles.out.print(adapters)
+    for warning in summary.get("warnings", []):
+        consoles.err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -74,32 +77,73 @@ def stage_line(stages: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds:.2f}" for name, seconds in ordered)
 
 
+def estimate(value, stderr) -> str:
+    """A figure with its standard error: "0.4375 ± 0.0625" (the figure alone without one).
+
+    >>> estimate(0.4375, 0.0625), estimate(1.0, None)
+    ('0.4375 ± 0.0625', '1.0000')
+    """
+    if isinstance(stderr, float | int) and stderr == stderr:
+        return f"{number(value)} ± {stderr:.4f}"
+    return number(value)
+
+
 def print_leaderboard(result, top: int) -> None:
-    """The TOP best merges of a report, then the base model and each adapter alone (dimmed)."""
+    """The TOP best merges of a report (≈: statistically tied with the top), then the base
+    model and each adapter alone (dimmed): the objective ± its stderr and one metric per eval
+    set (the CSV has every metric and stderr). Fits 100 columns."""
     from raymerge.report.model import primary_metrics
 
     objective = result.objective
     shown = primary_metrics(result.metrics)
-    table = Table(title=f"Best merges by {objective.name} ({_better(objective)} is better)")
-    for column in ("#", "adapters", "weights", "type", "objective", *shown):
-        left = column in ("adapters", "type")
-        table.add_column(column, justify="left" if left else "right", no_wrap=True)
+    table = Table(
+        title=f"Best merges by {objective.name} ({_better(objective)} is better)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("#", justify="right", no_wrap=True, min_width=3)
+    table.add_column("merge", justify="left", ratio=1, min_width=16)
+    table.add_column("objective", justify="right", no_wrap=True)
+    for metric in shown:  # the set's name over its metric's: narrow columns
+        name, _, key = metric.rpartition(".")
+        table.add_column(f"{name}\n{key}", justify="right", no_wrap=True, overflow="fold")
     for rank, row in enumerate(result.rows[:top], start=1):
+        mark = "≈" if row.get("tied") and rank > 1 else ""
+        merge = f"{row['adapters']} {row['combination_type']} {row['weights']}"
         values = [number(row[m]) for m in shown]
         table.add_row(
-            str(rank), row["adapters"], row["weights"], row["combination_type"],
-            number(row["objective"]), *values,
+            f"{rank}{mark}", merge, estimate(row["objective"], row.get("objective_stderr")),
+            *values,
         )  # fmt: skip
-    if result.references:
-        references = [("base model", result.references["base"])]
-        references += [(f"{n} alone", s) for n, s in result.references["adapters"].items()]
-        for label, scores in references:
-            values = [number(scores.get(m.rpartition(".")[0], {}).get(m.rpartition(".")[2]))
-                      for m in shown]  # fmt: skip
-            table.add_row(
-                "ref", label, "", "", number(objective.value(scores)), *values, style="dim"
-            )
+    for verdict in getattr(result, "verdicts", None) or []:
+        name = verdict["reference"]
+        scores = _reference_scores(result.references, name)
+        values = [_metric(scores, m) for m in shown]
+        table.add_row(
+            "ref", name, estimate(verdict["objective"], verdict.get("objective_stderr")),
+            *values, style="dim",
+        )  # fmt: skip
+    if result.references and not getattr(result, "verdicts", None):
+        for name, scores in _references(result.references):
+            values = [_metric(scores, m) for m in shown]
+            table.add_row("ref", name, number(objective.value(scores)), *values, style="dim")
     consoles.out.print(table)
+    if any(row.get("tied") for row in result.rows[1:top]):
+        consoles.out.print("≈: not distinguishable from the top merge on the same examples (95%)")
+
+
+def _references(references) -> list[tuple[str, dict]]:
+    out = [("base model", references["base"])]
+    return out + [(f"{n} alone", s) for n, s in references["adapters"].items()]
+
+
+def _reference_scores(references, label: str) -> dict:
+    return dict(_references(references)).get(label, {}) if references else {}
+
+
+def _metric(scores: dict, metric: str) -> str:
+    name, _, key = metric.rpartition(".")
+    return number(scores.get(name, {}).get(key))
 
 
 def print_search(result) -> None:
@@ -125,27 +169,27 @@ def print_outputs(result) -> None:
 
 
 def verdict(result) -> str:
-    """Does the best merge beat every single adapter on the objective?"""
+    """The best merge against every reference (base model, each input alone), each compared on
+    the same examples: better, worse, or not distinguishable (and how many examples might tell).
+    """
     if not result.references:
         return ""
     objective = result.objective
-    singles = {
-        name: objective.value(scores) for name, scores in result.references["adapters"].items()
-    }
-    name, single = min(singles.items(), key=lambda item: objective.sort_key(item[1]))
     best = result.rows[0]
-    value = best["objective"]
-    what = f"{objective.name} ({_better(objective)} is better)"
-    if objective.better(value, single):
-        return (
-            f"The best merge ({best['adapters']}, {best['combination_type']}, weights "
-            f"{best['weights']}) reaches {value:.4f} on the objective {what}, beating the best "
-            f"single adapter ({name}: {single:.4f})."
-        )
-    return (
-        f"No merge beats the best single adapter ({name}: {single:.4f}) on the objective {what};"
-        f" the best merge reaches {value:.4f}."
-    )
+    value = estimate(best["objective"], best.get("objective_stderr"))
+    lines = [
+        f"The best merge ({best['adapters']}, {best['combination_type']}, weights "
+        f"{best['weights']}) reaches {value} on the objective {objective.name} "
+        f"({_better(objective)} is better)."
+    ]
+    verdicts = getattr(result, "verdicts", None) or []
+    lines += [f"  {v['text']}" for v in verdicts]
+    singles = [v for v in verdicts if v["reference"] != "base model"]
+    if singles and all(v["verdict"] == "better" for v in singles):
+        lines.append("It beats every single adapter, each on the same examples.")
+    elif singles:
+        lines.append("It does not clearly beat every single adapter (see above).")
+    return "\n".join(lines)
 
 
 def print_rebuilt(results) -> None:

@@ -9,6 +9,7 @@ Usage (with started workers: `executor.RayWorkers` or `executor.LocalWorkers`)::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,10 @@ from raymerge.cluster.schedule import (
     SearchScheduler,
 )
 from raymerge.cluster.summary import Progress, RunSummary, WorkerStats
-from raymerge.score.objective import Objective
+from raymerge.score.stats import objective_stderr
 from raymerge.store import manifest
 from raymerge.sweep.plan import Plan
+from raymerge.sweep.plan import objective as objective_of
 from raymerge.sweep.search import Search
 from raymerge.task import MergeResult, MergeTask
 
@@ -89,7 +91,10 @@ class Dispatch:
         self.scheduler = scheduler
         self.search = search
         evaluate = plan.spec.evaluate
-        self.objective = Objective.parse(evaluate.objective_terms()) if evaluate else None
+        references = None
+        if evaluate is not None:  # scored before any merge: the objective's scales
+            references = manifest.read_references(plan.output, plan.spec.storage_options)
+        self.objective = objective_of(plan.spec, references)
         self.keep = KeepTopK(plan.spec.keep.top, self.objective) if plan.spec.keep else None
         self.in_flight: dict[Any, tuple[WorkerState, list[MergeTask]]] = {}
         # Merges per call: the scorer takes them together (several adapters per forward pass);
@@ -198,6 +203,8 @@ class Dispatch:
         metrics = result.record.get("metrics")
         if metrics and self.objective is not None:
             line["objective"] = round(self.objective.value(metrics), 6)
+            stderr = objective_stderr(self.objective, metrics, result.record.get("examples", {}))
+            line["objective_stderr"] = round(stderr, 6) if math.isfinite(stderr) else None
         stats.done += 1
         stats.bytes_written += line["bytes"]
         self.writer.add(line)

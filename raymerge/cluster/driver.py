@@ -28,8 +28,10 @@ from raymerge.cluster.resume import Output, pending_tasks, prepare_output
 from raymerge.cluster.summary import Progress, RunSummary, write_summary
 from raymerge.errors import ClusterError, RaymergeError, StorageError, is_out_of_memory
 from raymerge.score.failures import first_line, out_of_memory_message
+from raymerge.score.objective import spread_warning
 from raymerge.store import manifest
 from raymerge.sweep.plan import Plan
+from raymerge.sweep.plan import objective as objective_of
 from raymerge.sweep.search import Search
 
 log = logging.getLogger(__name__)
@@ -223,6 +225,9 @@ def _score_references(plan: Plan, workers) -> None:
             "names and run again, or remove `evaluate:` to merge without scoring"
         ) from None
     manifest.write_references(plan.output, references, options)
+    warning = spread_warning(objective_of(plan.spec), references)
+    if warning:
+        log.warning(warning)
 
 
 def _finish(plan: Plan, writer: manifest.ManifestWriter) -> None:

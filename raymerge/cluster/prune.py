@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from raymerge.cluster.keep import final_top
 from raymerge.merge.format import ADAPTER_FILES
-from raymerge.score.objective import Objective
 from raymerge.store import manifest, storage
 from raymerge.sweep.plan import Plan
+from raymerge.sweep.plan import objective as objective_of
 
 
 def settle_top_k(plan: Plan, writer: manifest.ManifestWriter) -> None:
@@ -21,7 +21,8 @@ def settle_top_k(plan: Plan, writer: manifest.ManifestWriter) -> None:
     the best k go, and its manifest line says so (no-op without `keep`)."""
     if plan.spec.keep is None:
         return
-    objective = Objective.parse(plan.spec.evaluate.objective_terms())
+    references = manifest.read_references(plan.output, plan.spec.storage_options)
+    objective = objective_of(plan.spec, references)
     top = final_top(writer.lines_so_far(), plan.spec.keep.top, objective)
     dropped = [
         line

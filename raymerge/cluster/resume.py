@@ -62,6 +62,7 @@ def _prepare_output(plan: Plan, rebuild_changed: bool) -> Output:
     if evaluate is not None:
         evaluation = {
             "objective": evaluate.objective_terms(),
+            "normalize": evaluate.objective_normalize(),
             "sets": {name: entry["kind"] for name, entry in plan.eval_sets.items()},
             "lm_eval_tasks": evaluate.lm_eval.tasks if evaluate.lm_eval else [],
         }

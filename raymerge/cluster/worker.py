@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from raymerge.score.failures import out_of_memory_message
 from raymerge.score.objective import Objective
 from raymerge.store import manifest, publish, storage
 from raymerge.task import MergeResult, MergeTask, Status, WorkerConfig
+
+if TYPE_CHECKING:
+    from raymerge.score.scorer import Scores
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class MergeWorker:
             from raymerge.score.scorer import Scorer
 
             self.scorer = Scorer(self.base, config.evaluate, config.storage_options)
-            self.objective = Objective.parse(config.evaluate.objective)
+            self.objective = Objective.parse(config.evaluate.objective, config.evaluate.normalize)
         if config.evaluate is not None or config.engine == "peft":
             _ = self.base.model  # needed by every merge: load now, fail at start if it cannot
         self._merging = threading.Lock()  # one call merges at a time; another may be writing
@@ -125,20 +128,20 @@ class MergeWorker:
         jobs = [_Job(t, self.merger.cache.loads, self.merger.cache.load_seconds) for t in tasks]
         for job, attempt in zip(jobs, attempts, strict=True):
             self._merge_job(job, attempt)
-        metrics = self._score([job for job in jobs if job.result is None])
-        queued = [self._queue(job, metrics.get(id(job))) for job in jobs]
+        scores = self._score([job for job in jobs if job.result is None])
+        queued = [self._queue(job, scores.get(id(job))) for job in jobs]
         self.merger.release(keep)
         return queued
 
-    def _score(self, pending: list[_Job]) -> dict[int, dict | None]:
+    def _score(self, pending: list[_Job]) -> dict[int, Scores | None]:
         """Score the merges of one pass together; a failed pass fails each of its merges."""
         if not pending:
             return {}
         started = time.perf_counter()
-        metrics: list[dict | None] = [None] * len(pending)
+        scores: list[Scores | None] = [None] * len(pending)
         try:
             with _captured_warnings() as caught:
-                metrics = self.scorer.score_merged([job.merged for job in pending])
+                scores = self.scorer.score_merged([job.merged for job in pending])
             for job in pending:
                 job.caught.extend(caught)
         except Exception as exc:  # scoring failed: every merge of the pass is failed by it
@@ -150,7 +153,7 @@ class MergeWorker:
         share = (time.perf_counter() - started) / len(pending)
         for job in pending:
             job.stages["eval"] = share  # each merge's time includes its share of the pass
-        return {id(job): m for job, m in zip(pending, metrics, strict=True)}
+        return {id(job): s for job, s in zip(pending, scores, strict=True)}
 
     def _merge_job(self, job: _Job, attempt: int) -> None:
         task = job.task
@@ -184,7 +187,7 @@ class MergeWorker:
         job.loads, job.load_seconds = cache.loads - job.loads, cache.load_seconds - job.load_seconds
         job.cached = tuple(sorted(cache.names()))
 
-    def _queue(self, job: _Job, metrics: dict | None):
+    def _queue(self, job: _Job, scores: Scores | None):
         """The job's result if it is settled, else a future of it once its writes are done."""
         if job.result is not None:
             return job.result
@@ -194,14 +197,14 @@ class MergeWorker:
         job.merged = None  # the staged buffers hold what is still needed
         return self.writes.submit(
             staged.nbytes,
-            write=lambda: self._write(job, staged, metrics),
+            write=lambda: self._write(job, staged, scores),
             skipped=lambda why: self._skipped(job, why),
         )
 
-    def _write(self, job: _Job, staged: publish.StagedAdapter, metrics: dict | None):
+    def _write(self, job: _Job, staged: publish.StagedAdapter, scores: Scores | None):
         """In a writer thread: the job's files, then its merge.json (errors become its result)."""
         try:
-            self._commit(job, staged, metrics)
+            self._commit(job, staged, scores)
         except Exception as exc:
             job.result = self._failure(job, exc)
         return job.result
@@ -210,12 +213,13 @@ class MergeWorker:
         """Not written: the output failed fatally before this merge's turn."""
         return self._result(job, Status.FAILED, error=f"not written: {why}", fatal=True)
 
-    def _commit(self, job: _Job, staged: publish.StagedAdapter, metrics: dict | None) -> None:
+    def _commit(self, job: _Job, staged: publish.StagedAdapter, scores: Scores | None) -> None:
         task = job.task
+        metrics = scores.metrics if scores is not None else None
         folder = manifest.merge_dir(self.config.output, task.merge_id)
         keep = True
         if self.objective is not None:
-            keep = keeps_files(self.objective, metrics, task.keep_threshold)
+            keep = keeps_files(self._objective(), metrics, task.keep_threshold)
         options = self.config.storage_options
         files = publish.write_adapter(
             folder, staged, options, keep=keep, upload=self.upload, stages=job.stages
@@ -228,6 +232,7 @@ class MergeWorker:
             engine=ran.engine,
             engine_fallback=ran.fallback,
             metrics=metrics,
+            examples=scores.examples if scores is not None else None,
             compute_dtype=ran.compute_dtype,
             files=files,
             seconds=job.seconds,
@@ -271,6 +276,15 @@ class MergeWorker:
         # A bug or an unforeseen library error: keep the sweep going, keep the traceback.
         log.error("merge %s failed:\n%s", task.merge_id, traceback.format_exc())
         return self._result(job, Status.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+    def _objective(self) -> Objective:
+        """The objective keep top-k decides by, scaled by the references where it is
+        normalised (the driver writes them before any merge is dispatched)."""
+        if self.objective.normalize == "references":
+            options = self.config.storage_options
+            references = manifest.read_references(self.config.output, options)
+            self.objective = self.objective.against(references)
+        return self.objective
 
     def score_references(self, names: list[str]) -> dict[str, Any]:
         """The base model alone and each input adapter alone, on every eval set."""

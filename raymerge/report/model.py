@@ -10,6 +10,8 @@ from raymerge.score.objective import Objective
 
 OBJECTIVE = "objective"
 """The leaderboard's column of each merge's objective value."""
+STDERR = "objective_stderr"
+"""...and of its standard error."""
 
 
 @dataclass
@@ -24,6 +26,8 @@ class Report:
     references: dict[str, Any] | None
     search: dict[str, Any] = field(default_factory=dict)
     """With a search: best objective per number of evaluations, parameter importances."""
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    """The best merge against each reference on the same examples (`verdicts`)."""
 
     @property
     def metric(self) -> str:
@@ -36,7 +40,7 @@ def metric_columns(lines: list[dict[str, Any]]) -> list[str]:
     for line in lines:
         for name, values in line["metrics"].items():
             for key in values:
-                if key not in ("tokens", "examples"):
+                if key not in ("tokens", "examples") and not key.endswith("_stderr"):
                     columns[f"{name}.{key}"] = None
     return list(columns)
 

@@ -16,7 +16,13 @@ from typing import Any
 
 from raymerge.errors import InputError
 from raymerge.report import page
-from raymerge.report.model import OBJECTIVE, Report, metric_columns, primary_metrics
+from raymerge.report.model import OBJECTIVE, STDERR, Report, metric_columns, primary_metrics
+from raymerge.report.verdicts import (
+    TIE_ROWS,
+    line_objective_stderr,
+    mark_ties,
+    reference_verdicts,
+)
 from raymerge.score.objective import MEAN_LOSS, Objective
 from raymerge.store import manifest, storage
 
@@ -46,10 +52,14 @@ def leaderboard(
             "params": ",".join(f"{k}={v}" for k, v in line["params"].items() if v is not None),
             "kept": line.get("kept", True),
             OBJECTIVE: round(objective.value(line["metrics"]), 6),
+            STDERR: _objective_stderr(line, objective),
         }
         for column in columns:
             name, _, key = column.rpartition(".")
-            row[column] = line["metrics"].get(name, {}).get(key, math.nan)
+            values = line["metrics"].get(name, {})
+            row[column] = values.get(key, math.nan)
+            stderr = values.get(f"{key}_stderr")
+            row[f"{column}_stderr"] = stderr if isinstance(stderr, int | float) else math.nan
         if any(c.endswith(".loss") for c in columns):
             row[MEAN_LOSS] = round(Objective.parse(MEAN_LOSS).value(line["metrics"]), 6)
         row["_line"] = line
@@ -58,13 +68,36 @@ def leaderboard(
     return rows, columns
 
 
-def objective_for(output: str, metric: str | None, storage_options=None) -> Objective:
+def _objective_stderr(line: dict[str, Any], objective: Objective) -> float:
+    """The sweep's own objective's stderr as the driver recorded it (from per-example scores),
+    else one from the metrics' stderrs (terms taken as independent)."""
+    recorded, value = line.get(STDERR), line.get(OBJECTIVE)
+    same = isinstance(value, int | float) and abs(value - objective.value(line["metrics"])) < 1e-6
+    if same and isinstance(recorded, int | float):  # the objective the driver ranked by
+        return recorded
+    return round(line_objective_stderr(objective, line["metrics"]), 6)
+
+
+def _records(output: str, merge_ids: list[str], storage_options) -> dict[str, dict]:
+    """The merge.json of the top rows (per-example scores: ties and verdicts); none if they
+    cannot be read (the leaderboard stands without them)."""
+    try:
+        records = manifest.read_records(output, merge_ids, storage_options)
+        return {record["merge_id"]: record for record in records}
+    except (*storage.errors(), ValueError, KeyError):
+        return {}
+
+
+def objective_for(
+    output: str, metric: str | None, storage_options=None, references=None
+) -> Objective:
     """The objective to rank by: `metric` if given, else the sweep's own (evaluation.json),
-    else the mean text loss."""
+    else the mean text loss; normalised by the references where the sweep's is."""
     if metric:
         return Objective.parse(metric)
     evaluation = manifest.read_evaluation(output, storage_options) or {}
-    return Objective.parse(evaluation.get("objective") or MEAN_LOSS)
+    normalize = evaluation.get("normalize", "none")  # outputs from before it: raw sums
+    return Objective.parse(evaluation.get("objective") or MEAN_LOSS, normalize).against(references)
 
 
 def build_report(
@@ -78,13 +111,16 @@ def build_report(
     lines = manifest.read_manifest(output, storage_options)
     if not lines:
         raise InputError(f"{output} has no {manifest.MANIFEST}: is it a raymerge output?")
-    objective = objective_for(output, metric, storage_options)
+    references = manifest.read_references(output, storage_options)
+    objective = objective_for(output, metric, storage_options, references)
     if metric and "." not in metric and metric != MEAN_LOSS:  # a set's name: its main metric
         scored = [line for line in lines if line.get("status") == "done" and line.get("metrics")]
         named = [c for c in primary_metrics(metric_columns(scored)) if c.startswith(f"{metric}.")]
         objective = Objective.parse(named[0] if named else metric)
     rows, columns = leaderboard(lines, objective)
-    references = manifest.read_references(output, storage_options)
+    records = _records(output, [row["merge_id"] for row in rows[:TIE_ROWS]], storage_options)
+    mark_ties(rows, records, objective)
+    verdicts = reference_verdicts(objective, records.get(rows[0]["merge_id"]), references)
     search = _search_figures(lines, rows, objective)
     target = out or output
     result = Report(
@@ -95,6 +131,7 @@ def build_report(
         storage.join(target, "report.html"),
         references,
         search,
+        verdicts,
     )
     storage.write_bytes(result.csv_uri, _csv(rows).encode(), storage_options)
     storage.write_bytes(result.html_uri, page.render(output, result).encode(), storage_options)

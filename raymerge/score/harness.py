@@ -5,13 +5,19 @@ with itself active. Needs `pip install 'raymerge[lm-eval]'`.
 Tasks of your own are YAMLs in `include_path` over local data files (absolute paths: the
 harness resolves relative `data_files` against the working directory). A task whose data lives
 on the Hugging Face hub needs the hub: where it is unreachable, the error says so.
+
+Every metric comes with the harness's standard error (`M_stderr`): the closed form for means,
+a bootstrap of `bootstrap_iters` resamples (default 1000; the harness's command line uses
+100,000) for the metrics it bootstraps, run in this process (no process pool inside a worker).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from raymerge.errors import InputError
+from raymerge.score.requests import prefix_token_id
 
 INSTALL = "pip install 'raymerge[lm-eval]'"
 
@@ -61,15 +67,13 @@ class Harness:
         from lm_eval.models.huggingface import HFLM
 
         if self._lm is None:
-            tokenizer = self.tokenizer
             # The harness prefixes each context with BOS (or EOS); a tokenizer without either
             # (a byte-level one) gets its pad token, or token 0.
-            prefix = tokenizer.bos_token_id or tokenizer.eos_token_id or tokenizer.pad_token_id
             self._lm = HFLM(
                 pretrained=model,
-                tokenizer=tokenizer,
+                tokenizer=self.tokenizer,
                 batch_size=self.config["batch_size"],
-                prefix_token_id=prefix if prefix is not None else 0,
+                prefix_token_id=prefix_token_id(self.tokenizer),
             )
         if adapter is None:
             with model.disable_adapter():
@@ -80,17 +84,28 @@ class Harness:
         return results
 
     def _evaluate(self, evaluate) -> dict[str, dict[str, float]]:
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")  # the bootstrap in this process
         output = evaluate(
             self._lm,
             self.tasks,
             limit=self.config.get("limit"),
-            bootstrap_iters=0,
+            bootstrap_iters=self.config.get("bootstrap_iters", 1000),
             log_samples=False,
         )
-        metrics: dict[str, dict[str, float]] = {}
-        for task, values in output["results"].items():
-            for key, value in values.items():
-                name, comma, _ = key.partition(",")  # "acc,none": the metric, then its filter
-                if comma and isinstance(value, int | float) and not name.endswith("_stderr"):
-                    metrics.setdefault(task, {})[name] = round(float(value), 6)
-        return metrics
+        return harness_metrics(output["results"])
+
+
+def harness_metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{task: {metric: value, metric_stderr: value or None}} from the harness's results
+    ("acc,none": the metric, then its filter; "N/A" where it has no stderr)."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            name, comma, _ = key.partition(",")
+            if not comma:
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics.setdefault(task, {})[name] = round(float(value), 6)
+            elif name.endswith("_stderr"):
+                metrics.setdefault(task, {})[name] = None
+    return metrics

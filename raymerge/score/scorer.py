@@ -10,16 +10,17 @@ dtype its files hold (`slots`); log-probabilities are computed on the logits' de
 bounded by `logprobs.extra_bytes_bound`. lm-evaluation-harness tasks, if any, run one adapter at
 a time (the harness knows no mixed batches).
 
-Metrics, per eval set: text `{loss, perplexity, tokens}`; choice `{accuracy, accuracy_norm,
-examples}`; generate `{exact_match, examples}`; an lm-eval task, the harness's own.
+Examples become token rows by the harness's conventions (`requests`); metrics per eval set, each
+with its standard error, are in `summaries`; an lm-eval task gives the harness's own. Every
+adapter's per-example scores come back beside its metrics (`Scores`), for paired comparisons.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,11 +28,21 @@ import torch
 from raymerge.merge.tensors import MergedAdapter
 from raymerge.score import evalsets
 from raymerge.score.logprobs import token_logprobs
+from raymerge.score.requests import choice_row, prefix_token_id, rolling_rows
 from raymerge.score.slots import Slots, load_reference
+from raymerge.score.summaries import Scored, choice_scores, mean_metrics, text_metrics
 from raymerge.task import EvalConfig
 
 BASE = "__base__"
 """PEFT's name, in adapter_names, for a row that goes through no adapter."""
+
+
+@dataclass
+class Scores:
+    """One adapter's scores: metrics per eval set (or lm-eval task), and per example."""
+
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    examples: dict[str, dict[str, list]] = field(default_factory=dict)
 
 
 class Scorer:
@@ -73,8 +84,8 @@ class Scorer:
 
         return transformers.AutoTokenizer.from_pretrained(self.base.local_location())
 
-    def score_merged(self, merged: Sequence[MergedAdapter]) -> list[dict[str, Any]]:
-        """Metrics for each merged adapter (its tensors as written), scored together."""
+    def score_merged(self, merged: Sequence[MergedAdapter]) -> list[Scores]:
+        """Scores of each merged adapter (its tensors as written), scored together."""
         names = [self._slots.load(adapter) for adapter in merged]
         try:
             return self._score(names)
@@ -82,7 +93,8 @@ class Scorer:
             self._slots.release(names)
 
     def references(self, inputs) -> dict[str, Any]:
-        """The base model alone and each input adapter alone, on every eval set."""
+        """The base model alone and each input adapter alone, on every eval set: their metrics
+        (`base`, `adapters`) and per-example scores (`examples`: the same shape)."""
         names = [f"ref_{next(self._names)}" for _ in inputs]
         for name, adapter in zip(names, inputs, strict=True):
             load_reference(self.base, adapter.folder, name)
@@ -91,8 +103,12 @@ class Scorer:
         finally:
             self._unload(names)
         return {
-            "base": scores[0],
-            "adapters": {a.name: s for a, s in zip(inputs, scores[1:], strict=True)},
+            "base": scores[0].metrics,
+            "adapters": {a.name: s.metrics for a, s in zip(inputs, scores[1:], strict=True)},
+            "examples": {
+                "base": scores[0].examples,
+                "adapters": {a.name: s.examples for a, s in zip(inputs, scores[1:], strict=True)},
+            },
         }
 
     def _unload(self, names: list[str]) -> None:
@@ -102,9 +118,9 @@ class Scorer:
             for name in names:
                 self.base.peft.delete_adapter(name)
 
-    def _score(self, names: list[str | None]) -> list[dict[str, Any]]:
-        """Metrics per adapter (None: the base model alone), `adapters_per_pass` at a time."""
-        results: list[dict[str, Any]] = [{} for _ in names]
+    def _score(self, names: list[str | None]) -> list[Scores]:
+        """Scores per adapter (None: the base model alone), `adapters_per_pass` at a time."""
+        results = [Scores() for _ in names]
         step = self.config.adapters_per_pass
         for start in range(0, len(names), step):
             chunk = names[start : start + step]
@@ -112,11 +128,12 @@ class Scorer:
             if loaded:  # PEFT reads the active adapter's config in every forward: a live one
                 self.base.peft.set_adapter(loaded[0])
             for set_name, eval_set in self.sets().items():
-                for offset, metrics in enumerate(eval_set.score(self._model(), chunk, self)):
-                    results[start + offset][set_name] = metrics
+                for offset, scored in enumerate(eval_set.score(self._model(), chunk, self)):
+                    results[start + offset].metrics[set_name] = scored.metrics
+                    results[start + offset].examples[set_name] = scored.examples
         if self.config.lm_eval:
             for i, name in enumerate(names):
-                results[i].update(self._harness_scores(name))
+                results[i].metrics.update(self._harness_scores(name))
         return results
 
     def _model(self):
@@ -160,8 +177,10 @@ class _EvalSet:
         self.pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
         self._tokens: dict[str, list[int]] = {}
         self._batches: dict[int, list[tuple]] = {}  # batch size -> prepared batches
+        self._rows: list[tuple[list[int], int]] | None = None  # scored rows, made once
+        self._owners: list[int] = []  # the example of each row
 
-    def score(self, model, names: list[str | None], scorer: Scorer) -> list[dict[str, Any]]:
+    def score(self, model, names: list[str | None], scorer: Scorer) -> list[Scored]:
         batch_size = scorer.config.batch_size
         if self.kind == "text":
             return self._text(model, names, batch_size)
@@ -170,11 +189,17 @@ class _EvalSet:
         return self._generate(model, names, batch_size)
 
     def _ids(self, text: str) -> list[int]:
-        """Token ids, computed once per text (every merge is scored on the same texts)."""
+        """Token ids as the harness encodes them, computed once per text (every merge is
+        scored on the same texts)."""
         ids = self._tokens.get(text)
         if ids is None:
-            ids = self._tokens[text] = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            starts = text.startswith(self.tokenizer.decode(prefix_token_id(self.tokenizer)))
+            special = {"add_special_tokens": False} if starts else {}  # no second BOS
+            ids = self._tokens[text] = self.tokenizer(text, **special)["input_ids"]
         return ids
+
+    def _bare_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _prepared(self, rows: list[tuple[list[int], int]], batch_size: int) -> list[tuple]:
         """(sequence, first target) rows as padded tensors, batch by batch, made once."""
@@ -185,73 +210,67 @@ class _EvalSet:
             ]
         return self._batches[batch_size]
 
-    def _text(self, model, names, batch_size) -> list[dict[str, Any]]:
-        # Every position after the first is a target; padding is not.
-        rows = [(self._ids(e["text"])[: self.max_length], 1) for e in self.examples]
-        totals = torch.zeros(len(names), dtype=torch.float64)
-        tokens = 0
-        for batch in self._prepared(rows, batch_size):
-            totals -= target_logprobs(model, batch, names).sum(dim=1)
-            tokens += int(batch[2].sum())
-        out = []
-        for total in totals.tolist():
-            loss = total / max(tokens, 1)
-            out.append(
-                {
-                    "loss": round(loss, 6),
-                    "perplexity": round(math.exp(min(loss, 700)), 6),
-                    "tokens": tokens,
-                }
-            )
-        return out
-
-    def _choice(self, model, names, batch_size) -> list[dict[str, Any]]:
-        rows, owners = [], []  # one row per (example, choice): sequence, first target
-        for e, example in enumerate(self.examples):
-            context = self._ids(example["prompt"])
-            for c, choice in enumerate(example["choices"]):
-                full = self._ids(example["prompt"] + choice)
-                if full[: len(context)] == context and len(full) > len(context):
-                    continuation = full[len(context) :]
-                else:  # the tokenizer merged across the boundary: score the choice alone
-                    continuation = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
-                sequence = (context + continuation)[-self.max_length :]
-                rows.append((sequence, max(len(sequence) - len(continuation), 1)))
-                owners.append((e, c))
+    def _row_logliks(self, model, names, rows, batch_size) -> list[list[float]]:
+        """Each row's summed log-probability of its scored tokens, per adapter."""
         loglik = torch.zeros(len(names), len(rows), dtype=torch.float64)
         start = 0
         for batch in self._prepared(rows, batch_size):
             sums = target_logprobs(model, batch, names)
             loglik[:, start : start + sums.shape[1]] = sums
             start += sums.shape[1]
-        loglik = loglik.tolist()
+        return loglik.tolist()
+
+    def _text(self, model, names, batch_size) -> list[Scored]:
+        # The harness's rolling log-likelihood: every token, the first given the prefix token.
+        if self._rows is None:
+            prefix = prefix_token_id(self.tokenizer)
+            self._rows, self._owners = [], []
+            for e, example in enumerate(self.examples):
+                for row in rolling_rows(self._ids(example["text"]), prefix, self.max_length):
+                    self._rows.append(row)
+                    self._owners.append(e)
+        tokens = [0] * len(self.examples)
+        for (ids, first), e in zip(self._rows, self._owners, strict=True):
+            tokens[e] += len(ids) - first
+        size = [len(e["text"].encode("utf-8")) for e in self.examples]
         out = []
-        for k in range(len(names)):
-            per_example: dict[int, list[tuple[float, float]]] = {}
-            for (e, c), value in zip(owners, loglik[k], strict=True):
-                length = max(len(self.examples[e]["choices"][c]), 1)
-                per_example.setdefault(e, []).append((value, value / length))
-            right = right_norm = 0
-            for e, scores in per_example.items():
-                answer = self.examples[e]["answer"]
-                right += max(range(len(scores)), key=lambda i: scores[i][0]) == answer
-                right_norm += max(range(len(scores)), key=lambda i: scores[i][1]) == answer
-            count = len(per_example)
-            out.append(
-                {
-                    "accuracy": round(right / count, 6),
-                    "accuracy_norm": round(right_norm / count, 6),
-                    "examples": count,
-                }
-            )
+        for values in self._row_logliks(model, names, self._rows, batch_size):
+            loglik = [0.0] * len(self.examples)
+            for value, e in zip(values, self._owners, strict=True):
+                loglik[e] += value
+            examples = {"loglikelihood": [round(v, 6) for v in loglik], "tokens": tokens}
+            examples["bytes"] = size
+            out.append(Scored(text_metrics(loglik, tokens, size), examples))
+        return out
+
+    def _choice(self, model, names, batch_size) -> list[Scored]:
+        if self._rows is None:  # one row per (example, choice), as the harness builds them
+            delimiter = self.entry.get("target_delimiter", " ")
+            prefix = prefix_token_id(self.tokenizer)
+            self._rows, self._owners = [], []
+            for e, example in enumerate(self.examples):
+                for choice in example["choices"]:
+                    self._rows.append(
+                        choice_row(
+                            self._ids, self._bare_ids, prefix, example["prompt"],
+                            delimiter + choice, self.max_length,
+                        )
+                    )  # fmt: skip
+                    self._owners.append(e)
+        out = []
+        for values in self._row_logliks(model, names, self._rows, batch_size):
+            per_example: list[list[float]] = [[] for _ in self.examples]
+            for value, e in zip(values, self._owners, strict=True):
+                per_example[e].append(value)
+            out.append(choice_scores(self.examples, per_example))
         return out
 
     @torch.inference_mode()
-    def _generate(self, model, names, batch_size) -> list[dict[str, Any]]:
+    def _generate(self, model, names, batch_size) -> list[Scored]:
         stop = self.entry.get("stop", ["\n"])
         ignore_case = self.entry.get("ignore_case", False)
         new_tokens = self.entry.get("max_new_tokens", 32)
-        right = [0] * len(names)
+        right: list[list[int]] = [[] for _ in names]
         device = next(model.parameters()).device
         for batch in _chunks(self.examples, batch_size):
             prompts = [self._ids(e["prompt"])[-self.max_length :] for e in batch]
@@ -274,11 +293,13 @@ class _EvalSet:
             for k in range(len(names)):
                 for i, example in enumerate(batch):
                     answer = evalsets.cut_at_stop(texts[k * len(batch) + i], stop)
-                    right[k] += evalsets.normalise(answer, ignore_case) == evalsets.normalise(
-                        example["answer"], ignore_case
+                    right[k].append(
+                        int(
+                            evalsets.normalise(answer, ignore_case)
+                            == evalsets.normalise(example["answer"], ignore_case)
+                        )
                     )
-        count = len(self.examples)
-        return [{"exact_match": round(r / count, 6), "examples": count} for r in right]
+        return [Scored(mean_metrics({"exact_match": r}), {"exact_match": r}) for r in right]
 
 
 def _chunks(items: list, size: int):

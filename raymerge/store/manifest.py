@@ -75,6 +75,7 @@ def merge_record(
     engine: str,
     engine_fallback: str | None = None,
     metrics: dict[str, dict[str, float]] | None = None,
+    examples: dict[str, dict[str, list]] | None = None,
     compute_dtype: str,
     files: dict[str, dict[str, Any]],
     seconds: float,
@@ -87,7 +88,8 @@ def merge_record(
 
     `inputs` holds, per input adapter in merge order, its name, uri and the sha256 of its
     weights file and config. `files` are the merged adapter's files with their sizes and digests
-    (with `kept: false` when the files were not written, keep-top-k).
+    (with `kept: false` when the files were not written, keep-top-k). `examples` are the
+    per-example scores behind `metrics` (for paired comparisons; not copied to the manifest).
     """
     return {
         "merge_id": task.merge_id,
@@ -108,6 +110,7 @@ def merge_record(
         **({"engine_fallback": engine_fallback} if engine_fallback else {}),
         "files": files,
         **({"metrics": metrics} if metrics else {}),
+        **({"examples": examples} if examples else {}),
         "warnings": warnings or [],
         "seconds": round(seconds, 4),
         "worker": worker,

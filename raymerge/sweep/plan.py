@@ -152,7 +152,16 @@ class Plan:
             adapters_per_pass=evaluate.adapters_per_pass,
             lm_eval=lm_eval,
             objective=evaluate.objective_terms(),
+            normalize=evaluate.objective_normalize(),
         )
+
+    def warnings(self) -> list[str]:
+        """What is allowed but likely not meant (an objective one term will decide alone)."""
+        from raymerge.score.objective import scale_warning
+
+        parsed = objective(self.spec)
+        warning = scale_warning(parsed) if parsed is not None else None
+        return [warning] if warning else []
 
     def summary(self) -> dict[str, Any]:
         """The plan in machine-readable form (without the task list)."""
@@ -169,6 +178,7 @@ class Plan:
             "output": self.output,
             "total": sum(counts.values()),
             "by_type": counts,
+            "warnings": self.warnings(),
             "adapters": {
                 name: {
                     "uri": self.adapters[name].uri,
@@ -241,8 +251,13 @@ def validate_offline(spec_path: str | Path) -> SweepSpec:
     return spec
 
 
-def objective(spec: SweepSpec):
-    """The sweep's objective (None without `evaluate`)."""
+def objective(spec: SweepSpec, references: dict[str, Any] | None = None):
+    """The sweep's objective (None without `evaluate`), its terms scaled by `references` (the
+    scores of the base model and each input alone) where it is normalised."""
     from raymerge.score.objective import Objective
 
-    return Objective.parse(spec.evaluate.objective_terms()) if spec.evaluate else None
+    if spec.evaluate is None:
+        return None
+    evaluate = spec.evaluate
+    parsed = Objective.parse(evaluate.objective_terms(), evaluate.objective_normalize())
+    return parsed.against(references)

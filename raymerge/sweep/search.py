@@ -32,6 +32,7 @@ from typing import Any
 
 from raymerge.merge.registry import METHODS
 from raymerge.score.objective import Objective
+from raymerge.store import manifest
 from raymerge.sweep.expand import Candidate
 from raymerge.sweep.spec import Range, SearchSpec
 from raymerge.task import MergeTask
@@ -150,7 +151,8 @@ def objectives_of(spec) -> list[Objective]:
     if search.objectives:
         term = search.objectives[0]
         return [Objective.parse(term if isinstance(term, str) else term.model_dump())]
-    return [Objective.parse(spec.evaluate.objective_terms())]
+    evaluate = spec.evaluate
+    return [Objective.parse(evaluate.objective_terms(), evaluate.objective_normalize())]
 
 
 def make_sampler(name: str, seed: int):
@@ -227,6 +229,11 @@ class Search:
                 self._values[line["merge_id"]] = values
 
     def values(self, metrics: dict[str, Any]) -> list[float] | None:
+        if any(o.normalize == "references" for o in self.objectives):
+            # The references are scored before any merge: their scales, read once.
+            spec = self.plan.spec
+            references = manifest.read_references(self.plan.output, spec.storage_options)
+            self.objectives = [o.against(references) for o in self.objectives]
         values = [o.value(metrics) for o in self.objectives]
         return None if any(math.isnan(v) for v in values) else values
 

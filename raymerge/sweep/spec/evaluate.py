@@ -28,6 +28,9 @@ class EvalSetSpec(FrozenModel):
     """generate: the continuation ends at the first of these."""
     ignore_case: bool = False
     """generate: compare answers without regard to case."""
+    target_delimiter: str = " "
+    """choice: what comes between the prompt and each choice (lm-evaluation-harness's
+    `target_delimiter`, default " "; "" scores prompt + choice as written)."""
 
 
 class ObjectiveTerm(FrozenModel):
@@ -53,6 +56,8 @@ class LmEvalSpec(FrozenModel):
     include_path: str | None = None
     """A folder of task YAMLs (your own tasks, over local data files)."""
     batch_size: int = Field(default=8, ge=1)
+    bootstrap_iters: int = Field(default=1000, ge=0)
+    """Resamples for the stderr of the metrics the harness bootstraps (0: none)."""
 
 
 class EvaluateSpec(FrozenModel):
@@ -71,6 +76,10 @@ class EvaluateSpec(FrozenModel):
     objective: Objectives | None = None
     """What "best" means: a metric, or a list of them (weighted sum); default: mean_loss over
     the text sets, else the first set's main metric."""
+    normalize: Literal["references", "none"] | None = None
+    """A sum of objective terms: "references" (the default) takes each term relative to the
+    base model and in units of its spread across the references; "none" adds them as they are.
+    One term is never rescaled."""
     lm_eval: LmEvalSpec | None = None
 
     @model_validator(mode="after")
@@ -89,6 +98,12 @@ class EvaluateSpec(FrozenModel):
             name: EvalSetSpec(path=value) if isinstance(value, str) else value
             for name, value in self.datasets.items()
         }
+
+    def objective_normalize(self) -> str:
+        """How the objective's terms are scaled: the spec's choice, else the default."""
+        if self.normalize is not None:
+            return self.normalize
+        return "references" if len(self.objective_terms()) > 1 else "none"
 
     def objective_terms(self) -> list[dict[str, Any]]:
         """The objective as plain terms, the default filled in."""
