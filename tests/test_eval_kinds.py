@@ -44,7 +44,7 @@ def _spec(demo_dir: Path, output: Path, **evaluate) -> dict:
         "workers": 1,
         "evaluate": {
             "datasets": datasets,
-            "max_samples": 64,  # every example: exact answers are rare for the tiny adapters
+            "max_samples": 64,
             "batch_size": 8,
             "max_length": 32,
             **evaluate,
@@ -62,28 +62,29 @@ def references(demo_dir, tmp_path_factory):
 
 def test_a_choice_set_rewards_the_adapter_that_has_the_skill(references):
     """Upper-casing as multiple choice: the upper adapter picks the upper-cased word far more
-    often than the base model (chance is 1 in 4) or the adapters of other skills."""
+    often than the base model (chance is 1 in 4) or the adapters of other skills (measured:
+    0.78 against the base's 0.19 and at most 0.23 for the others, 64 examples)."""
     accuracy = {n: s["upper_choice"]["accuracy"] for n, s in references["adapters"].items()}
     base = references["base"]["upper_choice"]["accuracy"]
-    assert accuracy["upper"] >= base + 0.15, (accuracy, base)
-    assert accuracy["upper"] > max(accuracy["sums"], accuracy["reverse"])
+    assert accuracy["upper"] >= 0.6 and accuracy["upper"] >= base + 0.3, (accuracy, base)
+    assert accuracy["upper"] >= max(accuracy["sums"], accuracy["reverse"]) + 0.3
     for scores in (references["base"], *references["adapters"].values()):
         choice = scores["upper_choice"]
         assert choice["examples"] == 64 and 0 <= choice["accuracy_norm"] <= 1
 
 
 def test_a_generate_set_rewards_exact_answers(references):
-    """Only the sums adapter ever answers a sum exactly (4 of the 64 here; at least 2 asked,
-    where 1 of the first 32 was a knife's edge under 0.05)."""
+    """Only the sums adapter answers sums exactly (measured: all 64; asked: 3 in 4)."""
     exact = {n: s["sums_gen"]["exact_match"] for n, s in references["adapters"].items()}
     assert references["base"]["sums_gen"]["exact_match"] == 0.0
     assert references["base"]["sums_gen"]["examples"] == 64
-    assert exact["sums"] >= 2 / 64 and exact["upper"] == exact["reverse"] == 0.0
+    assert exact["sums"] >= 0.75 and exact["upper"] == exact["reverse"] == 0.0
 
 
 def test_text_sets_still_report_loss_and_perplexity(references):
+    """The sums adapter's loss on sums texts (measured 0.74) far under the base's (5.52)."""
     sums = references["adapters"]["sums"]["sums"]
-    assert sums["loss"] < references["base"]["sums"]["loss"] - 1.0
+    assert sums["loss"] < references["base"]["sums"]["loss"] - 3.0
     assert sums["perplexity"] == pytest.approx(2.718281828 ** sums["loss"], rel=1e-5)
 
 

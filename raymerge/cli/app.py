@@ -17,12 +17,25 @@ from raymerge.cli.bench import bench_app
 from raymerge.cli.console import consoles
 from raymerge.cli.errors import exit_on_error
 from raymerge.cli.runs import location, run_and_report, run_demo
+from raymerge.quiet import hidden_warnings, quiet_libraries
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Merge LoRA adapters at scale: a sweep spec in, merged adapters out, on Ray.",
 )
+
+
+@app.callback()
+def _quiet(ctx: typer.Context) -> None:
+    """Library progress bars and warnings kept out of the output (before any library loads)."""
+    quiet_libraries()
+    ctx.call_on_close(_say_hidden_warnings)
+
+
+def _say_hidden_warnings() -> None:
+    if line := hidden_warnings():
+        consoles.err.print(line, style="dim", highlight=False)
 
 
 @app.command()
@@ -116,6 +129,8 @@ def report(
     with exit_on_error():
         result = build_report(location(output), out=out, metric=metric)
         render.print_leaderboard(result, top)
+        if result.references and result.rows:
+            consoles.out.print(render.verdict(result))
         render.print_search(result)
         render.print_outputs(result)
 

@@ -30,6 +30,7 @@ from raymerge.cluster.merger import Merger
 from raymerge.cluster.pipeline import CommitQueue
 from raymerge.errors import MergeError, RaymergeError, is_out_of_memory
 from raymerge.merge.tensors import AdapterTensors, MergedAdapter, MergeRun
+from raymerge.quiet import quiet_libraries
 from raymerge.score.failures import out_of_memory_message
 from raymerge.score.objective import Objective
 from raymerge.store import manifest, publish, storage
@@ -54,7 +55,7 @@ class MergeWorker:
     """
 
     def __init__(self, index: int, config: WorkerConfig, input_digests: dict | None = None):
-        _quiet_library_logs()
+        quiet_libraries()  # warnings inside a merge are still recorded with it
         torch.set_num_threads(max(1, config.num_threads))
         self.index = index
         self.config = config
@@ -357,12 +358,3 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-
-
-def _quiet_library_logs() -> None:
-    """Progress bars and info logs from every worker would drown the driver's progress bar;
-    warnings are kept (recorded per merge)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()

@@ -66,7 +66,11 @@ def build_tokenizer(path: Path) -> Path:
 def build_base_model(
     path: Path, *, hidden_size: int = 64, layers: int = 2, vocab_size: int = 256, seed: int = 0
 ) -> Path:
-    """Save a randomly initialised Llama-architecture causal LM to `path`."""
+    """Save a randomly initialised Llama-architecture causal LM to `path`.
+
+    Drawn in float64 and saved in float32: a float32 draw differs between CPUs (torch's
+    vectorised normal sampler depends on the instruction set), its float32 rounding does not.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -79,8 +83,15 @@ def build_base_model(
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.float64)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(dtype)
+    model.to(torch.float32).save_pretrained(path)
     if vocab_size >= 256:
         build_tokenizer(path)  # beside the weights, where evaluation looks for it
     return path
