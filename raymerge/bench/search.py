@@ -7,6 +7,7 @@ trials of the longest).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import statistics
 from pathlib import Path
@@ -46,7 +47,13 @@ def bench_search(
     spec["workers"] = 1
     spec["cpus_per_worker"] = 2
     objective = Objective.parse(spec["evaluate"]["objective"])
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=3,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     figures: dict[str, Any] = {"objective": objective.name, "budgets": list(budgets)}
     try:
         log("running the demo's grid")
