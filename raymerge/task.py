@@ -23,6 +23,9 @@ class Status(StrEnum):
 
     DONE = "done"
     FAILED = "failed"
+    STOPPED = "stopped"
+    """Scored on part of the eval sets and stopped there: a race or a pruner found it behind
+    (nothing of it is written; its manifest line holds the partial metrics)."""
 
 
 OPTIONAL = ("trial", "search_params", "keep_threshold")
@@ -53,9 +56,12 @@ class MergeTask:
     keep_threshold: float | None = None
     """keep top-k: write the adapter's files only if its objective beats this (the current k-th
     best); None: always write them."""
+    seen: SeenScores | None = None
+    """A race's survivor: its scores on the examples the race saw; only the rest is scored."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self) | {"adapters": list(self.adapters), "weights": list(self.weights)}
+        data.pop("seen")
         return {k: v for k, v in data.items() if v is not None or k not in OPTIONAL}
 
 
@@ -74,6 +80,39 @@ class EvalConfig:
     """The objective's terms (keep top-k decides by it on the worker)."""
     normalize: str = "none"
     """How the objective's terms are scaled (`Objective.parse`)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A slice of every eval set in one fixed, seeded order of its examples: positions
+    [start, stop) of that order (clipped to each set's size). A race's rounds score growing
+    prefixes of the order, one window each."""
+
+    seed: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class SeenScores:
+    """What a race scored of a merge: per eval set, its per-example scores on positions
+    [0, rest.start) of the race's order; `rest` is the window still to score (to each set's
+    end), after which its metrics are those of every example."""
+
+    rest: Window
+    examples: dict[str, dict[str, list]]
+
+
+@dataclass(frozen=True)
+class WindowScores:
+    """What a worker reports for one merge scored on a window: per eval set, its metrics and
+    per-example scores there (in the window's order), or the error that stopped it."""
+
+    merge_id: str
+    metrics: dict[str, dict[str, Any]] | None = None
+    examples: dict[str, dict[str, list]] | None = None
+    error: str | None = None
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,17 @@
 """`raymerge bench search`: on the demo world (three trained task adapters, its objective), the
 full grid the demo runs against random search, TPE and CMA-ES, several seeds each, in one run:
-the best objective each reaches after 10, 20 and 30 evaluations (one worker, so that each
-search's sequence of candidates is the one its seed gives; a search of budget b is the first b
-trials of the longest).
+the best objective each reaches with budgets of 13, 20 and 30 evaluations (one worker, so that
+each search's sequence of candidates is the one its seed gives; each budget is its own search,
+as TPE's random start is sized to the budget).
+
+Then the cost of asynchrony: TPE at a budget of 13 with one worker (each candidate asked knowing
+every earlier result) against two workers (two candidates out at once), with and without the
+constant liar; the default (`search.constant_liar: true`) is the one these figures support.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import statistics
@@ -15,8 +20,16 @@ from typing import Any
 
 import yaml
 
+from raymerge.store.manifest import read_manifest
+
 SAMPLERS = ("random", "tpe", "cmaes")
-BUDGETS = (10, 20, 30)
+BUDGETS = (13, 20, 30)
+ASYNC_BUDGET = 13
+ASYNC_WAYS = {  # name: (workers, constant liar)
+    "1 worker": (1, True),
+    "2 workers, constant liar": (2, True),
+    "2 workers, no liar": (2, False),
+}
 
 SPACE = {
     "choose": 2,
@@ -32,14 +45,19 @@ SPACE = {
 
 
 def bench_search(
-    root: Path, *, seeds: int = 3, samplers=SAMPLERS, budgets=BUDGETS, log=print
+    root: Path,
+    *,
+    seeds: int = 3,
+    samplers=SAMPLERS,
+    budgets=BUDGETS,
+    asynchrony: bool = True,
+    log=print,
 ) -> dict[str, Any]:
     import ray
 
     from raymerge.cluster.driver import run_sweep
     from raymerge.demo.demo import prepare_demo
     from raymerge.score.objective import Objective
-    from raymerge.store.manifest import read_manifest
     from raymerge.sweep.plan import load_plan
 
     demo = prepare_demo(root / "demo", workers=1, log=log)
@@ -60,25 +78,17 @@ def bench_search(
         grid = _run(demo, spec, "grid", {}, run_sweep, load_plan)
         values = [line["objective"] for line in read_manifest(grid) if "objective" in line]
         figures["grid"] = {"evaluations": len(values), "best": _best(values, objective)}
+        search = functools.partial(_search, demo, spec, objective, run_sweep, load_plan, log)
         for sampler in samplers:
-            runs = []
-            for seed in range(seeds):
-                log(f"searching: {sampler}, seed {seed}")
-                search = {**SPACE, "budget": max(budgets), "sampler": sampler, "seed": seed}
-                output = _run(demo, spec, f"{sampler}-{seed}", {"search": search,
-                              "combinations": []}, run_sweep, load_plan)  # fmt: skip
-                lines = sorted(
-                    (line for line in read_manifest(output) if "trial" in line),
-                    key=lambda line: line["trial"],
-                )
-                trials = [line.get("objective", float("nan")) for line in lines]
-                runs.append([_best(trials[:b], objective) for b in budgets])
+            runs = [[search(sampler, seed, b) for b in budgets] for seed in range(seeds)]
             figures[sampler] = {
                 "median_best": [
                     statistics.median(run[i] for run in runs) for i in range(len(budgets))
                 ],
                 "by_seed": runs,
             }
+        if asynchrony and "tpe" in samplers:
+            figures["asynchrony"] = _asynchrony(search, seeds)
     finally:
         ray.shutdown()
     figures["target"] = _target(figures, budgets, objective)
@@ -99,6 +109,30 @@ def _target(figures: dict[str, Any], budgets, objective) -> dict[str, Any]:
             and not objective.better(figures["grid"]["best"], figures[s]["median_best"][index])
         ],
     }
+
+
+def _asynchrony(search, seeds: int) -> dict[str, Any]:
+    """TPE at ASYNC_BUDGET: one candidate out at a time against two, with and without the liar."""
+    figures: dict[str, Any] = {"budget": ASYNC_BUDGET}
+    for way, (workers, liar) in ASYNC_WAYS.items():
+        runs = [search("tpe", s, ASYNC_BUDGET, workers=workers, liar=liar) for s in range(seeds)]
+        figures[way] = {"median_best": statistics.median(runs), "by_seed": runs}
+    return figures
+
+
+def _search(
+    demo, spec, objective, run_sweep, load_plan, log, sampler, seed, budget, workers=1, liar=True
+) -> float:
+    """The best objective one search of `budget` trials reaches."""
+    log(f"searching: {sampler}, seed {seed}, budget {budget}, {workers} worker(s)")
+    search = {**SPACE, "budget": budget, "sampler": sampler, "seed": seed}
+    if sampler == "tpe":
+        search["constant_liar"] = liar
+    name = f"{sampler}-{seed}-{budget}-{workers}{'' if liar else '-noliar'}"
+    run = {**spec, "workers": workers, "cpus_per_worker": 2 if workers == 1 else 1}
+    output = _run(demo, run, name, {"search": search, "combinations": []}, run_sweep, load_plan)
+    trials = [line.get("objective", float("nan")) for line in read_manifest(output)]
+    return _best(trials, objective)
 
 
 def _best(values: list[float], objective) -> float:

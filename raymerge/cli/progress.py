@@ -64,12 +64,16 @@ class ProgressBar:
         self._started = self._last_log = time.monotonic()
         self._task = self._progress.add_task("merge", total=total, workers="")
 
+    def note(self, text: str) -> None:
+        """A line about the run (a race's round), printed above the bar."""
+        consoles.out.print(text)
+
     def advance(self, result) -> None:
         self._done += 1
         if result.worker is not None:
             self._per_worker[result.worker] = self._per_worker.get(result.worker, 0) + 1
         self._progress.update(self._task, advance=1, workers=self._worker_rates())
-        if not result.done:
+        if result.status == "failed":
             consoles.out.print(Text(f"merge {result.merge_id} failed: {result.error}", "red"))
         now = time.monotonic()
         if not consoles.out.is_terminal and now - self._last_log >= self.LOG_EVERY_S:

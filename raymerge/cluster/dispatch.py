@@ -18,6 +18,7 @@ from typing import Any
 from raymerge.cluster.executor import CALLS_PER_WORKER, WorkerDied
 from raymerge.cluster.keep import KeepTopK
 from raymerge.cluster.prune import drop_files
+from raymerge.cluster.race import TrialRounds, window_size
 from raymerge.cluster.schedule import (
     ChainScheduler,
     LocalityScheduler,
@@ -26,11 +27,11 @@ from raymerge.cluster.schedule import (
 )
 from raymerge.cluster.summary import Progress, RunSummary, WorkerStats
 from raymerge.score.stats import objective_stderr
-from raymerge.store import manifest
+from raymerge.store import manifest, race_records
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.plan import objective as objective_of
 from raymerge.sweep.search import Search
-from raymerge.task import MergeResult, MergeTask
+from raymerge.task import MergeResult, MergeTask, Status
 
 # The driver's logger, as before dispatch had its own module: log settings keep applying.
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Dispatch:
         self.objective = objective_of(plan.spec, references)
         self.keep = KeepTopK(plan.spec.keep.top, self.objective) if plan.spec.keep else None
         self.in_flight: dict[Any, tuple[WorkerState, list[MergeTask]]] = {}
+        # A pruned search's candidates go round by round first (window calls), then in full.
+        self.trial_rounds = TrialRounds(plan) if search is not None and search.pruning else None
+        self.rounds: dict[Any, tuple[WorkerState, MergeTask, int]] = {}
         # Merges per call: the scorer takes them together (several adapters per forward pass);
         # merge-only calls grow with how cheap merges turn out to be (see _batch_size).
         self.fixed_per_call = evaluate.adapters_per_pass if evaluate is not None else None
@@ -113,10 +117,12 @@ class Dispatch:
             for _ in range(TASKS_IN_FLIGHT_PER_WORKER):
                 self._feed(worker)
         last_flush = time.monotonic()
-        while self.in_flight or self.probes:
-            ref = self.executor.first_done([*self.in_flight, *self.probes])
+        while self.in_flight or self.probes or self.rounds:
+            ref = self.executor.first_done([*self.in_flight, *self.probes, *self.rounds])
             if ref in self.probes:
                 self._probed(ref)
+            elif ref in self.rounds:
+                self._round_done(ref)
             else:
                 self._finished(ref)
             if time.monotonic() - last_flush > MANIFEST_FLUSH_SECONDS:
@@ -151,10 +157,71 @@ class Dispatch:
             expected |= set(task.adapters)
             if task.trial is not None:  # one candidate per call: the next is asked knowing more
                 break
-        if tasks:
+        if len(tasks) == 1 and tasks[0].trial is not None and self._rounds_first():
+            self._submit_round(worker, tasks[0], 0)
+        elif tasks:
             attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
             call = self.executor.submit(worker.index, "merge_many", tasks, attempts)
             self.in_flight[call] = (worker, tasks)
+
+    def _rounds_first(self) -> bool:
+        return self.trial_rounds is not None and bool(self.trial_rounds.windows)
+
+    def _submit_round(self, worker: WorkerState, task: MergeTask, index: int) -> None:
+        if index == 0:
+            self.trial_rounds.seen.pop(task.merge_id, None)  # a retried candidate starts over
+        window = self.trial_rounds.windows[index]
+        call = self.executor.submit(worker.index, "score_window", [task], window)
+        self.rounds[call] = (worker, task, index)
+
+    def _round_done(self, ref) -> None:
+        """A search candidate scored on one window: pruned, on to the next, or scored fully."""
+        worker, task, index = self.rounds.pop(ref)
+        try:
+            [result] = self.executor.result(ref)
+        except WorkerDied as exc:
+            self._worker_died(worker, [task], exc)
+            return
+        if result.error is not None:
+            self.summary.workers[str(worker.index)].failed += 1
+            self._record_failure(task, result.error, worker.index)
+            self._feed(worker)
+            return
+        rounds = self.trial_rounds
+        window = rounds.windows[index]
+        self.summary.count_scoring(window_size(rounds.sizes, window.start, window.stop))
+        scores = rounds.add(task.merge_id, result.examples)
+        if self.search.report(task, scores, rounds.positions(scores[1])):
+            self._pruned(task, index, scores)
+            self._feed(worker)
+        elif index + 1 < len(rounds.windows):
+            self._submit_round(worker, task, index + 1)
+        else:  # scored on everything: the rest of the examples only
+            task = rounds.with_seen(task, index)
+            call = self.executor.submit(worker.index, "merge_many", [task], [0])
+            self.in_flight[call] = (worker, [task])
+
+    def _pruned(self, task: MergeTask, index: int, scores: tuple[dict, dict]) -> None:
+        metrics, examples = scores
+        stderr = objective_stderr(self.objective, metrics, examples)
+        line = race_records.stopped_line(
+            task,
+            self.uris,
+            stopped="pruned",
+            round_index=index + 1,
+            metrics=metrics,
+            examples_seen={name: len(next(iter(c.values()))) for name, c in examples.items()},
+            objective=round(self.objective.value(metrics), 6),
+            objective_stderr=round(stderr, 6) if math.isfinite(stderr) else None,
+            standing={"rule": f"optuna {self.plan.spec.search.pruner}"},
+        )
+        self.writer.add(line)
+        self.search.prune(task)
+        self.summary.stopped += 1
+        self.summary.count_scoring(0, self.trial_rounds.full)
+        self.trial_rounds.seen.pop(task.merge_id, None)
+        if self.progress:
+            self.progress.advance(MergeResult(task.merge_id, Status.STOPPED, None))
 
     def _batch_size(self) -> int:
         if self.fixed_per_call is not None:
@@ -205,6 +272,10 @@ class Dispatch:
             line["objective"] = round(self.objective.value(metrics), 6)
             stderr = objective_stderr(self.objective, metrics, result.record.get("examples", {}))
             line["objective_stderr"] = round(stderr, 6) if math.isfinite(stderr) else None
+            full = sum(m.get("examples", 0) for m in metrics.values() if "examples" in m)
+            seen = task.seen.examples if task.seen is not None else {}
+            prefix = sum(len(next(iter(c.values()), [])) for c in seen.values())
+            self.summary.count_scoring(full - prefix, full)
         stats.done += 1
         stats.bytes_written += line["bytes"]
         self.writer.add(line)
@@ -212,6 +283,11 @@ class Dispatch:
             for merge_id in self.keep.offer(line):
                 drop_files(self.plan, merge_id)
         if self.search is not None and task.trial is not None:
+            if self.trial_rounds is not None and metrics:  # the pruner's yardstick: every example
+                examples = result.record.get("examples", {})
+                positions = self.trial_rounds.full_positions()
+                self.search.report(task, (metrics, examples), positions)
+                self.trial_rounds.seen.pop(task.merge_id, None)
             self.search.tell(task, metrics)
         if self.progress:
             self.progress.advance(result)
@@ -255,6 +331,7 @@ class Dispatch:
 
     def _top_up(self, worker: WorkerState) -> None:
         busy = sum(1 for w, _ in self.in_flight.values() if w is worker)
+        busy += sum(1 for w, _, _ in self.rounds.values() if w is worker)
         for _ in range(TASKS_IN_FLIGHT_PER_WORKER - busy):
             self._feed(worker)
 

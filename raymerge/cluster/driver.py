@@ -20,10 +20,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 
 from raymerge.cluster.dispatch import Dispatch, make_scheduler
 from raymerge.cluster.executor import LocalWorkers, RayWorkers, WorkerDied
 from raymerge.cluster.prune import settle_top_k
+from raymerge.cluster.race import Race, RoundScorer, set_sizes, window_size
 from raymerge.cluster.resume import Output, pending_tasks, prepare_output
 from raymerge.cluster.summary import Progress, RunSummary, write_summary
 from raymerge.errors import ClusterError, RaymergeError, StorageError, is_out_of_memory
@@ -67,12 +69,17 @@ def run_sweep(
     search = Search(plan, out.trial_lines) if plan.spec.search is not None else None
     grid_total = plan.total()
     summary = RunSummary(output=plan.output, total=grid_total)
-    pending = pending_tasks(plan, out.committed, summary)
-    first = next(pending, None)  # counts the committed tasks before it as skipped
-    if first is not None:
-        pending = itertools.chain([first], pending)
-    if first is not None or (search is not None and not search.finished):
-        if progress:
+    race = Race(plan, out.digests) if _racing(plan) else None
+    if race is None:
+        pending = pending_tasks(plan, out.committed, summary)
+        first = next(pending, None)  # counts the committed tasks before it as skipped
+        work = first is not None
+        if first is not None:
+            pending = itertools.chain([first], pending)
+    else:
+        pending, work = _race_offline(plan, race, out, summary)
+    if work or (search is not None and not search.finished):
+        if progress and race is None:
             _start_progress(progress, plan, out, search, grid_total)
         scheduler = make_scheduler(plan, pending, search)
         _run_on_cluster(
@@ -86,6 +93,7 @@ def run_sweep(
             fail_fast=fail_fast,
             search=search,
             use_ray=use_ray,
+            race=race,
         )
     if search is not None:
         summary.total += search.asked
@@ -117,12 +125,13 @@ def _run_on_cluster(
     fail_fast: bool,
     search: Search | None,
     use_ray: bool | None,
+    race: Race | None = None,
 ) -> None:
-    """Start the workers (Ray actors, or one in this process), score the references, dispatch
-    every task, stop the workers. On any error the manifest is left uncompacted: what was
-    published stays for the next run."""
+    """Start the workers (Ray actors, or one in this process), score the references, race the
+    grid if it is raced, dispatch every task, stop the workers. On any error the manifest is
+    left uncompacted: what was published stays for the next run."""
     dispatch = functools.partial(
-        _dispatch, plan, scheduler, out, summary, progress, fail_fast, search
+        _dispatch, plan, scheduler, out, summary, progress, fail_fast, search, race
     )
     try:
         if _in_process(plan, address, use_ray):
@@ -184,18 +193,74 @@ def _start_in_process(plan: Plan, digests) -> LocalWorkers:
 
 
 def _dispatch(
-    plan, scheduler, out, summary, progress, fail_fast, search, workers, nodes: dict
+    plan, scheduler, out, summary, progress, fail_fast, search, race, workers, nodes: dict
 ) -> None:
     summary.executor = workers.kind
     _score_references(plan, workers)
+    dispatch_started = time.perf_counter()
+    if race is not None and race.survivors is None:  # not settled offline: race on the workers
+        note = getattr(progress, "note", None)
+        scorer = RoundScorer(workers, plan).score
+        race.survivors = race.run(_race_objective(plan), scorer, note)
+        _settle_race(plan, race, out, summary)
+        if progress:
+            left = [t for t in race.survivors if t.merge_id not in out.committed]
+            budget = plan.spec.search.budget - search.asked if search is not None else 0
+            progress.start(len(left) + budget, len(race.survivors) - len(left))
     dispatch = Dispatch(plan, workers, scheduler, out.writer, summary, progress, fail_fast, search)
     for index, node in nodes.items():
         summary.workers[str(index)].node = node or ""
-    dispatch_started = time.perf_counter()
     try:
         dispatch.run()
     finally:
         summary.merge_seconds = round(time.perf_counter() - dispatch_started, 3)
+
+
+def _racing(plan: Plan) -> bool:
+    evaluate = plan.spec.evaluate
+    return evaluate is not None and evaluate.racing is not None and plan.total() > 0
+
+
+def _race_objective(plan: Plan):
+    options = plan.spec.storage_options
+    return objective_of(plan.spec, manifest.read_references(plan.output, options))
+
+
+def _race_offline(plan: Plan, race: Race, out: Output, summary: RunSummary):
+    """(the grid's pending tasks, whether any work is left): the race replayed from its journal
+    when every round is committed there (no workers needed), else the survivors once the
+    workers have raced the rest (`_dispatch`)."""
+    if manifest.read_references(plan.output, plan.spec.storage_options) is not None:
+        race.survivors = race.run(_race_objective(plan), None)
+    if race.survivors is None:
+        return _raced(race, out, summary), True
+    _settle_race(plan, race, out, summary)
+    pending = list(_raced(race, out, summary))
+    return iter(pending), bool(pending)
+
+
+def _raced(race: Race, out: Output, summary: RunSummary):
+    """The race's survivors not committed yet (a generator: read once the race is run)."""
+    for task in race.survivors:
+        if task.merge_id in out.committed:
+            summary.skipped += 1
+        else:
+            yield task
+
+
+def _settle_race(plan: Plan, race: Race, out: Output, summary: RunSummary) -> None:
+    """The stopped merges' and the race's failures' manifest lines, and its figures."""
+    full = window_size(set_sizes(plan), 0, max(set_sizes(plan).values()))
+    for line in race.stopped_lines:
+        if line["merge_id"] not in out.committed:  # made fully by an earlier run: it stays done
+            out.writer.add(line)
+            summary.stopped += 1
+    summary.count_scoring(sum(r.examples_scored for r in race.rounds), full * summary.stopped)
+    for merge_id, error in race.failures.items():
+        task = race.tasks[merge_id]
+        summary.add_failure(merge_id, error)
+        out.writer.add(manifest.failure_line(task, plan.adapter_uris(), error))
+    summary.race = [asdict(r) for r in race.rounds]
 
 
 def _score_references(plan: Plan, workers) -> None:

@@ -82,15 +82,19 @@ def _prepare_output(plan: Plan, rebuild_changed: bool) -> Output:
 
 
 def carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:
-    """The manifest lines of merges done by earlier runs (streamed); those lost with a killed
-    driver are rebuilt from their merge.json."""
+    """The manifest lines of merges done by earlier runs (streamed), and of search candidates
+    they pruned; done ones lost with a killed driver are rebuilt from their merge.json."""
     options = plan.spec.storage_options
     listed: set[str] = set()
+    pruned: dict[str, dict[str, Any]] = {}  # search candidates a pruner stopped (not committed)
     for line in manifest.iter_lines(plan.output, options):
         merge_id = line.get("merge_id")
         if line.get("status") == Status.DONE and merge_id in committed and merge_id not in listed:
             listed.add(merge_id)
             yield line
+        elif line.get("stopped") == "pruned" and merge_id not in committed:
+            pruned[merge_id] = line
+    yield from pruned.values()  # a race's stopped merges are listed again by its replay
     missing = committed - listed  # committed after the last manifest flush of a killed run
     for record in manifest.read_records(plan.output, sorted(missing), options):
         yield manifest.manifest_line(plan.output, record)

@@ -86,6 +86,20 @@ class RunSummary:
     """Why dispatching stopped early (a fatal storage error), if it did."""
     executor: str = ""
     """Where the workers ran: "ray" (actors) or "in-process" (one worker, no Ray)."""
+    stopped: int = 0
+    """Merges a race or a search's pruner stopped after part of the examples (not written)."""
+    examples_scored: int = 0
+    """Example scorings this run (one example of one eval set, for one merge): race rounds,
+    pruned trials' rounds and full scorings together."""
+    examples_if_full: int = 0
+    """What scoring each of this run's merges on every example would have cost."""
+    race: list[dict[str, Any]] = field(default_factory=list)
+    """The race's rounds: prefix, candidates, examples scored (and reused), stopped."""
+
+    def count_scoring(self, scored: int, full: int = 0) -> None:
+        """Scoring work done (`scored`) and, once per merge, what its full scoring costs."""
+        self.examples_scored += scored
+        self.examples_if_full += full
 
     @property
     def done(self) -> int:
@@ -116,6 +130,8 @@ class RunSummary:
             bytes_written=self.bytes_written,
             stage_seconds=self.stage_seconds,
         )
+        if self.examples_if_full:
+            data["examples_fraction"] = round(self.examples_scored / self.examples_if_full, 4)
         return data
 
     def add_failure(self, merge_id: str, error: str) -> None:

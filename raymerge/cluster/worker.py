@@ -34,7 +34,7 @@ from raymerge.quiet import quiet_libraries
 from raymerge.score.failures import out_of_memory_message
 from raymerge.score.objective import Objective
 from raymerge.store import manifest, publish, storage
-from raymerge.task import MergeResult, MergeTask, Status, WorkerConfig
+from raymerge.task import MergeResult, MergeTask, Status, Window, WindowScores, WorkerConfig
 
 if TYPE_CHECKING:
     from raymerge.score.scorer import Scores
@@ -129,12 +129,57 @@ class MergeWorker:
         jobs = [_Job(t, self.merger.cache.loads, self.merger.cache.load_seconds) for t in tasks]
         for job, attempt in zip(jobs, attempts, strict=True):
             self._merge_job(job, attempt)
-        scores = self._score([job for job in jobs if job.result is None])
+        scores = self._score_all([job for job in jobs if job.result is None])
         queued = [self._queue(job, scores.get(id(job))) for job in jobs]
         self.merger.release(keep)
         return queued
 
-    def _score(self, pending: list[_Job]) -> dict[int, Scores | None]:
+    def score_window(self, tasks: list[MergeTask], window: Window) -> list[WindowScores]:
+        """A race's round: merge each task and score it on `window` of every eval set, together
+        (several per forward pass); nothing is written. Never raises for a bad merge."""
+        with self._merging:
+            jobs = [_Job(t, self.merger.cache.loads, self.merger.cache.load_seconds) for t in tasks]
+            for job in jobs:
+                self._merge_job(job, 0)
+            scores = self._score([job for job in jobs if job.result is None], window)
+            self.merger.release({name for task in tasks for name in task.adapters})
+        out = []
+        for job in jobs:
+            seconds = round(job.seconds, 4)
+            if job.result is not None:
+                out.append(WindowScores(job.task.merge_id, error=job.result.error, seconds=seconds))
+                continue
+            got = scores[id(job)]
+            out.append(WindowScores(job.task.merge_id, got.metrics, got.examples, seconds=seconds))
+        return out
+
+    def _score_all(self, pending: list[_Job]) -> dict[int, Scores | None]:
+        """Every merge scored on every example: a race's survivors on the rest of the order
+        only (the examples it saw are scored already), the others in one pass."""
+        groups: dict[Window | None, list[_Job]] = {}
+        for job in pending:
+            groups.setdefault(job.task.seen.rest if job.task.seen else None, []).append(job)
+        scores: dict[int, Scores | None] = {}
+        for window, group in groups.items():
+            got = self._score(group, window)
+            if window is not None:
+                got = {id(job): self._completed(job, got[id(job)]) for job in group}
+            scores.update(got)
+        return scores
+
+    def _completed(self, job: _Job, rest: Scores | None) -> Scores | None:
+        """A survivor's scores: what the race saw and the rest, in each set's order."""
+        from raymerge.score import racing
+        from raymerge.score.scorer import Scores
+
+        if rest is None:
+            return None
+        seen = job.task.seen
+        sizes = {name: len(s.examples) for name, s in self.scorer.sets().items()}
+        examples = racing.in_set_order(seen.rest.seed, sizes, seen.examples, rest.examples)
+        return Scores(racing.metrics_of(examples), examples)
+
+    def _score(self, pending: list[_Job], window: Window | None = None) -> dict[int, Scores | None]:
         """Score the merges of one pass together; a failed pass fails each of its merges."""
         if not pending:
             return {}
@@ -142,7 +187,7 @@ class MergeWorker:
         scores: list[Scores | None] = [None] * len(pending)
         try:
             with _captured_warnings() as caught:
-                scores = self.scorer.score_merged([job.merged for job in pending])
+                scores = self.scorer.score_merged([job.merged for job in pending], window)
             for job in pending:
                 job.caught.extend(caught)
         except Exception as exc:  # scoring failed: every merge of the pass is failed by it

@@ -28,6 +28,10 @@ class Report:
     """With a search: best objective per number of evaluations, parameter importances."""
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     """The best merge against each reference on the same examples (`verdicts`)."""
+    stopped: list[dict[str, Any]] = field(default_factory=list)
+    """Merges a race or a pruner stopped early, with their partial scores (`report.race`)."""
+    summary: dict[str, Any] | None = None
+    """The run's summary.json (the cost of scoring, the race's rounds), if there is one."""
 
     @property
     def metric(self) -> str:

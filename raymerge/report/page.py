@@ -18,6 +18,7 @@ from raymerge.report.plots import (
     tradeoff_plot,
     weight_plots,
 )
+from raymerge.report.race import race_html
 from raymerge.score.objective import Objective, default_direction
 
 TOP = 25
@@ -62,6 +63,7 @@ def render(output: str, report: Report) -> str:
 {_all_columns_html(report)}
 {_references_html(report.references, objective, shown)}
 {_figures_html(report, shown)}
+{race_html(report.stopped, report.summary)}
 <script>
 // For headless checks: the title says how many images decoded.
 window.addEventListener("load", () => {{

@@ -17,6 +17,7 @@ from typing import Any
 from raymerge.errors import InputError
 from raymerge.report import page
 from raymerge.report.model import OBJECTIVE, STDERR, Report, metric_columns, primary_metrics
+from raymerge.report.race import stopped_rows
 from raymerge.report.verdicts import (
     TIE_ROWS,
     line_objective_stderr,
@@ -132,8 +133,11 @@ def build_report(
         references,
         search,
         verdicts,
+        stopped_rows(lines, objective),
+        _summary(output, storage_options),
     )
-    storage.write_bytes(result.csv_uri, _csv(rows).encode(), storage_options)
+    csv_text = _csv(rows, result.stopped)
+    storage.write_bytes(result.csv_uri, csv_text.encode(), storage_options)
     storage.write_bytes(result.html_uri, page.render(output, result).encode(), storage_options)
     return result
 
@@ -188,11 +192,23 @@ def _importances(lines, by_id) -> dict[str, float]:
     return importances(trials)
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def _summary(output: str, storage_options) -> dict[str, Any] | None:
+    try:
+        return manifest.read_summary(output, storage_options)
+    except (*storage.errors(), ValueError):
+        return None
+
+
+def _csv(rows: list[dict[str, Any]], stopped: list[dict[str, Any]] = ()) -> str:
+    """The scored merges ranked, then (with a `status` column) those stopped early."""
     buffer = io.StringIO()
     columns = ["rank", *(k for k in rows[0] if not k.startswith("_"))]
+    if stopped:
+        columns += ["status", "examples_seen", "behind_by", "behind_stderr"]
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for rank, row in enumerate(rows, start=1):
-        writer.writerow({"rank": rank, **row})
+        writer.writerow({"rank": rank, **row, **({"status": "done"} if stopped else {})})
+    for row in stopped:
+        writer.writerow({"rank": "", **row})
     return buffer.getvalue()

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -98,6 +99,11 @@ def load(
     if not examples:
         raise InputError(f"{where} has no examples")
     return examples
+
+
+def digest(examples: list[dict[str, Any]]) -> str:
+    """A digest of the examples scored (what a race's journal of scores is of)."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
 
 
 def normalise(text: str, ignore_case: bool = False) -> str:

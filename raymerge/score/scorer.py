@@ -28,10 +28,11 @@ import torch
 from raymerge.merge.tensors import MergedAdapter
 from raymerge.score import evalsets
 from raymerge.score.logprobs import token_logprobs
+from raymerge.score.racing import example_order, window_positions
 from raymerge.score.requests import choice_row, prefix_token_id, rolling_rows
 from raymerge.score.slots import Slots, load_reference
 from raymerge.score.summaries import Scored, choice_scores, mean_metrics, text_metrics
-from raymerge.task import EvalConfig
+from raymerge.task import EvalConfig, Window
 
 BASE = "__base__"
 """PEFT's name, in adapter_names, for a row that goes through no adapter."""
@@ -56,6 +57,7 @@ class Scorer:
         self._harness = None
         self._names = itertools.count()
         self._slots = Slots(base, capacity=4 * config.adapters_per_pass)
+        self._window: tuple[Window, dict[str, _EvalSet]] | None = None  # the latest window's
 
     def sets(self) -> dict[str, _EvalSet]:
         """The eval sets, read and tokenized once with the base model's tokenizer."""
@@ -84,13 +86,32 @@ class Scorer:
 
         return transformers.AutoTokenizer.from_pretrained(self.base.local_location())
 
-    def score_merged(self, merged: Sequence[MergedAdapter]) -> list[Scores]:
-        """Scores of each merged adapter (its tensors as written), scored together."""
+    def score_merged(
+        self, merged: Sequence[MergedAdapter], window: Window | None = None
+    ) -> list[Scores]:
+        """Scores of each merged adapter (its tensors as written), scored together: on every
+        example, or on a race's `window` of each set (examples in the window's order; no
+        lm-eval task, which the harness scores whole)."""
         names = [self._slots.load(adapter) for adapter in merged]
         try:
-            return self._score(names)
+            if window is None:
+                return self._score(names)
+            return self._score(names, self._window_sets(window), harness=False)
         finally:
             self._slots.release(names)
+
+    def _window_sets(self, window: Window) -> dict[str, _EvalSet]:
+        """Each set's examples in `window` (sets it does not reach are left out); the latest
+        window's are kept, as a race's calls come round by round."""
+        if self._window is None or self._window[0] != window:
+            sets = {}
+            for name, full in self.sets().items():
+                order = example_order(window.seed, name, len(full.examples))
+                positions = window_positions(order, window.start, window.stop)
+                if positions:
+                    sets[name] = full.subset(positions)
+            self._window = (window, sets)
+        return self._window[1]
 
     def references(self, inputs) -> dict[str, Any]:
         """The base model alone and each input adapter alone, on every eval set: their metrics
@@ -118,8 +139,14 @@ class Scorer:
             for name in names:
                 self.base.peft.delete_adapter(name)
 
-    def _score(self, names: list[str | None]) -> list[Scores]:
+    def _score(
+        self,
+        names: list[str | None],
+        sets: dict[str, _EvalSet] | None = None,
+        harness: bool = True,
+    ) -> list[Scores]:
         """Scores per adapter (None: the base model alone), `adapters_per_pass` at a time."""
+        sets = self.sets() if sets is None else sets
         results = [Scores() for _ in names]
         step = self.config.adapters_per_pass
         for start in range(0, len(names), step):
@@ -127,11 +154,11 @@ class Scorer:
             loaded = [name for name in chunk if name is not None]
             if loaded:  # PEFT reads the active adapter's config in every forward: a live one
                 self.base.peft.set_adapter(loaded[0])
-            for set_name, eval_set in self.sets().items():
+            for set_name, eval_set in sets.items():
                 for offset, scored in enumerate(eval_set.score(self._model(), chunk, self)):
                     results[start + offset].metrics[set_name] = scored.metrics
                     results[start + offset].examples[set_name] = scored.examples
-        if self.config.lm_eval:
+        if self.config.lm_eval and harness:
             for i, name in enumerate(names):
                 results[i].metrics.update(self._harness_scores(name))
         return results
@@ -179,6 +206,18 @@ class _EvalSet:
         self._batches: dict[int, list[tuple]] = {}  # batch size -> prepared batches
         self._rows: list[tuple[list[int], int]] | None = None  # scored rows, made once
         self._owners: list[int] = []  # the example of each row
+
+    def subset(self, positions: list[int]) -> _EvalSet:
+        """The same set over some of its examples, in that order (token ids shared)."""
+        part = _EvalSet(
+            self.name,
+            self.entry,
+            [self.examples[i] for i in positions],
+            self.tokenizer,
+            self.max_length,
+        )
+        part._tokens = self._tokens
+        return part
 
     def score(self, model, names: list[str | None], scorer: Scorer) -> list[Scored]:
         batch_size = scorer.config.batch_size

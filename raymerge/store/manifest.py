@@ -266,6 +266,10 @@ def write_summary(output: str, summary: dict[str, Any], storage_options=None) ->
     storage.write_bytes(storage.join(output, SUMMARY), _json(summary), storage_options)
 
 
+def read_summary(output: str, storage_options=None) -> dict[str, Any] | None:
+    return _read_json(storage.join(output, SUMMARY), storage_options)
+
+
 def _read_json(uri: str, storage_options) -> dict[str, Any] | None:
     if not storage.exists(uri, storage_options):
         return None

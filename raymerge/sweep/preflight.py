@@ -203,11 +203,16 @@ def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[s
             problems.append(f"evaluate.datasets.{name}: {uri} does not exist")
             continue
         try:
-            evalsets.load(name, uri, entry.kind, evaluate.max_samples, options)
+            examples = evalsets.load(name, uri, entry.kind, evaluate.max_samples, options)
         except InputError as exc:
             problems.extend(exc.problems)
             continue
-        found[name] = {"uri": uri, **entry.model_dump(exclude={"path"})}
+        found[name] = {
+            "uri": uri,
+            **entry.model_dump(exclude={"path"}),
+            "examples": len(examples),
+            "sha256": evalsets.digest(examples),  # a race's journal is of these examples
+        }
     local_base = base_model and not storage.looks_like_hub_id(base_model, base_dir)
     if local_base and not any(
         storage.exists(storage.join(base_model, f), options) for f in TOKENIZER_FILES

@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import logging
 import math
+import warnings
 from collections import deque
 from dataclasses import replace
 from typing import Any
@@ -155,10 +156,29 @@ def objectives_of(spec) -> list[Objective]:
     return [Objective.parse(evaluate.objective_terms(), evaluate.objective_normalize())]
 
 
-def make_sampler(name: str, seed: int):
+def startup_trials(budget: int, given: int | None = None) -> int:
+    """Random trials TPE starts with: the spec's, else a quarter of the budget, from 3 to 10
+    (Optuna's default of 10 leaves a budget of 13 three guided trials).
+
+    >>> startup_trials(13), startup_trials(200), startup_trials(8, given=0)
+    (3, 10, 0)
+    """
+    if given is not None:
+        return given
+    return min(10, max(3, budget // 4))
+
+
+def make_sampler(
+    name: str, seed: int, budget: int = 100, startup: int | None = None, liar: bool = True
+):
+    """The sampler of a search of `budget` trials. TPE runs with the constant liar (`liar`): a
+    candidate still being scored counts as a poor result, so that candidates asked at once
+    spread out instead of piling onto one promising point."""
     optuna = _optuna()
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup_trials(budget, startup), constant_liar=liar
+        )
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "nsga2":
@@ -166,6 +186,18 @@ def make_sampler(name: str, seed: int):
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _pruner(spec: SearchSpec, racing):
+    """Optuna's pruner for the search's candidates, scored in the race's rounds."""
+    optuna = _optuna()
+    if spec.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=racing.first, reduction_factor=max(2, round(racing.growth))
+        )
+    with warnings.catch_warnings():  # experimental in Optuna 4: the interface may change
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.WilcoxonPruner()  # Optuna's p_threshold (0.1)
 
 
 def _resumed_seed(seed: int, told: int) -> int:
@@ -194,10 +226,18 @@ class Search:
         # A resumed study reseeds its sampler: with the first run's seed it would propose that
         # run's first candidates again, and each repeat would spend budget on a known score.
         seed = _resumed_seed(self.spec.seed, len(committed_lines))
+        self.pruning = plan.spec.evaluate.racing is not None and self.spec.pruner != "none"
+        self.pruning = self.pruning and len(self.objectives) == 1  # Optuna prunes one objective
+        spec = self.spec
+        sampler = make_sampler(
+            spec.sampler_name(), seed, spec.budget, spec.startup_trials, spec.constant_liar
+        )
         self.study = optuna.create_study(
             directions=[o.direction for o in self.objectives],
-            sampler=make_sampler(self.spec.sampler_name(), seed),
+            sampler=sampler,
+            pruner=_pruner(self.spec, plan.spec.evaluate.racing) if self.pruning else None,
         )
+        self._reported: dict[int, set[int]] = {}  # trial number -> steps reported
         self._trials: dict[str, Any] = {}  # merge_id -> the pending trial(s) it answers
         self._values: dict[str, list[float] | None] = {}  # merge_id -> its values (done ones)
         self._retries: deque[MergeTask] = deque()
@@ -216,6 +256,8 @@ class Search:
             values = self.values(line.get("metrics") or {})
             done = line["status"] == "done" and values is not None
             state = optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL
+            if line["status"] == "stopped":
+                state = optuna.trial.TrialState.PRUNED
             self.study.add_trial(
                 optuna.trial.create_trial(
                     params=params,
@@ -229,13 +271,45 @@ class Search:
                 self._values[line["merge_id"]] = values
 
     def values(self, metrics: dict[str, Any]) -> list[float] | None:
+        self._apply_references()
+        values = [o.value(metrics) for o in self.objectives]
+        return None if any(math.isnan(v) for v in values) else values
+
+    def _apply_references(self) -> None:
         if any(o.normalize == "references" for o in self.objectives):
             # The references are scored before any merge: their scales, read once.
             spec = self.plan.spec
             references = manifest.read_references(self.plan.output, spec.storage_options)
             self.objectives = [o.against(references) for o in self.objectives]
-        values = [o.value(metrics) for o in self.objectives]
-        return None if any(math.isnan(v) for v in values) else values
+
+    def report(self, task: MergeTask, scores: tuple[dict, dict], positions) -> bool:
+        """Tell the pruner a candidate's scores on the examples seen so far (metrics,
+        per-example scores, and each set's example indices in that order); whether to prune it.
+        Wilcoxon gets one value per example (step: the example), halving the objective on the
+        examples seen (step: how many per set)."""
+        from raymerge.score.racing import instance_values
+
+        self._apply_references()
+        objective = self.objectives[0]
+        if self.spec.pruner == "wilcoxon":
+            steps = instance_values(objective, scores[0], scores[1], positions)
+        else:
+            steps = [(max(len(p) for p in positions.values()), objective.value(scores[0]))]
+        prune = False
+        for trial in self._trials.get(task.merge_id, []):
+            reported = self._reported.setdefault(trial.number, set())
+            for step, value in steps:
+                if step not in reported and math.isfinite(value):
+                    trial.report(value, step)
+                    reported.add(step)
+            prune = prune or trial.should_prune()
+        return prune
+
+    def prune(self, task: MergeTask) -> None:
+        """The pruner stopped this candidate."""
+        optuna = _optuna()
+        for trial in self._trials.pop(task.merge_id, []):
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
     @property
     def finished(self) -> bool:

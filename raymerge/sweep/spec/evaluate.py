@@ -60,6 +60,28 @@ class LmEvalSpec(FrozenModel):
     """Resamples for the stderr of the metrics the harness bootstraps (0: none)."""
 
 
+class RacingSpec(FrozenModel):
+    """Score the grid's merges in rounds, on growing prefixes of one seeded order of each eval
+    set's examples, and stop those that are behind; the rest are scored on everything and
+    written. A search's candidates are scored in the same rounds and pruned by `search.pruner`."""
+
+    rule: Literal["bound", "halving"] = "bound"
+    """bound: stop a merge when a one-sided test at `confidence` says the k-th best beats it on
+    the examples seen; halving: keep the best 1/growth of the merges after each round."""
+    first: int = Field(default=32, ge=2)
+    """Examples per eval set in the first round."""
+    growth: float = Field(default=2.0, gt=1, le=16)
+    """Each round's prefix is this many times the last (halving's eta)."""
+    confidence: float = Field(default=0.99, gt=0.5, lt=1)
+    """bound: the one-sided confidence of each stop."""
+    top: int | None = Field(default=None, ge=1)
+    """The k of "within the top k" (default: keep.top, else 1)."""
+    seed: int | None = None
+    """Seeds the order of the examples (default: the sweep's seed)."""
+    rescore_stopped: bool = False
+    """Score the stopped merges on everything as well (and write them) after the race."""
+
+
 class EvaluateSpec(FrozenModel):
     """Score every merge on small eval sets with the held base model."""
 
@@ -81,11 +103,19 @@ class EvaluateSpec(FrozenModel):
     base model and in units of its spread across the references; "none" adds them as they are.
     One term is never rescaled."""
     lm_eval: LmEvalSpec | None = None
+    racing: RacingSpec | None = None
+    """Stop merges that are clearly behind after part of the examples (default: score every
+    merge on everything)."""
 
     @model_validator(mode="after")
     def _something_to_score(self) -> EvaluateSpec:
         if not self.datasets and self.lm_eval is None:
             raise ValueError("give `datasets`, `lm_eval`, or both")
+        if self.racing is not None and (self.lm_eval is not None or not self.datasets):
+            raise ValueError(
+                "racing scores eval sets (`datasets`) in rounds; lm_eval tasks are scored whole "
+                "by the harness: remove `racing` or `lm_eval`"
+            )
         if self.lm_eval:
             clash = sorted(set(self.lm_eval.tasks) & set(self.datasets))
             if clash:

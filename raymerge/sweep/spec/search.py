@@ -112,6 +112,16 @@ class SearchSpec(FrozenModel):
     sampler: Literal["tpe", "cmaes", "nsga2", "random", "qmc"] | None = None
     """Default: tpe for one objective, nsga2 for several."""
     seed: int = 0
+    pruner: Literal["wilcoxon", "halving", "none"] = "wilcoxon"
+    """With `evaluate.racing`: each candidate is scored round by round and Optuna's pruner
+    stops it when it is behind (WilcoxonPruner: a signed-rank test against the best trial,
+    example by example; halving: SuccessiveHalvingPruner); none: every candidate fully."""
+    constant_liar: bool = True
+    """TPE: count candidates still being scored as poor results, so that candidates out at once
+    spread out (`raymerge bench search` measures it)."""
+    startup_trials: int | None = Field(default=None, ge=0)
+    """Trials TPE samples at random before it models (default: a fifth of the budget, from 2 to
+    10)."""
 
     @model_validator(mode="after")
     def _shape(self) -> SearchSpec:
