@@ -191,6 +191,29 @@ def test_a_pruned_search_scores_fewer_examples_than_an_unpruned_one(demo_dir, tm
     assert used["halving"] < 0.8 * used["none"] and used["wilcoxon"] < used["none"], used
 
 
+def test_a_search_budgeted_in_evaluations_spends_pruned_savings_on_more_candidates(
+    demo_dir, tmp_path
+):
+    """Budget 6 evaluations of 128 examples: pruned candidates cost their share, so more than 6
+    are asked, and what is scored stays within the budget (the last one asked fits whole)."""
+    spec = _spec(demo_dir, tmp_path / "out", {"first": 16}, combinations=[])
+    spec["search"] = {
+        "choose": 2,
+        "weights": {"low": 0.0, "high": 1.0},
+        "methods": [{"combination_type": ["linear", "cat", "svd"]}],
+        "budget": 6,
+        "budget_unit": "evaluations",
+        "pruner": "halving",
+        "seed": 0,
+    }
+    plan, summary = _run(tmp_path, spec, "evaluations")
+    lines = read_manifest(plan.output)
+    pruned = [line for line in lines if line["status"] == "stopped"]
+    assert len(lines) > 6 and len(pruned) >= len(lines) - 6
+    assert 5 * 128 < summary.examples_scored <= 6 * 128
+    assert len(lines) == summary.done + summary.stopped
+
+
 def test_racing_refuses_lm_eval_tasks(demo_dir, tmp_path):
     spec = _spec(demo_dir, tmp_path / "out", {"first": 16})
     spec["evaluate"]["lm_eval"] = {"tasks": ["arith"]}

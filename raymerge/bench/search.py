@@ -4,9 +4,9 @@ the best objective each reaches with budgets of 13, 20 and 30 evaluations (one w
 each search's sequence of candidates is the one its seed gives; each budget is its own search,
 as TPE's random start is sized to the budget).
 
-Then the cost of asynchrony: TPE at a budget of 13 with one worker (each candidate asked knowing
-every earlier result) against two workers (two candidates out at once), with and without the
-constant liar; the default (`search.constant_liar: true`) is the one these figures support.
+Then the cost of asynchrony: TPE at a budget of 13 with one candidate out at a time (each asked
+knowing every earlier result; the default, `search.candidates_per_worker: 1`) against three out
+on one worker, with and without the constant liar, and one out on each of two workers.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from raymerge.store.manifest import read_manifest
 SAMPLERS = ("random", "tpe", "cmaes")
 BUDGETS = (13, 20, 30)
 ASYNC_BUDGET = 13
-ASYNC_WAYS = {  # name: (workers, constant liar)
-    "1 worker": (1, True),
-    "2 workers, constant liar": (2, True),
-    "2 workers, no liar": (2, False),
+ASYNC_WAYS = {  # name: (workers, candidates out per worker, constant liar)
+    "1 out (1 worker)": (1, 1, True),
+    "3 out (1 worker), constant liar": (1, 3, True),
+    "3 out (1 worker), no liar": (1, 3, False),
+    "2 out (2 workers), constant liar": (2, 1, True),
 }
 
 SPACE = {
@@ -114,21 +115,23 @@ def _target(figures: dict[str, Any], budgets, objective) -> dict[str, Any]:
 def _asynchrony(search, seeds: int) -> dict[str, Any]:
     """TPE at ASYNC_BUDGET: one candidate out at a time against two, with and without the liar."""
     figures: dict[str, Any] = {"budget": ASYNC_BUDGET}
-    for way, (workers, liar) in ASYNC_WAYS.items():
-        runs = [search("tpe", s, ASYNC_BUDGET, workers=workers, liar=liar) for s in range(seeds)]
+    for way, (workers, out, liar) in ASYNC_WAYS.items():
+        runs = [search("tpe", s, ASYNC_BUDGET, workers, out, liar) for s in range(seeds)]
         figures[way] = {"median_best": statistics.median(runs), "by_seed": runs}
     return figures
 
 
 def _search(
-    demo, spec, objective, run_sweep, load_plan, log, sampler, seed, budget, workers=1, liar=True
-) -> float:
+    demo, spec, objective, run_sweep, load_plan, log, sampler, seed, budget, workers=1, out=1,
+    liar=True,
+) -> float:  # fmt: skip
     """The best objective one search of `budget` trials reaches."""
-    log(f"searching: {sampler}, seed {seed}, budget {budget}, {workers} worker(s)")
+    log(f"searching: {sampler}, seed {seed}, budget {budget}, {workers} worker(s), {out} out each")
     search = {**SPACE, "budget": budget, "sampler": sampler, "seed": seed}
+    search["candidates_per_worker"] = out
     if sampler == "tpe":
         search["constant_liar"] = liar
-    name = f"{sampler}-{seed}-{budget}-{workers}{'' if liar else '-noliar'}"
+    name = f"{sampler}-{seed}-{budget}-{workers}x{out}{'' if liar else '-noliar'}"
     run = {**spec, "workers": workers, "cpus_per_worker": 2 if workers == 1 else 1}
     output = _run(demo, run, name, {"search": search, "combinations": []}, run_sweep, load_plan)
     trials = [line.get("objective", float("nan")) for line in read_manifest(output)]

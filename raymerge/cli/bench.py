@@ -154,7 +154,7 @@ def bench_search(
     seeds: int = typer.Option(3, help="Seeds per sampler."),
     json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
 ) -> None:
-    """The demo's grid against random search, TPE and CMA-ES at budgets of 10, 20 and 30."""
+    """The demo's grid against random search, TPE and CMA-ES at budgets of 13, 20 and 30."""
     from raymerge.bench.search import bench_search as measure
 
     with exit_on_error():
@@ -204,4 +204,44 @@ def bench_cluster(
             log=consoles.out.print,
         )
         render.print_rows("raymerge bench cluster", [figures], ["value"])
+        _write_json(json_out, figures)
+
+
+@bench_app.command("racing")
+def bench_racing(
+    root: Path | None = typer.Option(None, help="Scratch folder (default: a temporary one)."),
+    seeds: int = typer.Option(10, help="Seeds of the example order: one race each."),
+    workers: int = typer.Option(1, help="Workers (1: in this process, without Ray)."),
+    rules: str = typer.Option("bound", help="Racing rules to run (bound, halving)."),
+    first: int | None = typer.Option(None, help="evaluate.racing.first (default: its own)."),
+    growth: float | None = typer.Option(None, help="evaluate.racing.growth."),
+    confidence: float | None = typer.Option(None, help="evaluate.racing.confidence."),
+    search: bool = typer.Option(True, help="Also search the grid's world at a budget of 13."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
+) -> None:
+    """Racing a 216-merge grid against scoring it fully (the top-1 found, the scorings used),
+    then TPE with pruning at a budget of 13 on the same world."""
+    import tempfile
+
+    from raymerge.bench.racing import bench_racing as measure
+
+    with exit_on_error():
+        names = _names(rules)
+        if not names or set(names) - {"bound", "halving"}:
+            raise usage(f"--rules {rules!r}: use bound, halving, or both")
+        if seeds < 1:
+            raise usage("--seeds: at least 1")
+        given = {"first": first, "growth": growth, "confidence": confidence}
+        racing = {k: v for k, v in given.items() if v is not None}
+        with tempfile.TemporaryDirectory(prefix="raymerge-bench-racing-") as scratch:
+            figures = measure(
+                (root or Path(scratch)).resolve(),
+                seeds=seeds,
+                workers=workers,
+                rules=names,
+                racing=racing,
+                search=search,
+                log=consoles.out.print,
+            )
+        render.print_racing(figures)
         _write_json(json_out, figures)

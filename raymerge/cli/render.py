@@ -65,6 +65,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row("stage seconds", stage_line(summary["stage_seconds"]))
     if summary.get("executor"):
         table.add_row("workers ran", summary["executor"])
+    if summary.get("examples_if_full"):
+        table.add_row("stopped early", str(summary.get("stopped", 0)))
+        scored, full = summary["examples_scored"], summary["examples_if_full"]
+        share = f"{scored:,} of {full:,} ({100 * scored / full:.1f}% of scoring every merge fully)"
+        table.add_row("examples scored", share)
     table.add_row("output", summary["output"])
     consoles.out.print(table)
     for failure in summary["failures"][:10]:
@@ -130,6 +135,12 @@ def print_leaderboard(result, top: int) -> None:
     consoles.out.print(table)
     if any(row.get("tied") for row in result.rows[1:top]):
         consoles.out.print("≈: not distinguishable from the top merge on the same examples (95%)")
+    stopped = getattr(result, "stopped", None) or []
+    if stopped:
+        consoles.out.print(
+            f"{len(stopped)} more merges were stopped early (behind after part of the examples): "
+            "their partial scores are in leaderboard.csv and the report"
+        )
 
 
 def _references(references) -> list[tuple[str, dict]]:
@@ -261,3 +272,82 @@ def print_search_race(figures: dict[str, Any], seeds: int) -> None:
         f"At {target['budget']} evaluations (half the grid's or fewer), reaching the grid's "
         f"best ({target['grid_best']:.4f}): {', '.join(target['met_by']) or 'none'}"
     )
+    asynchrony = figures.get("asynchrony")
+    if asynchrony:
+        ways = [way for way in asynchrony if way != "budget"]
+        consoles.out.print(
+            f"TPE at {asynchrony['budget']} evaluations, best reached by seed: "
+            + "; ".join(
+                f"{way} {' / '.join(f'{v:.4f}' for v in asynchrony[way]['by_seed'])}"
+                for way in ways
+            )
+        )
+
+
+def print_racing(figures: dict[str, Any]) -> None:
+    """`bench racing`: each seed's race against the full run (its top-1, how it ranks there,
+    the share of the scorings it used), then the verdict on the targets."""
+    world, full = figures["world"], figures["full"]
+    sizes = sorted(set(world["examples_per_set"].values()))
+    consoles.out.print(
+        f"Grid: {world['merges']} merges of {world['adapters']} adapters, "
+        f"{'/'.join(map(str, sizes))} examples per set, objective {world['objective']}.\n"
+        f"Full evaluation: true top-1 {full['top1_recipe']} ({full['top1_objective']:.4f}; "
+        f"{full['tied_with_top1']} others tied with it at 95%), "
+        f"{full['examples_scored']} example-scorings in {full['seconds']:.0f} s"
+    )
+    settings = ", ".join(f"{k} {v}" for k, v in figures["racing"].items() if v is not None)
+    consoles.out.print(f"Racing settings: {settings}")
+    for rule, result in figures["rules"].items():
+        table = Table(title=f"Racing ({rule}) against full evaluation", box=box.SIMPLE_HEAD)
+        for column in ("seed", "race's top-1", "objective", "rank", "found", "fraction"):
+            table.add_column(column, justify="left" if column == "race's top-1" else "right")
+        table.add_column("survivors", justify="right")
+        table.add_column("seconds", justify="right")
+        for row in result["by_seed"]:
+            found = "equal" if row["equal"] else "tied" if row["tied"] else "NO"
+            table.add_row(
+                str(row["seed"]), row["top1_recipe"], f"{row['objective']:.4f}", str(row["rank"]),
+                found, f"{row['examples_fraction']:.1%}", str(row["survivors"]),
+                f"{row['seconds']:.0f}",
+            )  # fmt: skip
+        consoles.out.print(table)
+        consoles.out.print(
+            f"{rule}: top-1 found (equal or tied) for {result['found']}/{result['seeds']} seeds "
+            f"({result['equal']} equal); example-scorings used {result['fraction_mean']:.1%} "
+            f"on average, {result['fraction_max']:.1%} at most"
+        )
+    if figures.get("search"):
+        _print_racing_search(figures["search"])
+    target = figures["target"]
+    met = [rule for rule, ok in target["met"].items() if ok]
+    consoles.out.print(
+        f"Targets (≥{target['found']}/{world['seeds']} found, ≤{target['fraction']:.0%} of the "
+        f"scorings for every seed{'' if target['world_sized'] else '; world below target size'}"
+        f"): {'met by ' + ', '.join(met) if met and target['world_sized'] else 'NOT met'}"
+    )
+
+
+def _print_racing_search(search: dict[str, Any]) -> None:
+    """`bench racing`'s search: TPE at one budget, in trials and in evaluations, per seed."""
+    table = Table(
+        title=f"Search (TPE, Wilcoxon pruner) at a budget of {search['budget']}",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("budget in", "seed", "best reached", "recipe", "candidates", "pruned"):
+        table.add_column(column, justify="left" if column in ("budget in", "recipe") else "right")
+    table.add_column("evaluations used", justify="right")
+    for unit in ("trials", "evaluations"):
+        for row in search[unit]["by_seed"]:
+            table.add_row(
+                unit, str(row["seed"]), f"{row['best']:.4f}", row["best_recipe"],
+                str(row["candidates"]), str(row["pruned"]), f"{row['evaluations']:.1f}",
+            )  # fmt: skip
+    consoles.out.print(table)
+    for unit in ("trials", "evaluations"):
+        result = search[unit]
+        verdict = "reaches" if result["reached"] else "does NOT reach"
+        consoles.out.print(
+            f"budget {search['budget']} {unit}: median best {result['median_best']:.4f} "
+            f"{verdict} the grid's best ({search['grid_best']:.4f})"
+        )

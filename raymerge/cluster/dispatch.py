@@ -194,6 +194,7 @@ class Dispatch:
         if self.search.report(task, scores, rounds.positions(scores[1])):
             self._pruned(task, index, scores)
             self._feed(worker)
+            self._feed_idle()  # a pruned candidate frees budget (a budget in evaluations)
         elif index + 1 < len(rounds.windows):
             self._submit_round(worker, task, index + 1)
         else:  # scored on everything: the rest of the examples only
@@ -216,7 +217,8 @@ class Dispatch:
             standing={"rule": f"optuna {self.plan.spec.search.pruner}"},
         )
         self.writer.add(line)
-        self.search.prune(task)
+        seen = window_size(self.trial_rounds.sizes, 0, self.trial_rounds.windows[index].stop)
+        self.search.prune(task, seen / max(1, self.trial_rounds.full))
         self.summary.stopped += 1
         self.summary.count_scoring(0, self.trial_rounds.full)
         self.trial_rounds.seen.pop(task.merge_id, None)
@@ -240,6 +242,16 @@ class Dispatch:
         for task, result in zip(tasks, results, strict=True):
             self._result(worker, task, result)
         self._feed(worker)
+        if self.search is not None:
+            self._feed_idle()
+
+    def _feed_idle(self) -> None:
+        """Feed the workers left without work when the search had no candidate for them."""
+        busy = {w.index for w, _ in self.in_flight.values()}
+        busy |= {w.index for w, _, _ in self.rounds.values()}
+        for worker in self.workers.values():
+            if worker.index not in busy:
+                self._feed(worker)
 
     def _result(self, worker: WorkerState, task: MergeTask, result: MergeResult) -> None:
         stats = self.summary.workers[str(worker.index)]

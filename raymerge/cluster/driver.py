@@ -108,7 +108,7 @@ def _start_progress(
     progress: Progress, plan: Plan, out: Output, search: Search | None, grid_total: int
 ) -> None:
     """The merges left to run: the grid's uncommitted ones and the search's remaining budget."""
-    left = 0 if search is None else plan.spec.search.budget - search.asked
+    left = 0 if search is None else search.left
     skipped = min(len(out.committed), grid_total)
     progress.start(max(0, grid_total - len(out.committed)) + left, skipped)
 
@@ -205,7 +205,7 @@ def _dispatch(
         _settle_race(plan, race, out, summary)
         if progress:
             left = [t for t in race.survivors if t.merge_id not in out.committed]
-            budget = plan.spec.search.budget - search.asked if search is not None else 0
+            budget = search.left if search is not None else 0
             progress.start(len(left) + budget, len(race.survivors) - len(left))
     dispatch = Dispatch(plan, workers, scheduler, out.writer, summary, progress, fail_fast, search)
     for index, node in nodes.items():

@@ -134,13 +134,22 @@ class RoundRobinScheduler:
 
 
 class SearchScheduler:
-    """Asks the search for a candidate whenever a worker frees up (never ahead of need)."""
+    """Asks the search for a candidate whenever a worker frees up (never ahead of need), up to
+    `search.candidates_per_worker` out on each worker at once."""
 
     def __init__(self, search):
         self._search = search
+        self._limit = search.spec.candidates_per_worker
+        self._workers: dict[str, int] = {}  # merge_id -> the worker it went to
 
     def next_for(self, worker: int, cached: Collection[str]) -> MergeTask | None:
-        return self._search.ask()
+        self._workers = {m: w for m, w in self._workers.items() if self._search.out(m)}
+        if sum(w == worker for w in self._workers.values()) >= self._limit:
+            return None
+        task = self._search.ask()
+        if task is not None:
+            self._workers[task.merge_id] = worker
+        return task
 
     def retry(self, task: MergeTask) -> None:
         self._search.retry(task)

@@ -5,10 +5,9 @@ the same worker pool as grid merges; each is an ordinary merge task (merge_id, m
 metrics, manifest line) with its trial number and the parameters the sampler chose. A rerun
 tells the sampler every committed trial again and continues up to the budget.
 
-What asynchronous search gives up: a sampler that waits for each result would choose each
-candidate knowing all earlier ones; here up to 2 x workers (x adapters_per_pass) candidates are
-out at once, chosen without the results still running. With one worker and a fixed seed the
-sequence of candidates is reproducible; with several it depends on which finishes first.
+Asynchrony: up to `candidates_per_worker` x workers candidates are out at once, each chosen
+without the results still running (TPE's constant liar spreads them). With one worker, one out
+and a fixed seed the sequence is reproducible; with several it depends on which finishes first.
 
 Example:
     >>> from raymerge.sweep.spec import SearchSpec
@@ -138,6 +137,8 @@ class Space:
 
 
 INT_PARAMS = {"svd_rank"}
+MAX_TRIALS_PER_EVALUATION = 10
+"""A search budgeted in evaluations asks at most this many candidates per evaluation."""
 """Parameters searched as integers."""
 
 
@@ -171,9 +172,8 @@ def startup_trials(budget: int, given: int | None = None) -> int:
 def make_sampler(
     name: str, seed: int, budget: int = 100, startup: int | None = None, liar: bool = True
 ):
-    """The sampler of a search of `budget` trials. TPE runs with the constant liar (`liar`): a
-    candidate still being scored counts as a poor result, so that candidates asked at once
-    spread out instead of piling onto one promising point."""
+    """The sampler of a search of `budget` trials. TPE's constant liar (`liar`) counts a
+    candidate still being scored as a poor result, so that candidates out at once spread out."""
     optuna = _optuna()
     if name == "tpe":
         return optuna.samplers.TPESampler(
@@ -242,6 +242,8 @@ class Search:
         self._values: dict[str, list[float] | None] = {}  # merge_id -> its values (done ones)
         self._retries: deque[MergeTask] = deque()
         self.asked = 0
+        self.spent = 0.0  # full evaluations' worth of examples scored by finished candidates
+        self._full = sum(entry.get("examples", 0) for entry in plan.eval_sets.values())
         self._resume(committed_lines)
 
     def _resume(self, lines: list[dict[str, Any]]) -> None:
@@ -267,8 +269,16 @@ class Search:
                 )
             )
             self.asked += 1
+            self.spent += self._cost(line)
             if done:
                 self._values[line["merge_id"]] = values
+
+    def _cost(self, line: dict[str, Any]) -> float:
+        """What a committed candidate cost, in full evaluations (a pruned one: its share)."""
+        seen = line.get("examples_seen")
+        if line["status"] != "stopped" or not seen or not self._full:
+            return 1.0
+        return sum(seen.values()) / self._full
 
     def values(self, metrics: dict[str, Any]) -> list[float] | None:
         self._apply_references()
@@ -305,21 +315,38 @@ class Search:
             prune = prune or trial.should_prune()
         return prune
 
-    def prune(self, task: MergeTask) -> None:
-        """The pruner stopped this candidate."""
+    def prune(self, task: MergeTask, share: float = 1.0) -> None:
+        """The pruner stopped this candidate, scored on `share` of the examples."""
         optuna = _optuna()
         for trial in self._trials.pop(task.merge_id, []):
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        self.spent += share
+
+    def _may_ask(self) -> bool:
+        """Whether the budget allows another candidate: in evaluations, each one out counts as a
+        full evaluation until it is pruned or done."""
+        if self.spec.budget_unit == "trials":
+            return self.asked < self.spec.budget
+        out = len(self._trials)
+        cap = MAX_TRIALS_PER_EVALUATION * self.spec.budget
+        return self.spent + out + 1 <= self.spec.budget + 1e-9 and self.asked < cap
 
     @property
     def finished(self) -> bool:
-        return self.asked >= self.spec.budget and not self._retries
+        return not self._may_ask() and not self._retries
+
+    @property
+    def left(self) -> int:
+        """Candidates the budget still allows, as far as can be told now."""
+        if self.spec.budget_unit == "trials":
+            return max(0, self.spec.budget - self.asked)
+        return max(0, math.ceil(self.spec.budget - self.spent - len(self._trials) - 1e-9))
 
     def ask(self) -> MergeTask | None:
-        """The next candidate, or None once the budget is spent."""
+        """The next candidate, or None while the budget allows none."""
         if self._retries:
             return self._retries.popleft()
-        while self.asked < self.spec.budget:
+        while self._may_ask():
             trial = self.study.ask()
             self.asked += 1
             candidate = self.space.suggest(trial)
@@ -338,10 +365,15 @@ class Search:
     def retry(self, task: MergeTask) -> None:
         self._retries.append(task)
 
+    def out(self, merge_id: str) -> bool:
+        """Whether this candidate is still waiting for its result."""
+        return merge_id in self._trials
+
     def tell(self, task: MergeTask, metrics: dict[str, Any] | None) -> None:
         """A candidate's result: its metrics (None: it failed)."""
         optuna = _optuna()
         values = self.values(metrics) if metrics is not None else None
+        self.spent += 1.0
         for trial in self._trials.pop(task.merge_id, []):
             if values is None:
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -108,7 +108,11 @@ class SearchSpec(FrozenModel):
     objectives: Objectives | None = None
     """Several metrics for a Pareto search (default: evaluate.objective, one value)."""
     budget: int = Field(ge=1, le=1_000_000)
-    """Evaluations in all (a rerun continues up to it)."""
+    """What the search may spend (a rerun continues up to it), in `budget_unit`s."""
+    budget_unit: Literal["trials", "evaluations"] = "trials"
+    """trials: `budget` candidates, each scored fully unless pruned; evaluations: `budget` full
+    evaluations' worth of examples, a pruned candidate costing only the share it was scored
+    on, so that pruning buys more candidates (at most 10 x `budget` of them)."""
     sampler: Literal["tpe", "cmaes", "nsga2", "random", "qmc"] | None = None
     """Default: tpe for one objective, nsga2 for several."""
     seed: int = 0
@@ -116,12 +120,16 @@ class SearchSpec(FrozenModel):
     """With `evaluate.racing`: each candidate is scored round by round and Optuna's pruner
     stops it when it is behind (WilcoxonPruner: a signed-rank test against the best trial,
     example by example; halving: SuccessiveHalvingPruner); none: every candidate fully."""
+    candidates_per_worker: int = Field(default=1, ge=1, le=3)
+    """Candidates out on each worker at once: 1 (default) asks each knowing every result of its
+    worker (`raymerge bench search` measures what more costs); 2-3 keep a worker busy between a
+    result and the next candidate."""
     constant_liar: bool = True
     """TPE: count candidates still being scored as poor results, so that candidates out at once
     spread out (`raymerge bench search` measures it)."""
     startup_trials: int | None = Field(default=None, ge=0)
-    """Trials TPE samples at random before it models (default: a fifth of the budget, from 2 to
-    10)."""
+    """Trials TPE samples at random before it models (default: a quarter of the budget, from 3
+    to 10)."""
 
     @model_validator(mode="after")
     def _shape(self) -> SearchSpec:
