@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class RaymergeError(Exception):
     """Base class. `exit_code` is what the CLI exits with."""
@@ -50,8 +52,14 @@ class StorageError(RaymergeError):
     exit_code = 1
 
 
-ALLOCATION_FAILURES = ("out of memory", "not enough memory", "can't allocate memory")
-"""How torch's device and host allocators word a failed allocation (in a RuntimeError)."""
+ALLOCATION_FAILURES = (
+    "out of memory",
+    "not enough memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+)
+"""How torch's device and host allocators, and the OS (ENOMEM, e.g. a memory-mapped checkpoint
+under a memory limit), word a failed allocation."""
 PLACEMENT_FAILURE = "not enough space on"
 """accelerate's ValueError when a model's layers do not fit the devices it may use."""
 
@@ -62,6 +70,8 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
     accelerate's placement failure. A full disk is none of these.
 
     >>> is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    True
+    >>> is_out_of_memory(OSError(12, "Cannot allocate memory"))
     True
     >>> is_out_of_memory(ValueError("a spec value says out of memory"))
     False
@@ -74,7 +84,11 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
         if any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__):
             return True
         text = str(exc).lower()
-        if isinstance(exc, RuntimeError) and any(t in text for t in ALLOCATION_FAILURES):
+        if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+            return True
+        # safetensors reports the OS's ENOMEM as its own error ("... (os error 12)").
+        allocator = isinstance(exc, RuntimeError | OSError) or "os error 12" in text
+        if allocator and any(t in text for t in ALLOCATION_FAILURES):
             return True
         if isinstance(exc, ValueError) and PLACEMENT_FAILURE in text:
             return True

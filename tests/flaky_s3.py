@@ -1,7 +1,9 @@
 """A real HTTP proxy in front of the S3 test store that misbehaves like a busy or failing S3
 endpoint: every `throttle_every`-th request gets a 503 SlowDown, every `drop_every`-th connection
 is cut; and on demand the endpoint goes `down` (connections cut at once) or becomes a
-`blackhole` (requests are read, never answered, until the blackhole ends). A slow store delays
+`blackhole` (requests are read, never answered, until the blackhole ends), or is `partition`ed
+(a request that arrives meanwhile, on a new or a pooled connection, is never read nor answered,
+even after the partition ends: a connection's packets lost for good). A slow store delays
 each PUT by `put_delay` seconds; after `deny_puts_after` PUTs every further PUT gets 403
 AccessDenied (a store that turned unwritable). `requests` logs what was forwarded, in order:
 (method, path, query, start, end)."""
@@ -32,6 +34,8 @@ class FlakyS3Proxy:
         self.faults = {"throttled": 0, "dropped": 0, "forwarded": 0, "refused": 0, "held": 0}
         self.down = False
         self.blackhole_until = 0.0
+        self.partition_until = 0.0
+        self.closing = threading.Event()
         self.put_delay = 0.0
         self.deny_puts_after: int | None = None
         self.requests: list[tuple[str, str, str, float, float]] = []
@@ -47,6 +51,12 @@ class FlakyS3Proxy:
                 pass
 
             def _handle(self):
+                if time.monotonic() < proxy.partition_until:
+                    with lock:
+                        faults["held"] += 1
+                    proxy.closing.wait()  # silent forever: neither the body read nor an answer
+                    self.close_connection = True
+                    return
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with lock:
                     n = next(counter)
@@ -121,10 +131,16 @@ class FlakyS3Proxy:
         """From now on, for `seconds`, requests get no answer (a network that drops packets)."""
         self.blackhole_until = time.monotonic() + seconds
 
+    def partition(self, seconds: float) -> None:
+        """From now on, for `seconds`, requests get no answer ever (their connections stay open
+        and silent after the partition too), as on a network partition."""
+        self.partition_until = time.monotonic() + seconds
+
     def __enter__(self) -> FlakyS3Proxy:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self._server.shutdown()
         self._server.server_close()

@@ -131,6 +131,11 @@ OUT_OF_MEMORY = [
     ValueError("Not enough space on 0 to put model.layers.3 (space available 1.2GB)"),
     MemoryError(),
     _raised_from(torch.OutOfMemoryError("CUDA out of memory")),
+    # torch's mmap of a checkpoint under a memory limit (ENOMEM), as a run under `ulimit -v` got.
+    RuntimeError(
+        "unable to mmap 337719464 bytes from file <m.safetensors>: Cannot allocate memory"
+    ),
+    OSError(errno.ENOMEM, "Cannot allocate memory"),
 ]
 NOT_OUT_OF_MEMORY = [
     SafetensorError("Error while deserializing header: HeaderTooLarge"),
@@ -177,3 +182,51 @@ def test_a_corrupt_checkpoint_still_says_save_it_again(world, tmp_path):
     model = BaseModel(str(base), gpus=0)
     with pytest.raises(InputError, match="save it again with save_pretrained"):
         _ = model.model
+
+
+CHILD_UNDER_A_MEMORY_LIMIT = """
+import resource, sys
+import peft, torch, transformers  # what a worker holds before it loads the weights
+import ray
+from raymerge.cli import app
+from raymerge.cluster import driver
+from raymerge.score import scorer
+from raymerge.sweep.plan import load_plan
+load_plan(sys.argv[1])  # every import a run makes before loading the weights, made here
+status = open("/proc/self/status").read()
+used = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[2]), resource.RLIM_INFINITY))
+sys.argv = ["raymerge", "run", sys.argv[1]]
+app()
+"""
+
+
+def test_running_out_of_memory_loading_the_base_model_is_one_line_exit_1(tmp_path):
+    """A real load under an address-space limit well below the checkpoint's size (the worker runs
+    in this process: one CPU worker): named as out of memory with what to change, exit 1, no
+    traceback; never "save it again"."""
+    import subprocess
+    import sys
+
+    from raymerge.demo.world import AdapterShape, build_world
+
+    world = build_world(
+        tmp_path / "w", dict.fromkeys("ab", AdapterShape()), hidden_size=1024, layers=6
+    )
+    checkpoint = sum(p.stat().st_size for p in world.base_model.glob("*.safetensors"))
+    (tmp_path / "t.jsonl").write_text('{"text": "hello world"}\n{"text": "another line"}\n')
+    spec = base_spec(world, tmp_path / "out", evaluate={"datasets": {"t": "t.jsonl"}})
+    headroom = checkpoint // 2  # half the checkpoint's bytes: its mmap cannot fit
+    spec_path = write_spec(tmp_path, spec)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD_UNDER_A_MEMORY_LIMIT, str(spec_path), str(headroom)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output and "save_pretrained" not in output
+    [line] = [line for line in output.splitlines() if line.startswith("error:")]
+    assert "out of memory while loading its weights" in line and "more host memory" in line
+    assert "gpu_headroom_gb" not in line  # a CPU worker: no GPU advice beyond giving it GPUs

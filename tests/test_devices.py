@@ -66,7 +66,7 @@ def test_every_type_merges_where_its_inputs_are(valueless, name):
 def test_the_valueless_run_has_the_shapes_of_a_real_one():
     """The same recipes on the CPU (real values, real value reads) give the same keys and
     shapes: the meta runs above merge what a real device would."""
-    for name in ("cat", "core_ties", "iso_c", "knots_dare", "dare_ties_svd"):
+    for name in ("cat", "core_ties", "iso_c", "knots_dare_ties", "dare_ties_svd"):
         recipe = _recipe(name)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(tensors, "all_true", lambda mask: True)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from raymerge.cluster.driver import run_sweep
 from raymerge.merge.engines.fast import merge_tensors
+from raymerge.merge.engines.lowrank import tsv_budget
 from raymerge.merge.engines.reference import dense_reference
 from raymerge.merge.format import PREFIX
 from raymerge.merge.registry import METHODS
@@ -49,9 +50,13 @@ def _adapters(ranks, shapes, seed=0):
 PARAMS = {"density": 0.4, "alpha": 0.7, "k": 0.75, "svd_rank": 6}
 
 
-def _check(name: str, adapters, weights, modules, rel: float = 1e-5) -> None:
+def _check(name: str, adapters, weights, modules, rel: float = 1e-5, **given) -> torch.Tensor:
+    """Merge with the engine, check each module against the dense reference; the merged delta
+    of the first module (for comparisons between variants)."""
     method = METHODS[name]
     params = {**method.defaults(), **{k: v for k, v in PARAMS.items() if method.takes(k)}}
+    assert all(method.takes(k) for k in given), given
+    params.update(given)
     seed = 1234
     state, config = merge_tensors(adapters, weights, method, params, seed, modules)
     assert config.r == params["svd_rank"]
@@ -67,6 +72,11 @@ def _check(name: str, adapters, weights, modules, rel: float = 1e-5) -> None:
         lora_b = state[f"{PREFIX}{module}.lora_B.weight"].double()
         assert lora_a.shape[0] == lora_b.shape[1] == params["svd_rank"]
         assert relative_error(lora_b @ lora_a, expected) <= rel, (name, module)
+    first = modules[0]
+    return (
+        state[f"{PREFIX}{first}.lora_B.weight"].double()
+        @ state[f"{PREFIX}{first}.lora_A.weight"].double()
+    )
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -76,8 +86,53 @@ def test_each_new_method_equals_its_dense_definition_on_mixed_ranks(name):
 
 
 def test_every_method_peft_lacks_has_a_reference_here():
-    assert set(NEW) == {"core_ta", "core_ties", "core_dare", "knots_ties", "knots_dare", "tsv",
-                        "iso_c"}  # fmt: skip
+    assert set(NEW) == {"core_ta", "core_ties", "core_dare", "knots_ties", "knots_dare_ties",
+                        "knots_dare_linear", "tsv", "iso_c"}  # fmt: skip
+
+
+MIXED = ([8, 4, 6], [(48, 40), (32, 56)])
+"""The mixed-rank world of the first test: three adapters (R = 18) on two modules."""
+
+
+def test_knots_dare_ties_is_the_papers_dare_ties_not_the_plain_sum():
+    """KnOTS' code (gstoica27/KnOTS, its *_knots_dare_ties configs): DARE on the blocks, then
+    TIES' sign election and disjoint mean. The same masks (one seed) as knots_dare_linear, so
+    the two differ by the election alone, and clearly."""
+    adapters = _adapters(*MIXED)
+    weights, modules = [0.6, -0.8, 1.1], ["m0", "m1"]
+    ties = _check("knots_dare_ties", adapters, weights, modules)
+    linear = _check("knots_dare_linear", adapters, weights, modules)
+    assert relative_error(ties, linear) >= 0.3
+
+
+def test_tsv_with_the_papers_budget_equals_its_dense_definition():
+    """k_of: dims keeps TSV-Merge's int(min(out, in) / T) triplets per task, not past the
+    task's rank: on 12 x 10 that is 3 of every task (ranks 8, 4, 6); on 20 x 16, 5, 4 and 5."""
+    adapters = _adapters([8, 4, 6], [(12, 10), (20, 16)])
+    weights, modules = [0.6, -0.8, 1.1], ["m0", "m1"]
+    paper = _check("tsv", adapters, weights, modules, k=1.0, k_of="dims")
+    _check("tsv", adapters, weights, modules, k_of="dims")  # k = 0.75 of that budget
+    own = _check("tsv", adapters, weights, modules, k=1.0, k_of="rank")  # all 18 triplets
+    assert relative_error(paper, own) >= 0.1
+
+
+def test_tsv_budget_is_the_rank_or_the_papers_share():
+    assert tsv_budget("rank", 8, (12, 10), 3) == 8
+    assert tsv_budget("dims", 8, (12, 10), 3) == 3  # int(10 / 3)
+    assert tsv_budget("dims", 4, (20, 16), 3) == 4  # 5 > the rank: the rank
+    assert tsv_budget("dims", 4, (4096, 4096), 8) == 4  # real LoRAs: the rank, as k_of: rank
+    assert tsv_budget("dims", 4, (2, 2), 3) == 1  # int(2 / 3) = 0: at least one
+
+
+def test_iso_c_over_the_whole_spectrum_equals_its_dense_definition():
+    """mean_over: all is Iso-C's code (danielm1405/iso-merging: S.mean() over all min(out, in)
+    values); on a sum of rank R = 18 its flat value is 18 / min(out, in) of the default's."""
+    adapters = _adapters(*MIXED)
+    weights, modules = [0.6, -0.8, 1.1], ["m0", "m1"]
+    whole = _check("iso_c", adapters, weights, modules, mean_over="all")
+    nonzero = _check("iso_c", adapters, weights, modules, mean_over="nonzero")
+    assert relative_error(whole, nonzero * 18 / 40) <= 1e-5  # m0 is 48 x 40
+    assert relative_error(whole, nonzero) >= 0.5
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"the real adapters are not here ({REAL})")
@@ -153,3 +208,16 @@ def test_new_methods_are_written_as_peft_loras_that_reload(world, ray_cluster, t
             assert relative_error(delta, b @ a) <= 1e-6, (task.combination_type, key)
         other = Path(plans[1].output, "merges", task.merge_id, "adapter_model.safetensors")
         assert other.read_bytes() == (folder / "adapter_model.safetensors").read_bytes()
+
+
+def test_the_old_knots_dare_name_is_refused_saying_what_it_became():
+    """One name never means two merges: a spec with the old name says which two replaced it."""
+    from raymerge.errors import SpecError
+    from raymerge.sweep.spec import parse_spec
+
+    spec = {"base_model": "b", "adapters": {"x": "x", "y": "y"}, "output": "o"}
+    group = {"adapters": ["x", "y"], "weights": [[1, 1]]}
+    group["methods"] = [{"combination_type": "knots_dare", "density": 0.5}]
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**spec, "combinations": [group]})
+    assert "knots_dare_ties" in str(caught.value) and "knots_dare_linear" in str(caught.value)

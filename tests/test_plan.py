@@ -193,6 +193,9 @@ def _mutate(spec, world, tmp_path, case):
             {"choose": 3, "from": ["a", "b"], "weights": [[1, 1, 1]], "methods": group["methods"]}
         ]
         return ["combinations[0].choose", "3 is more than the 2 adapters"]
+    if case == "svd_driver on CPU workers":
+        group["methods"] = [{"combination_type": "svd", "svd_driver": "gesvdj"}]
+        return ["combinations[0].methods[0].svd_driver", "gesvdj", "only on CUDA", "no GPU"]
     raise AssertionError(case)
 
 
@@ -215,6 +218,7 @@ BAD_INPUTS = [
     "unknown key",
     "parameter that does not apply",
     "choose larger than from",
+    "svd_driver on CPU workers",
 ]
 
 

@@ -282,26 +282,42 @@ def test_the_store_restarting_mid_sweep_loses_nothing(world, ray_cluster, tmp_pa
         store.stop()
 
 
-def test_a_store_that_stops_answering_never_hangs_the_sweep(
-    world, s3_world, s3_endpoint, ray_cluster, tmp_path
-):
-    """A network blackhole (requests read, never answered) in the middle of a sweep: connect
-    and read timeouts end each call, retries carry on, the run ends, a rerun completes."""
+def test_a_partitioned_store_never_wedges_the_sweep(s3, s3_endpoint, ray_cluster, tmp_path):
+    """With the default storage settings, the store goes silent for 20 s mid-sweep: connections
+    are accepted, requests never answered (not even once the partition is over, pooled
+    connections included), so an adapter's upload stalls mid-body. Every call's deadline ends it,
+    the run goes on once the store answers again and ends in a bounded time, and a rerun leaves
+    every planned merge committed and listed once."""
     from flaky_s3 import FlakyS3Proxy
 
-    fs, bucket = s3_world
+    from raymerge.demo.world import AdapterShape, build_world
+
+    fs, bucket = s3
+    # 8 MB adapters (16 MB once concatenated): more than a socket's buffers hold, so a body sent
+    # to a peer that stopped reading stalls, as it does on a partitioned network.
+    shape = AdapterShape(r=256, lora_alpha=256)
+    world = build_world(tmp_path / "world", dict.fromkeys("abc", shape), hidden_size=256, layers=4)
+    _upload_tree(fs, world.base_model, f"{bucket}/models/base")
+    for name, path in world.adapters.items():
+        _upload_tree(fs, path, f"{bucket}/adapters/{name}")
     with FlakyS3Proxy(s3_endpoint) as proxy:
-        spec = _many_merges(_s3_spec(world, bucket, proxy.endpoint))
-        spec["storage_options"]["config_kwargs"] = {
-            "connect_timeout": 1,
-            "read_timeout": 1,
-            "retries": {"mode": "standard", "max_attempts": 2},
-        }
+        spec = _s3_spec(world, bucket, proxy.endpoint)
+        spec["combinations"] = [
+            {
+                "choose": 2,
+                "from": ["a", "b", "c"],
+                "weights": [[0.2 * i, 1.0] for i in range(1, 6)],
+                "methods": [{"combination_type": ["linear", "cat"]}],
+            }
+        ]  # 30 merges
         plan = load_plan(write_spec(tmp_path, spec))
         sweep = SweepThread(plan)
-        _wait_for_commits(fs, f"{bucket}/sweeps/run-1", 5, sweep)
-        proxy.blackhole(6)
-        sweep.join(timeout=400)  # a hang fails here
+        _wait_for_commits(fs, f"{bucket}/sweeps/run-1", 8, sweep)
+        proxy.partition(20)
+        healed = time.monotonic() + 20
+        bound = storage.call_timeout(16 * 2**20) + 120  # a stalled upload's deadline, then the rest
+        sweep.join(timeout=20 + bound)  # a wedge fails here
+        assert time.monotonic() - healed < bound
         assert sweep.error is None or isinstance(sweep.error, StorageError), sweep.error
         assert proxy.faults["held"] >= 1, proxy.faults
         assert run_sweep(plan).failed == 0

@@ -10,7 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-DEFAULT_TYPES = ("core_ta", "core_ties", "core_dare", "knots_ties", "knots_dare", "tsv", "iso_c")
+DEFAULT_TYPES = (
+    "core_ta",
+    "core_ties",
+    "core_dare",
+    "knots_ties",
+    "knots_dare_ties",
+    "knots_dare_linear",
+    "tsv",
+    "iso_c",
+)
 
 
 def bench_methods(

@@ -167,7 +167,8 @@ def bench_search(
 def bench_methods(
     hidden_sizes: str = typer.Option("1024,4096", help="Hidden sizes (comma-separated)."),
     types: str = typer.Option(
-        "core_ta,core_ties,core_dare,knots_ties,knots_dare,tsv,iso_c", help="Types to time."
+        "core_ta,core_ties,core_dare,knots_ties,knots_dare_ties,knots_dare_linear,tsv,iso_c",
+        help="Types to time.",
     ),
     rank: int = typer.Option(16, help="LoRA rank of the two inputs."),
     threads: int = typer.Option(2, help="CPU threads."),

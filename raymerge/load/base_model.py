@@ -38,6 +38,11 @@ OOM_HINT = (
     "GPUs), lower `gpu_headroom_gb`, or load it in a smaller `torch_dtype` (bfloat16 takes half "
     "of float32)"
 )
+HOST_OOM_HINT = (
+    "give the worker more host memory (a larger node, or fewer workers on each node), give it "
+    "GPUs (`gpus_per_worker`), or load it in a smaller `torch_dtype` (bfloat16 takes half of "
+    "float32)"
+)
 
 
 class BaseModel:
@@ -261,9 +266,9 @@ def load_error(
     what = f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()
     if is_out_of_memory(exc):
         used = f"; this worker may use {describe_budget(budget)}" if budget else ""
+        hint = OOM_HINT if budget else HOST_OOM_HINT  # a budget is made for GPU workers only
         return ClusterError(
-            f"base_model {location}: out of memory while loading its weights ({what}){used}; "
-            f"{OOM_HINT}"
+            f"base_model {location}: out of memory while loading its weights ({what}){used}; {hint}"
         )
     return InputError(
         f"base_model {location}: its weights cannot be loaded ({what}); save it again with "

@@ -80,8 +80,9 @@ def layout_from_config(config, task_type: str | None = None) -> Layout:
 
     class_name = model_class_name(config.to_dict(), task_type)
     model_class = getattr(transformers, class_name)
-    # transformers' own deprecation notices from building the model are no news to the user.
-    with init_empty_weights(), warnings.catch_warnings():
+    # On the meta device from the start (init_empty_weights alone still allocates each weight on
+    # the host before moving it); transformers' deprecation notices are no news to the user.
+    with torch.device("meta"), init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if class_name.startswith("Auto"):
             model = model_class.from_config(config)

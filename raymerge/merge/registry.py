@@ -27,6 +27,14 @@ from raymerge.merge import arithmetic
 
 SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 SIGN_METHODS = ("total", "frequency")
+TSV_BUDGETS = ("rank", "dims")
+ISO_MEANS = ("nonzero", "all")
+RENAMED = {
+    "knots_dare": "knots_dare_ties (the KnOTS paper's DARE-TIES) or knots_dare_linear (the plain "
+    "sum after DARE, which knots_dare was)"
+}
+"""Type names that no longer exist, and what to write instead: a name is never given a second
+meaning (merge ids and records cover the name, not the code behind it)."""
 
 
 class RankRule(StrEnum):
@@ -113,9 +121,24 @@ PARAMS: dict[str, Param] = {
         ),
         Param(
             "k",
-            "TSV: fraction of each task's rank kept, in (0, 1] (default 1).",
+            "TSV: fraction of each task's budget of singular triplets kept, in (0, 1] (default "
+            "1), rounded to nearest, at least 1; the budget is set by k_of.",
             float,
             _unit_interval("k"),
+        ),
+        Param(
+            "k_of",
+            "TSV: each task's budget that k is a fraction of: rank (default: the task's LoRA "
+            "rank) or dims (the paper's int(min(out, in) / T) for T tasks, capped at the rank).",
+            str,
+            _one_of("k_of", TSV_BUDGETS),
+        ),
+        Param(
+            "mean_over",
+            "Iso-C: the singular values the flat spectrum averages: nonzero (default: those of "
+            "the sum, at most the summed rank) or all (the paper's: all min(out, in) of them).",
+            str,
+            _one_of("mean_over", ISO_MEANS),
         ),
         Param(
             "svd_driver",
@@ -307,8 +330,18 @@ METHODS: dict[str, Method] = _registry(
         peft=False,
     ),
     Method(
-        "knots_dare",
-        "KnOTS with DARE on each task's block of the joint SVD.",
+        "knots_dare_ties",
+        "KnOTS-DARE-TIES, as the paper's code: DARE on each task's block of the joint SVD, then "
+        "TIES' sign election (by total) and disjoint mean (no magnitude trim).",
+        RankRule.SVD,
+        Form.LOWRANK,
+        {**_DENSITY, **_LOWRANK},
+        random=True,
+        peft=False,
+    ),
+    Method(
+        "knots_dare_linear",
+        "KnOTS with DARE on each task's block of the joint SVD, then a plain sum.",
         RankRule.SVD,
         Form.LOWRANK,
         {**_DENSITY, **_LOWRANK},
@@ -320,7 +353,7 @@ METHODS: dict[str, Method] = _registry(
         "TSV-Merge (Gargiulo et al., CVPR 2025): task singular vectors, decorrelated.",
         RankRule.SVD,
         Form.LOWRANK,
-        {"k": 1.0, **_LOWRANK},
+        {"k": 1.0, "k_of": "rank", **_LOWRANK},
         peft=False,
     ),
     Method(
@@ -328,7 +361,7 @@ METHODS: dict[str, Method] = _registry(
         "Iso-C (Marczak et al., ICML 2025): the sum with a flat singular spectrum.",
         RankRule.SVD,
         Form.LOWRANK,
-        dict(_LOWRANK),
+        {"mean_over": "nonzero", **_LOWRANK},
         peft=False,
     ),
 )

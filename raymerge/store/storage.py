@@ -55,13 +55,22 @@ S3_CLIENT_CONFIG = {
 """botocore's client settings unless `storage_options.config_kwargs` says otherwise: a store that
 stops answering fails a call within seconds (never a hang), and throttling and 5xx answers are
 retried by botocore's standard mode (exponential backoff with jitter) before raymerge's own."""
+CALL_TIMEOUT_SECONDS = 60.0
+CALL_BYTES_PER_SECOND = 2 * 2**20
+"""Each attempt of a call on S3 ends after CALL_TIMEOUT_SECONDS plus its bytes at
+CALL_BYTES_PER_SECOND, whatever stage it is in: botocore's timeouts bound connecting and each
+read, but not sending a body to a peer that stopped reading (a partitioned network), where a
+request would otherwise wait for ever. The attempt is then cancelled and retried as below."""
+LISTING_TIMEOUT_SECONDS = 600.0
+"""The deadline of one listing (`find`): a large output is many pages of one call."""
 S3FS_RETRIES = 2
 """s3fs's own retries of errors botocore does not retry (a response body cut mid-read)."""
 RETRY_ATTEMPTS = 6
-RETRY_MAX_SECONDS = 60.0
+RETRY_MAX_SECONDS = 180.0
 """raymerge's retries of a storage call that failed transiently after botocore's and s3fs's:
 exponential backoff with full jitter (so that many workers do not retry in lockstep), at most
-this many attempts and this long in all."""
+this many attempts and this long in all: long enough to retry after an attempt that ran into its
+deadline (a store that went silent and came back)."""
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -115,6 +124,20 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     return fs, uri.split("://", 1)[1]
 
 
+def call_timeout(nbytes: int = 0) -> float:
+    """The deadline of one attempt of a call moving `nbytes` (see CALL_BYTES_PER_SECOND)."""
+    return CALL_TIMEOUT_SECONDS + nbytes / CALL_BYTES_PER_SECOND
+
+
+def _deadline_of(fs, nbytes: int = 0, seconds: float | None = None) -> dict[str, float]:
+    """The keyword that gives an fsspec async filesystem's call a deadline over the whole
+    request (fsspec cancels it then): `seconds`, else `call_timeout(nbytes)`. Local filesystems
+    take none."""
+    if not getattr(fs, "async_impl", False):
+        return {}
+    return {"timeout": seconds if seconds is not None else call_timeout(nbytes)}
+
+
 def backoff(min_wait: float = 0.5, max_wait: float = 16.0):
     """Exponential backoff with full jitter: the n-th wait is uniform in [0, min_wait * 2**n]
     (capped), so that workers hitting one throttled store spread their retries out."""
@@ -162,23 +185,25 @@ def retrying(
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.exists(path))
+    return retrying(lambda: fs.exists(path, **_deadline_of(fs)))
 
 
 def size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.size(path))
+    return retrying(lambda: fs.size(path, **_deadline_of(fs)))
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.cat_file(path))
+    return retrying(lambda: fs.cat_file(path, **_deadline_of(fs)))
 
 
 def read_range(uri: str, start: int, end: int, storage_options: dict[str, Any] | None = None):
     """Bytes [start, end) of a file, without fetching the rest (a ranged GET on S3)."""
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.cat_file(path, start=start, end=end))
+    return retrying(
+        lambda: fs.cat_file(path, start=start, end=end, **_deadline_of(fs, end - start))
+    )
 
 
 def read_many(uris: list[str], storage_options: dict[str, Any] | None = None) -> dict[str, bytes]:
@@ -187,7 +212,10 @@ def read_many(uris: list[str], storage_options: dict[str, Any] | None = None) ->
         return {}
     fs, _ = filesystem(uris[0], storage_options)
     paths = {filesystem(u, storage_options)[1]: u for u in uris}
-    return {paths[p]: data for p, data in retrying(lambda: fs.cat(list(paths))).items()}
+    return {
+        paths[p]: data
+        for p, data in retrying(lambda: fs.cat(list(paths), **_deadline_of(fs))).items()
+    }
 
 
 def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
@@ -195,7 +223,8 @@ def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[st
     fs, path = filesystem(uri, storage_options)
     prefix = uri[: len(uri) - len(path)]
     try:
-        found = retrying(lambda: fs.find(path))
+        listing = _deadline_of(fs, seconds=LISTING_TIMEOUT_SECONDS)
+        found = retrying(lambda: fs.find(path, **listing))
     except FileNotFoundError:
         return
     for name in found:
@@ -204,7 +233,7 @@ def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[st
 
 def is_file(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.isfile(path))
+    return retrying(lambda: fs.isfile(path, **_deadline_of(fs)))
 
 
 @dataclass(frozen=True)
@@ -237,13 +266,18 @@ def write(
     if is_remote(uri):
         fs, path = filesystem(uri, storage_options)
         if isinstance(source, Path):  # a multipart upload appears whole when it completes
-            retrying(lambda: fs.put_file(str(source), path))
+            nbytes = source.stat().st_size
+            retrying(lambda: fs.put_file(str(source), path, **_deadline_of(fs, nbytes)))
             return
         # One PUT, or concurrent parts: either way the object appears whole.
         data = source if isinstance(source, bytes) else b"".join(source)
         retrying(
             lambda: fs.pipe_file(
-                path, data, chunksize=upload.part_bytes, max_concurrency=upload.concurrency
+                path,
+                data,
+                chunksize=upload.part_bytes,
+                max_concurrency=upload.concurrency,
+                **_deadline_of(fs, len(data)),
             )
         )
         return
@@ -265,7 +299,8 @@ def write(
 
 
 def iter_text_lines(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
-    """A text file's lines, streamed (never the whole file in memory)."""
+    """A text file's lines, streamed (never the whole file in memory). Its reads are bounded by
+    botocore's read timeout (they send no body)."""
     fs, path = filesystem(uri, storage_options)
     with retrying(lambda: fs.open(path, "rb", block_size=1 << 22)) as f:
         for line in f:
@@ -293,8 +328,8 @@ def remove(uris: list[str], storage_options: dict[str, Any] | None = None) -> No
     for uri in uris:
         fs, path = filesystem(uri, storage_options)
         try:
-            fs.rm_file(path)
-        except (FileNotFoundError, OSError):
+            fs.rm_file(path, **_deadline_of(fs))
+        except (FileNotFoundError, OSError, TimeoutError):
             continue
 
 
@@ -314,7 +349,9 @@ def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     fs, path = filesystem(uri, storage_options)
     listing = {
         name[len(path) :].lstrip("/"): [info.get("size"), info.get("ETag") or info.get("mtime")]
-        for name, info in retrying(lambda: fs.find(path, detail=True)).items()
+        for name, info in retrying(
+            lambda: fs.find(path, detail=True, **_deadline_of(fs, seconds=LISTING_TIMEOUT_SECONDS))
+        ).items()
     }
     if not listing:
         raise FileNotFoundError(f"{uri} holds no files")
@@ -330,7 +367,12 @@ def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
         try:
             for rel in listing:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                retrying(lambda rel=rel: fs.get_file(f"{path}/{rel}", str(tmp / rel)))
+                limit = _deadline_of(fs, listing[rel][0] or 0)
+                retrying(
+                    lambda rel=rel, limit=limit: fs.get_file(
+                        f"{path}/{rel}", str(tmp / rel), **limit
+                    )
+                )
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         finally:

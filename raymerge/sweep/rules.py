@@ -22,7 +22,29 @@ from raymerge.sweep.spec import ChooseGroup, SweepSpec
 
 def offline_problems(spec: SweepSpec) -> list[str]:
     """Every cross-key problem of a spec: its combination groups', then its search's."""
-    return group_problems(spec) + search_problems(spec)
+    return group_problems(spec) + search_problems(spec) + device_problems(spec)
+
+
+def device_problems(spec: SweepSpec) -> list[str]:
+    """Parameters that only a GPU worker can use, asked of workers without one: refused here, not
+    failed merge by merge."""
+    if spec.gpus_per_worker > 0:
+        return []
+    entries = [
+        (f"combinations[{i}].methods[{j}]", method)
+        for i, group in enumerate(spec.combinations)
+        for j, method in enumerate(group.methods)
+    ]
+    if spec.search is not None:
+        entries += [(f"search.methods[{j}]", m) for j, m in enumerate(spec.search.methods)]
+    drivers = [(key, getattr(method, "svd_driver", None)) for key, method in entries]
+    return [
+        f"{key}.svd_driver: {', '.join(value) if isinstance(value, list) else value} names a "
+        "cuSOLVER driver, which torch uses only on CUDA, and these workers have no GPU "
+        "(gpus_per_worker: 0); remove svd_driver, or give the workers GPUs"
+        for key, value in drivers
+        if value is not None
+    ]
 
 
 def group_problems(spec: SweepSpec) -> list[str]:

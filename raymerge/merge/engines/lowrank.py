@@ -15,12 +15,17 @@ from the factors).
              1 / density, sum (seeded per merge).
 - knots_ties KnOTS (Stoica et al., ICLR 2025): one SVD of the deltas side by side, [dW_1 ... dW_T]
              = U S V^T; TIES on each task's block S V_i^T; the merge is U times the result.
-- knots_dare KnOTS with DARE on those blocks.
-- tsv        TSV-Merge (Gargiulo et al., CVPR 2025): each task's top singular vectors (a fraction
-             `k` of its rank), stacked and decorrelated by orthogonal Procrustes.
+- knots_dare_ties  KnOTS-DARE-TIES, as the paper's code runs it: DARE on those blocks, then TIES'
+             sign election and disjoint mean (no magnitude trim).
+- knots_dare_linear  DARE on those blocks, then their plain sum (what `knots_dare` was).
+- tsv        TSV-Merge (Gargiulo et al., CVPR 2025): each task's top singular vectors, stacked and
+             decorrelated by orthogonal Procrustes; max(1, round(k * budget)) triplets per task,
+             k in (0, 1] (default 1), the budget the task's LoRA rank (`k_of: rank`, default) or
+             the paper's int(min(out, in) / T) for T tasks, capped at that rank (`k_of: dims`).
 - iso_c      Iso-C (Marczak et al., ICML 2025): the summed delta with its singular values replaced
-             by their mean, over the spectrum's non-zero part (a LoRA sum has rank R at most);
-             written at svd_rank along the sum's top singular directions.
+             by their mean, over the spectrum's non-zero part (`mean_over: nonzero`, default: a
+             LoRA sum has rank R at most) or, as the paper's code, over all min(out, in) of them
+             (`mean_over: all`); written at svd_rank along the sum's top singular directions.
 
 Every method scales its result by `alpha` (default 1). TIES and DARE follow PEFT's conventions
 (the int(density * size) largest magnitudes kept; a zero sign sum elects +; DARE rescales).
@@ -136,7 +141,15 @@ def _knots_ties(inputs, params, rank):
     return u, arithmetic.ties(stacked, ones, _ties_params(params))[0]
 
 
-def _knots_dare(inputs, params, rank):
+def _knots_dare_ties(inputs, params, rank):
+    u, blocks = knots_space(inputs)
+    stacked = torch.stack(blocks).unsqueeze(1)
+    ones = stacked.new_ones(len(inputs))
+    masks = _masks(stacked, params)
+    return u, arithmetic.dare_ties(stacked, ones, _ties_params(params), masks)[0]
+
+
+def _knots_dare_linear(inputs, params, rank):
     u, blocks = knots_space(inputs)
     stacked = torch.stack(blocks).unsqueeze(1)
     ones = stacked.new_ones(len(inputs))
@@ -145,14 +158,16 @@ def _knots_dare(inputs, params, rank):
 
 def _tsv(inputs, params, rank):
     """Each task's top singular vectors (in the core space, where its SVD is its delta's), its
-    k = max(1, round(k * rank)) of them, stacked, made orthonormal by the nearest orthonormal
-    matrix (orthogonal Procrustes: U_hat = P Q^T for U_hat's SVD P S Q^T)."""
+    max(1, round(k * budget)) of them (`tsv_budget`), stacked, made orthonormal by the nearest
+    orthonormal matrix (orthogonal Procrustes: U_hat = P Q^T for U_hat's SVD P S Q^T)."""
     u_ref, v_ref = core_bases(inputs)
     us, sigmas, vs = [], [], []
     fraction = float(params.get("k", 1.0))
+    shape = (u_ref.shape[0], v_ref.shape[1])
     for core, (b, _, _) in zip(cores(inputs, u_ref, v_ref), inputs, strict=True):
         u, s, vh = torch.linalg.svd(core)
-        kept = max(1, round(fraction * b.shape[1]))
+        budget = tsv_budget(params.get("k_of", "rank"), b.shape[1], shape, len(inputs))
+        kept = max(1, round(fraction * budget))
         us.append(u[:, :kept])
         sigmas.append(s[:kept])
         vs.append(vh[:kept].T)
@@ -162,6 +177,15 @@ def _tsv(inputs, params, rank):
     return u_ref @ merged, v_ref
 
 
+def tsv_budget(k_of: str, rank: int, shape: tuple[int, int], tasks: int) -> int:
+    """The triplets TSV may keep of one task: its LoRA rank (`rank`), or TSV-Merge's share of
+    the module's dimensions, int(min(out, in) * (1 / T)) as its code computes it, capped at the
+    rank (past it the singular values are 0 and the vectors arbitrary), at least 1."""
+    if k_of == "rank":
+        return rank
+    return max(1, min(rank, int(min(shape) * (1 / tasks))))
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (P Q^T from the SVD P S Q^T)."""
     p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
@@ -169,19 +193,26 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _iso_c(inputs, params, rank):
-    """The sum of the cores, every non-zero singular value replaced by their mean. A flat
-    spectrum has no best rank-k part: the written rank keeps the sum's own top directions."""
+    """The sum of the cores, every non-zero singular value replaced by their mean (or, with
+    `mean_over: all`, by their sum over min(out, in): the mean of the delta's whole spectrum,
+    zeros included). A flat spectrum has no best rank-k part: the written rank keeps the sum's
+    own top directions."""
     u_ref, v_ref = core_bases(inputs)
     u, s, vh = torch.linalg.svd(cores(inputs, u_ref, v_ref).sum(dim=0))
     nonzero = tensors.count(s > s.max() * max(s.shape[0], 1) * torch.finfo(torch.float32).eps)
     # Singular values come sorted: the non-zero ones are the first `nonzero`.
     flat = s[:nonzero].mean() if nonzero else s.new_zeros(())
+    if params.get("mean_over") == "all":  # the zeros past the rank of the sum count too
+        flat = flat * nonzero / min(u_ref.shape[0], v_ref.shape[1])
     kept = min(rank, nonzero)
     merged = (u[:, :kept] * flat) @ vh[:kept]
     return u_ref @ merged, v_ref
 
 
 def _ties_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Signs elected by total, always: a block's or core's basis is an SVD's, whose signs are
+    arbitrary, and only the total's election commutes with flipping them (counting signs ties
+    at 0 too often, DARE's dropped entries counting for neither)."""
     return {"density": params["density"], "majority_sign_method": "total"}
 
 
@@ -199,7 +230,8 @@ METHODS = {
     "core_ties": _core_ties,
     "core_dare": _core_dare,
     "knots_ties": _knots_ties,
-    "knots_dare": _knots_dare,
+    "knots_dare_ties": _knots_dare_ties,
+    "knots_dare_linear": _knots_dare_linear,
     "tsv": _tsv,
     "iso_c": _iso_c,
 }

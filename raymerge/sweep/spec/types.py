@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints
 
-from raymerge.merge.registry import METHODS
+from raymerge.merge.registry import METHODS, RENAMED
 
 T = TypeVar("T")
 
@@ -48,5 +48,7 @@ class FrozenModel(BaseModel):
 def require_known_types(names: list[str]) -> None:
     """Raise ValueError (a validator's message) naming the first unknown combination type."""
     for name in names:
+        if name in RENAMED:
+            raise ValueError(f"combination type {name!r} is now {RENAMED[name]}: write one of them")
         if name not in METHODS:
             raise ValueError(f"unknown combination type {name!r}; use one of: {', '.join(METHODS)}")
