@@ -1,5 +1,6 @@
 """Dispatch: feeds merge workers tasks as they free up (pull-based), takes their results, retries
-the tasks of a worker that died, and waits for Ray to restart it (or drops it if it cannot).
+the tasks of a worker that died, and takes the worker up again once Ray has restarted it (on new
+capacity, if its node was lost), or drops it if Ray cannot.
 
 Usage (with started workers: `executor.RayWorkers` or `executor.LocalWorkers`)::
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from raymerge.cluster.executor import CALLS_PER_WORKER, WorkerDied
+from raymerge.cluster.executor import CALLS_PER_WORKER, Probes, WorkerDied, WorkerUnavailable
 from raymerge.cluster.keep import KeepTopK
 from raymerge.cluster.prune import drop_files
 from raymerge.cluster.race import TrialRounds, window_size
@@ -43,6 +45,9 @@ SECONDS_PER_CALL = 0.1
 at most MAX_MERGES_PER_CALL): cheap merges then cost one round trip per batch, not one each."""
 MAX_MERGES_PER_CALL = 32
 MANIFEST_FLUSH_SECONDS = 30.0
+RESTART_WAIT_SECONDS = 600.0
+"""How long a run whose every worker is down waits for one to come back (as long as a run waits
+for its workers to start; RAYMERGE_RESTART_TIMEOUT overrides it): then the rest is not run."""
 
 
 @dataclass(eq=False)  # compared by identity: two workers are never "equal"
@@ -53,7 +58,9 @@ class WorkerState:
     cached: set[str] = field(default_factory=set)
     """The adapters in its cache, as its last result listed them (empty after it died)."""
     alive: bool = True
-    """False once Ray cannot restart it (out of restarts, or its node is gone)."""
+    """False once it is dropped for good: out of restarts, or not back when it was needed."""
+    down: bool = False
+    """Died or unreachable: given no work until a probe finds it back (executor.Probes)."""
 
 
 def make_scheduler(plan: Plan, pending: Iterator[MergeTask], search):
@@ -79,6 +86,7 @@ class Dispatch:
         progress: Progress | None,
         fail_fast: bool,
         search: Search | None = None,
+        restart_timeout: float | None = None,
     ):
         self.plan = plan
         self.executor = workers
@@ -107,8 +115,10 @@ class Dispatch:
         if evaluate is None and plan.spec.scheduling == "round_robin":
             self.fixed_per_call = 1  # task i to worker i % n, as it says
         self.seconds_per_merge: float | None = None  # moving average of finished merges
-        # info() calls on workers that died, until they are back (in the order they died).
-        self.probes: dict[Any, WorkerState] = {}
+        self.probes = Probes(workers)
+        default = float(os.environ.get("RAYMERGE_RESTART_TIMEOUT", RESTART_WAIT_SECONDS))
+        self.restart_timeout = default if restart_timeout is None else restart_timeout
+        self.stalled_since: float | None = None  # since when only workers that are down are left
         self.attempts: dict[str, int] = {}
         summary.workers = {str(w): WorkerStats() for w in self.workers}
 
@@ -117,9 +127,11 @@ class Dispatch:
             for _ in range(TASKS_IN_FLIGHT_PER_WORKER):
                 self._feed(worker)
         last_flush = time.monotonic()
-        while self.in_flight or self.probes or self.rounds:
-            ref = self.executor.first_done([*self.in_flight, *self.probes, *self.rounds])
-            if ref in self.probes:
+        while self._busy():
+            ref = self._next_done()
+            if ref is None:  # a probe is due (or the wait for restarts is over)
+                self.probes.send_due()
+            elif ref in self.probes.out:
                 self._probed(ref)
             elif ref in self.rounds:
                 self._round_done(ref)
@@ -136,7 +148,7 @@ class Dispatch:
 
     def _feed(self, worker: WorkerState) -> None:
         """Send `worker` its next call: up to `per_call` tasks."""
-        if self.stopping or not worker.alive or worker in self.probes.values():
+        if self.stopping or not worker.alive or worker.down:
             return
         expected = worker.cached | {
             name
@@ -315,28 +327,75 @@ class Dispatch:
         return True
 
     def _worker_died(self, worker: WorkerState, tasks: list[MergeTask], exc: WorkerDied) -> None:
-        """Retry the tasks anywhere; wait for Ray to restart the worker, or drop it if it cannot."""
+        """Retry the tasks anywhere; the worker gets no work until a probe finds it back."""
         for task in tasks:
             if not self._retry(task):
                 attempts = self.attempts[task.merge_id]
                 error = f"worker died {attempts} times running it: {exc}"
                 self._record_failure(task, error, worker.index)
         worker.cached = set()
-        if worker.alive and worker not in self.probes.values():
+        if worker.alive and not worker.down:
+            log.warning("merge worker %d died (%s); Ray restarts it if it can", worker.index, exc)
+            worker.down = True
             self.summary.workers[str(worker.index)].restarts += 1
-            self.probes[self.executor.submit(worker.index, "info")] = worker
+            self.scheduler.drop_worker(worker.index)  # its share goes to the others meanwhile
+            self.probes.send(worker.index)
         for other in self._alive():  # a retried task may go to any worker now
             self._top_up(other)
 
     def _probed(self, ref) -> None:
-        worker = self.probes.pop(ref)
-        try:
-            self.executor.result(ref)
-        except WorkerDied:  # out of restarts, or its node is gone
-            worker.alive = False
-            self.scheduler.drop_worker(worker.index)
+        index, error = self.probes.answer(ref)
+        worker = self.workers[index]
+        if isinstance(error, WorkerUnavailable):  # restarting (maybe waiting for capacity)
             return
+        if error is not None:  # out of restarts: this death was not followed by a restart
+            self.summary.workers[str(index)].restarts -= 1
+            self._lose(worker, f"Ray will not restart it: {error}")
+            return
+        log.warning("merge worker %d is back after a restart", index)
+        worker.down = False
+        self.stalled_since = None
+        self.scheduler.add_worker(index)
         self._top_up(worker)
+
+    def _lose(self, worker: WorkerState, why: str) -> None:
+        """Drop `worker` for good (the scheduler dropped it when it went down)."""
+        log.warning("merge worker %d is dropped from the run: %s", worker.index, why)
+        worker.alive = worker.down = False
+        self.probes.forget(worker.index)
+
+    def _busy(self) -> bool:
+        """Whether to go on: calls out, or workers down that the rest of the run still needs. A
+        sweep whose workers that are up found no more work ends without waiting for those down;
+        one whose every worker is down waits at most `restart_timeout` for one to come back."""
+        if self.in_flight or self.rounds:
+            return True
+        down = [w for w in self._alive() if w.down]
+        if not down:
+            return False
+        now = time.monotonic()
+        if self.stopping or len(down) < len(self._alive()):
+            why = "the run has no work left for it"
+        elif self.stalled_since is None or now - self.stalled_since < self.restart_timeout:
+            self.stalled_since = self.stalled_since or now
+            return True
+        else:
+            why = f"no merge worker came back within {self.restart_timeout:.0f} s"
+        for worker in down:
+            self._lose(worker, why)
+        return False
+
+    def _next_done(self):
+        """The first call done, or None once the next probe is due (or the wait is over)."""
+        times = list(self.probes.due.values())
+        if self.stalled_since is not None:
+            times.append(self.stalled_since + self.restart_timeout)
+        timeout = max(0.0, min(times) - time.monotonic()) if times else None
+        calls = [*self.in_flight, *self.probes.out, *self.rounds]
+        if not calls:  # only workers waiting for their next probe
+            time.sleep(timeout or 0.0)
+            return None
+        return self.executor.first_done(calls, timeout)
 
     def _alive(self) -> list[WorkerState]:
         return [worker for worker in self.workers.values() if worker.alive]

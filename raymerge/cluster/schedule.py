@@ -45,8 +45,12 @@ class LocalityScheduler:
         self._retries.append(task)
 
     def drop_worker(self, worker: int) -> None:
-        """`worker` is gone for good; the set it was working through is free for others."""
+        """`worker` is gone (for now or for good); the set it was working through is free for
+        others."""
         self._current.pop(worker, None)
+
+    def add_worker(self, worker: int) -> None:
+        """`worker` is back (restarted, its cache empty): it picks a set at its next ask."""
 
     def next_for(self, worker: int, cached: Collection[str]) -> MergeTask | None:
         """The next task for `worker`, which holds the adapters `cached`; None when all are out."""
@@ -108,9 +112,16 @@ class RoundRobinScheduler:
         self._retries.append(task)
 
     def drop_worker(self, worker: int) -> None:
-        """`worker` is gone for good: its queued tasks go to the others."""
-        self._order.remove(worker)
-        self._retries.extend(self._queues.pop(worker))
+        """`worker` is gone (for now or for good): its queued tasks go to the others."""
+        if worker in self._queues:
+            self._order.remove(worker)
+            self._retries.extend(self._queues.pop(worker))
+
+    def add_worker(self, worker: int) -> None:
+        """`worker` is back: it takes its turn again from the next tasks dealt out."""
+        if worker not in self._queues:
+            self._order.append(worker)
+            self._queues[worker] = deque()
 
     def drain(self) -> Iterator[MergeTask]:
         """Every task not handed out yet."""
@@ -157,6 +168,9 @@ class SearchScheduler:
     def drop_worker(self, worker: int) -> None:
         pass
 
+    def add_worker(self, worker: int) -> None:
+        pass
+
     def drain(self) -> Iterator[MergeTask]:
         yield from self._search.drain()
 
@@ -181,6 +195,10 @@ class ChainScheduler:
     def drop_worker(self, worker: int) -> None:
         for scheduler in self._schedulers:
             scheduler.drop_worker(worker)
+
+    def add_worker(self, worker: int) -> None:
+        for scheduler in self._schedulers:
+            scheduler.add_worker(worker)
 
     def drain(self) -> Iterator[MergeTask]:
         for scheduler in self._schedulers:
