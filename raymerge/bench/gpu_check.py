@@ -9,11 +9,14 @@ Three parts, sized to finish in well under 8 minutes on one H200:
    PEFT's path, merged on `--device` and on the CPU from the same inputs: the largest relative
    error of each merged delta (B @ A) against the CPU's, and whether two runs on the device give
    the same bytes (DARE included: its masks come from the CPU stream whatever the device).
-2. **scoring**: a scored sweep on a generated Llama (hidden 2048 on a GPU) with
-   `adapters_per_pass` 1, 4 and 16: merges/s and the device's peak memory.
-3. **merge bench**: the `llama-8b` shape (config-only base, bf16 adapters of ~84 MB) merged on
-   the device: merges/s per type, peak memory, and the share of each merge's time in arithmetic,
-   copy to host, serialisation and writing.
+   The world has the real model's layout (SmolLM2-135M-Instruct's config: hidden 576, 30
+   layers, 9 query and 3 key/value heads, so k and v are 192 wide) with generated weights.
+2. **scoring**: a scored sweep on a Llama of that layout and vocabulary (49,152), weights
+   generated, with `adapters_per_pass` 1, 4 and 16: merges/s and the device's peak memory.
+3. **merge bench**: the `smollm2-135m` and `llama-8b` shapes (config-only bases, bf16 adapters
+   of r=16 on every linear layer; ~84 MB at 8B) merged on the device: merges/s per type, peak
+   memory, and the share of each merge's time in arithmetic, copy to host, serialisation and
+   writing.
 
 `--device cpu --small` runs the same code on tiny sizes (the tests do, so the check cannot rot).
 """
@@ -43,9 +46,23 @@ round differently on a GPU."""
 SCORING_PASSES = (1, 4, 16)
 BENCH_TYPES = ("linear", "cat", "ties", "dare_linear", "svd", "core_ta")
 SIZES = {
-    # (world hidden, layers) for the types, (hidden, layers, merges) for scoring, bench shape
-    "full": {"types": (1024, 2), "scoring": (2048, 8, 32), "bench": "llama-8b", "bench_pairs": 6},
-    "small": {"types": (64, 2), "scoring": (64, 2, 20), "bench": "small", "bench_pairs": 3},
+    # The worlds of the types and of scoring (build_world's arguments), the merge bench's shapes.
+    # Full: the real model's layout (SmolLM2-135M: hidden 576, 30 layers, 9/3 heads, vocabulary
+    # 49,152) with weights generated here, since its file is too large to carry to a GPU host.
+    "full": {
+        "types": {"shape": "smollm2-135m"},
+        "scoring": {"shape": "smollm2-135m"},
+        "scoring_merges": 32,
+        "bench": ("smollm2-135m", "llama-8b"),
+        "bench_pairs": 6,
+    },
+    "small": {
+        "types": {"hidden_size": 64, "layers": 2},
+        "scoring": {"hidden_size": 64, "layers": 2},
+        "scoring_merges": 20,
+        "bench": ("small",),
+        "bench_pairs": 3,
+    },
 }
 
 
@@ -118,9 +135,8 @@ def check_types(root: Path, device: str, size: str, log: Callable[[str], None]) 
     from raymerge.demo.world import AdapterShape, build_world
     from raymerge.store.publish import serialise, stage
 
-    hidden, layers = SIZES[size]["types"]
     shape = AdapterShape(r=8, lora_alpha=16)
-    world = build_world(root / "types", {"a": shape, "b": shape}, hidden_size=hidden, layers=layers)
+    world = build_world(root / "types", {"a": shape, "b": shape}, **SIZES[size]["types"])
     rows = []
     for engine in ("fast", "peft"):
         here = Merger(_config(world, device, "", engine=engine))
@@ -164,12 +180,11 @@ def check_scoring(root: Path, device: str, size: str, log: Callable[[str], None]
     from raymerge.cluster.worker import MergeWorker
     from raymerge.demo.world import AdapterShape, build_world
 
-    hidden, layers, merges = SIZES[size]["scoring"]
+    merges = SIZES[size]["scoring_merges"]
     shape = AdapterShape(r=16, lora_alpha=32, target_modules=("q_proj", "v_proj"))
-    log(f"scoring: building a Llama of hidden {hidden}, {layers} layers")
+    log(f"scoring: building a Llama of {SIZES[size]['scoring']}")
     names = ("a", "b", "c")
-    world = build_world(root / "scoring", dict.fromkeys(names, shape), hidden_size=hidden,
-                        layers=layers)  # fmt: skip
+    world = build_world(root / "scoring", dict.fromkeys(names, shape), **SIZES[size]["scoring"])
     datasets = {"text": {"uri": str(_eval_set(root / "eval")), "kind": "text"}}
     pairs = list(itertools.combinations(names, 2))
     measured = [
@@ -210,14 +225,15 @@ def _largest_difference(losses: list[float], reference: list[float]) -> float:
     return max(abs(a - b) for a, b in zip(losses, reference, strict=True))
 
 
-def _bench_world(root: Path, size: str):
+def _bench_world(root: Path, shape: str):
     from raymerge.demo.world import AdapterShape, build_config_only_world, build_world
 
     names = [f"adapter{i}" for i in range(4)]
-    if SIZES[size]["bench"] == "llama-8b":
-        return build_config_only_world(root / "bench", "llama-8b", names)
-    shape = AdapterShape(r=16, lora_alpha=32)
-    return build_world(root / "bench", dict.fromkeys(names, shape), hidden_size=64, layers=2)
+    if shape != "small":
+        return build_config_only_world(root / "bench" / shape, shape, names)
+    adapter = AdapterShape(r=16, lora_alpha=32)
+    return build_world(root / "bench" / shape, dict.fromkeys(names, adapter), hidden_size=64,
+                       layers=2)  # fmt: skip
 
 
 def _timed_merge(merger, task, folder: str, device: str) -> dict[str, float]:
@@ -252,24 +268,30 @@ def _pipelined(world, device: str, tasks, out: Path) -> float:
 
 
 def check_merge_bench(root: Path, device: str, size: str, log: Callable[[str], None]) -> list:
-    """Merge-only throughput per type at the bench shape, with each stage's share of the time."""
+    """Merge-only throughput per type at each bench shape, with each stage's share of the time."""
+    rows = []
+    for shape in SIZES[size]["bench"]:
+        rows += _merge_bench(root, _bench_world(root, shape), shape, device, size, log)
+    return rows
+
+
+def _merge_bench(root: Path, world, shape: str, device: str, size: str, log) -> list:
     from raymerge.cluster.merger import Merger
 
-    world = _bench_world(root, size)
     names = tuple(world.adapters)
     pairs = list(itertools.combinations(names, 2))[: SIZES[size]["bench_pairs"]]
     merger = Merger(_config(world, device, ""))
     merger.inputs(names)  # loaded once, as a worker keeps them
     rows = []
     for n, name in enumerate(BENCH_TYPES):
-        log(f"merge bench: {name}")
+        log(f"merge bench: {shape} {name}")
         out = root / "bench-out" / name
         tasks = [_task(pair, (0.6, 0.4), name, 16, 100 * n + i) for i, pair in enumerate(pairs)]
         _timed_merge(merger, tasks[0], str(out / "warm-up"), device)
         _reset_peak(device)
         stages = [_timed_merge(merger, t, str(out / t.merge_id), device) for t in tasks]
         total = sum(sum(s.values()) for s in stages)
-        row = {"type": name, "merges_per_s": round(len(tasks) / total, 2),
+        row = {"shape": shape, "type": name, "merges_per_s": round(len(tasks) / total, 2),
                "peak_mb": _peak_mb(device)}  # fmt: skip
         for stage in ("arithmetic", "serialise", "copy_to_host", "hash", "write"):
             row[f"{stage}_share"] = round(sum(s.get(stage, 0.0) for s in stages) / total, 3)

@@ -70,8 +70,12 @@ SEARCH_METHODS = [
 
 @dataclass(frozen=True)
 class World:
-    """What the bench races: the sizes of the grid and of its eval sets."""
+    """What the bench races: the model, the sizes of the grid and of its eval sets."""
 
+    model: str = "tiny"
+    """tiny: the 64-wide demo world with the noise adapter (the grid above); real: the real
+    model's demo (SmolLM2-135M-Instruct, its three skill adapters, its 48-merge grid, one
+    generation set per skill, ranked by the real demo's objective)."""
     examples: int = EXAMPLES
     weights: tuple = WEIGHTS
     methods: tuple = METHODS
@@ -169,6 +173,8 @@ def racing_spec(root: Path, world: World, workers: int, log=print) -> dict[str, 
     sets, and the grid's spec (paths relative to `root/demo`, where its runs are written)."""
     from raymerge.demo.demo import demo_spec, prepare_demo
 
+    if world.model == "real":
+        return real_racing_spec(root, world, workers, log)
     folder = prepare_demo(root / "demo", workers=1, log=log).parent
     noise = folder / "world" / "adapters" / NOISE
     if not noise.exists():
@@ -195,6 +201,25 @@ def racing_spec(root: Path, world: World, workers: int, log=print) -> dict[str, 
     }
     spec["cpus_per_worker"] = 1
     return spec
+
+
+def real_racing_spec(root: Path, world: World, workers: int, log=print) -> dict[str, Any]:
+    """The real demo under `root/demo`, its generation sets drawn with `world.examples` held-out
+    items each, its grid and objective (its own racing left to the bench)."""
+    from raymerge.demo.real_demo import prepare_real_demo, real_demo_spec, write_eval_sets
+
+    folder = prepare_real_demo(root / "demo", log=log).parent
+    write_eval_sets(folder / "bench-eval", world.examples)
+    spec = real_demo_spec()
+    evaluate = spec["evaluate"]
+    evaluate.pop("racing")
+    evaluate["datasets"] = {
+        name: {**entry, "path": f"./bench-eval/{name}.jsonl"}
+        for name, entry in evaluate["datasets"].items()
+        if isinstance(entry, dict)  # the generation sets, which the objective reads
+    }
+    evaluate["max_samples"] = world.examples
+    return {**spec, "workers": workers, "cpus_per_worker": 2 if workers == 1 else 1}
 
 
 def _term_set(metric: str, texts: list[str]) -> str | None:

@@ -16,7 +16,7 @@ from raymerge.cli import render
 from raymerge.cli.bench import bench_app
 from raymerge.cli.console import consoles
 from raymerge.cli.errors import exit_on_error
-from raymerge.cli.runs import location, run_and_report, run_demo
+from raymerge.cli.runs import location, run_and_report, run_demo, run_real_demo
 from raymerge.quiet import hidden_warnings, quiet_libraries
 
 app = typer.Typer(
@@ -95,21 +95,35 @@ def run(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("raymerge-demo"), help="Folder for the demo world and merges."),
-    workers: int = typer.Option(min(2, os.cpu_count() or 1), help="Merge workers."),
+    tiny: bool = typer.Option(
+        False, help="The 64-wide random world instead of the real model (a minute; for tests)."
+    ),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), help="Merge workers (--tiny)."),
     address: str | None = typer.Option(None, help="Ray cluster to join (default: local)."),
 ) -> None:
-    """Train tiny adapters on synthetic tasks, merge every pair many ways, score and rank them."""
+    """Merge adapters with real skills on a real model (SmolLM2-135M-Instruct, offline), score
+    and rank every merge, search the same space, and say what the best merge keeps."""
     from raymerge.cluster.session import ray_session
-    from raymerge.demo.demo import prepare_demo
     from raymerge.sweep.plan import load_plan
 
     with exit_on_error():
-        consoles.out.print(f"Building a tiny Llama-architecture world in {out}/world …")
-        spec = prepare_demo(out, workers, log=consoles.out.print)
+        if tiny:
+            from raymerge.demo.demo import prepare_demo
+
+            consoles.out.print(f"Building a tiny Llama-architecture world in {out}/world …")
+            spec = prepare_demo(out, workers, log=consoles.out.print)
+            the_plan = load_plan(spec)
+            render.print_plan(the_plan.summary())
+            with ray_session(address):  # one Ray instance for the grid and the search
+                run_demo(the_plan, spec, address)
+            return
+        from raymerge.demo.real_demo import prepare_real_demo
+
+        consoles.out.print(f"Laying out the real-model demo in {out} …")
+        spec = prepare_real_demo(out, log=consoles.out.print)
         the_plan = load_plan(spec)
         render.print_plan(the_plan.summary())
-        with ray_session(address):  # one Ray instance for the grid and the search
-            run_demo(the_plan, spec, address)
+        run_real_demo(the_plan, spec, address)
 
 
 @app.command()

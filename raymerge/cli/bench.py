@@ -118,7 +118,11 @@ def bench_merge(
 @bench_app.command("eval")
 def bench_eval(
     out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
-    world: str = typer.Option("generated", help="generated, or demo (the demo's adapters)."),
+    world: str = typer.Option(
+        "generated",
+        help="generated, demo (the tiny demo's adapters), or real (SmolLM2-135M and the real "
+        "demo's adapters).",
+    ),
     hidden_size: int = typer.Option(64, help="Hidden size of the generated model."),
     layers: int = typer.Option(2, help="Decoder layers of the generated model."),
     adapters: int = typer.Option(4, help="Generated adapters; every pair is merged."),
@@ -131,8 +135,8 @@ def bench_eval(
     from raymerge.bench.eval import bench_eval as measure
 
     with exit_on_error():
-        if world not in ("generated", "demo"):
-            raise usage(f"--world {world!r}: use generated or demo")
+        if world not in ("generated", "demo", "real"):
+            raise usage(f"--world {world!r}: use generated, demo or real")
         figures = measure(
             (out / f"eval-{world}").resolve(),
             world=world,
@@ -218,15 +222,26 @@ def bench_racing(
     growth: float | None = typer.Option(None, help="evaluate.racing.growth."),
     confidence: float | None = typer.Option(None, help="evaluate.racing.confidence."),
     search: bool = typer.Option(True, help="Also search the grid's world at a budget of 13."),
+    world: str = typer.Option(
+        "tiny", help="tiny (the 64-wide world's 216 merges) or real (SmolLM2-135M, 48 merges)."
+    ),
+    examples: int | None = typer.Option(
+        None, help="Examples per eval set (default: 256 tiny, 64 real)."
+    ),
     json_out: Path | None = typer.Option(None, "--json-out", help="Also write the figures here."),
 ) -> None:
-    """Racing a 216-merge grid against scoring it fully (the top-1 found, the scorings used),
-    then TPE with pruning at a budget of 13 on the same world."""
+    """Racing a grid against scoring it fully (the top-1 found, the scorings used), then TPE
+    with pruning at a budget of 13 on the same world."""
     import tempfile
 
+    from raymerge.bench.racing import EXAMPLES, World
     from raymerge.bench.racing import bench_racing as measure
 
     with exit_on_error():
+        if world not in ("tiny", "real"):
+            raise usage(f"--world {world!r}: use tiny or real")
+        default = EXAMPLES if world == "tiny" else 64
+        the_world = World(model=world, examples=examples or default)
         names = _names(rules)
         if not names or set(names) - {"bound", "halving"}:
             raise usage(f"--rules {rules!r}: use bound, halving, or both")
@@ -241,6 +256,7 @@ def bench_racing(
                 workers=workers,
                 rules=names,
                 racing=racing,
+                world=the_world,
                 search=search,
                 log=consoles.out.print,
             )

@@ -203,6 +203,41 @@ def verdict(result) -> str:
     return "\n".join(lines)
 
 
+def print_grid_and_search(result) -> None:
+    """The best of the grid's merges and of the search's candidates, each with how many were
+    raced or pruned and how many scored on every example."""
+    grid = [row for row in result.rows if row.get("trial") in (None, "")]
+    searched = [row for row in result.rows if row.get("trial") not in (None, "")]
+    stopped = result.stopped
+    parts = []
+    for name, rows, searching in (("grid", grid, False), ("search", searched, True)):
+        if not rows:
+            continue
+        early = sum((row.get("trial") not in (None, "")) == searching for row in stopped)
+        parts.append(
+            f"{name}: best {rows[0]['objective']:.4f} ({len(rows) + early} merges, "
+            f"{len(rows)} scored on every example)"
+        )
+    consoles.out.print("; ".join(parts).capitalize())
+
+
+def print_kept_skills(row: dict[str, Any], kept: list[dict[str, Any]]) -> None:
+    """What the best merge keeps of each merged adapter's own skill, skill by skill."""
+    table = Table(title=f"What the best merge ({row['adapters']}, {row['combination_type']}) keeps")
+    for column in ("skill", "base model", "adapter alone", "best merge", "kept"):
+        table.add_column(column, justify="left" if column == "skill" else "right")
+    for entry in kept:
+        share = "" if entry["kept"] is None else f"{100 * entry['kept']:.0f}%"
+        table.add_row(
+            entry["skill"],
+            number(entry["base"]),
+            number(entry["alone"]),
+            number(entry["merged"]),
+            share,
+        )
+    consoles.out.print(table)
+
+
 def print_rebuilt(results) -> None:
     """One line per rebuilt merge: where it is and whether it matches its merge.json."""
     for result in results:

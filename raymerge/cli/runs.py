@@ -71,3 +71,20 @@ def run_demo(the_plan, spec: Path, address: str | None) -> None:
     )
     consoles.out.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
     render.print_outputs(result)
+
+
+def run_real_demo(the_plan, spec: Path, address: str | None) -> None:
+    """The real-model demo: one sweep (a raced grid, then a search), its leaderboard and
+    verdict, the grid's best against the search's, and what the best merge keeps of each
+    adapter's own skill."""
+    from raymerge.demo.real_demo import kept_skills
+    from raymerge.report.report import build_report
+
+    run_and_report(the_plan, address)
+    result = build_report(the_plan.output)
+    render.print_leaderboard(result, top=10)
+    consoles.out.print(render.verdict(result))
+    render.print_grid_and_search(result)
+    render.print_kept_skills(result.rows[0], kept_skills(result.rows[0], result.references))
+    consoles.out.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
+    render.print_outputs(result)

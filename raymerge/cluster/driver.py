@@ -196,11 +196,11 @@ def _dispatch(
     plan, scheduler, out, summary, progress, fail_fast, search, race, workers, nodes: dict
 ) -> None:
     summary.executor = workers.kind
-    _score_references(plan, workers)
+    note = getattr(progress, "note", None)
+    _score_references(plan, workers, note)
     dispatch_started = time.perf_counter()
     if race is not None and race.survivors is None:  # not settled offline: race on the workers
-        note = getattr(progress, "note", None)
-        scorer = RoundScorer(workers, plan).score
+        scorer = RoundScorer(workers, plan, note).score
         race.survivors = race.run(_race_objective(plan), scorer, note)
         _settle_race(plan, race, out, summary)
         if progress:
@@ -263,7 +263,7 @@ def _settle_race(plan: Plan, race: Race, out: Output, summary: RunSummary) -> No
     summary.race = [asdict(r) for r in race.rounds]
 
 
-def _score_references(plan: Plan, workers) -> None:
+def _score_references(plan: Plan, workers, note=None) -> None:
     """Score the input adapters once per output (on worker 0), unless an earlier run did. A
     failure ends the run with one line naming it (ClusterError; an input's own error as is)."""
     options = plan.spec.storage_options
@@ -271,6 +271,8 @@ def _score_references(plan: Plan, workers) -> None:
         return
     names = plan.adapters_used()
     what = f"the references (the base model and input adapters {', '.join(names)}) on worker 0"
+    if note is not None:
+        note(f"Scoring {what} …")
     try:
         references = workers.result(workers.submit(0, "score_references", names))
     except WorkerDied as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -200,11 +201,15 @@ class RoundScorer:
     by workers as they free up; a call whose worker died goes again (up to `task_retries`), on
     that worker once Ray has restarted it, else on the others."""
 
-    def __init__(self, workers, plan: Plan):
+    NOTE_EVERY_S = 10.0
+
+    def __init__(self, workers, plan: Plan, note=None):
         self.workers = workers
         self.per_call = plan.spec.evaluate.adapters_per_pass
         self.retries = plan.spec.task_retries
         self.alive = set(workers.indices())
+        self.note = note
+        """Hears a line of progress at most every NOTE_EVERY_S seconds while a round runs."""
 
     def score(
         self, tasks: list[MergeTask], window: Window
@@ -225,7 +230,14 @@ class RoundScorer:
         for index in sorted(self.alive):
             for _ in range(CALLS_PER_WORKER):
                 feed(index)
+        last_note = time.monotonic()
         while in_flight:
+            if self.note is not None and time.monotonic() - last_note >= self.NOTE_EVERY_S:
+                last_note = time.monotonic()
+                self.note(
+                    f"  scoring {len(tasks)} merges on examples {window.start + 1}-{window.stop} "
+                    f"of each set: {len(got) + len(failed)} done"
+                )
             call = self.workers.first_done(list(in_flight))
             index, chunk = in_flight.pop(call)
             try:

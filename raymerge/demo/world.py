@@ -64,25 +64,35 @@ def build_tokenizer(path: Path) -> Path:
 
 
 def build_base_model(
-    path: Path, *, hidden_size: int = 64, layers: int = 2, vocab_size: int = 256, seed: int = 0
+    path: Path,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    vocab_size: int = 256,
+    seed: int = 0,
+    shape: str | None = None,
 ) -> Path:
-    """Save a randomly initialised Llama-architecture causal LM to `path`.
+    """Save a randomly initialised Llama-architecture causal LM to `path` (of a named `shape`
+    of SHAPES, if given: its layout and vocabulary, with generated weights).
 
     Drawn in float64 and saved in float32: a float32 draw differs between CPUs (torch's
     vectorised normal sampler depends on the instruction set), its float32 rounding does not.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden_size // 16),
-        num_key_value_heads=max(1, hidden_size // 16),
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    if shape is not None:
+        config = LlamaConfig(**SHAPES[shape])
+    else:
+        config = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden_size // 16),
+            num_key_value_heads=max(1, hidden_size // 16),
+            vocab_size=vocab_size,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
     dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -92,7 +102,7 @@ def build_base_model(
         finally:
             torch.set_default_dtype(dtype)
     model.to(torch.float32).save_pretrained(path)
-    if vocab_size >= 256:
+    if config.vocab_size >= 256:
         build_tokenizer(path)  # beside the weights, where evaluation looks for it
     return path
 
@@ -123,9 +133,13 @@ def build_world(
     hidden_size: int = 64,
     layers: int = 2,
     seed: int = 0,
+    shape: str | None = None,
 ) -> World:
-    """A base model under `root/base` and one adapter per entry under `root/adapters/<name>`."""
-    base = build_base_model(root / "base", hidden_size=hidden_size, layers=layers, seed=seed)
+    """A base model under `root/base` (of `shape`, if named) and one adapter per entry under
+    `root/adapters/<name>`."""
+    base = build_base_model(
+        root / "base", hidden_size=hidden_size, layers=layers, seed=seed, shape=shape
+    )
     built = {
         name: build_adapter(base, root / "adapters" / name, shape, seed=seed + 1 + i)
         for i, (name, shape) in enumerate(adapters.items())
@@ -134,6 +148,17 @@ def build_world(
 
 
 SHAPES = {
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
     "llama-8b": {
         "hidden_size": 4096,
         "intermediate_size": 14336,
@@ -141,9 +166,12 @@ SHAPES = {
         "num_attention_heads": 32,
         "num_key_value_heads": 8,
         "vocab_size": 128256,
+        "tie_word_embeddings": False,
     },
 }
-"""Model configs of real sizes (Llama-3.1-8B's shapes), for benchmarks: nothing is downloaded."""
+"""Model configs of real sizes, for benchmarks and the GPU check: SmolLM2-135M-Instruct's (the
+real model's, whose weights are generated where its file cannot go) and Llama-3.1-8B's. Nothing
+is downloaded."""
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -166,7 +194,7 @@ def build_config_only_world(
     from raymerge.merge.format import SAFETENSORS_METADATA, WEIGHTS_FILE, saved_key
     from raymerge.merge.layout import layout_from_config
 
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    config = LlamaConfig(**SHAPES[shape])
     base = root / "base"
     config.save_pretrained(base)
     layout = layout_from_config(config, "CAUSAL_LM")
