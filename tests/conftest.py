@@ -114,6 +114,7 @@ def demo_dir(tmp_path_factory):
 
 
 HEAVY_FIRST = [
+    "test_real_model.py",
     "test_s3.py",
     "test_scale.py",
     "test_run.py",

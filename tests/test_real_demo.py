@@ -35,9 +35,9 @@ def test_the_demo_is_laid_out_and_plans(tmp_path):
     for skill in SKILLS:
         rows = [json.loads(x) for x in (spec.parent / "eval" / f"{skill}_gen.jsonl").open()]
         assert len(rows) == 64 and all(is_held_out(skill, row["prompt"]) for row in rows)
-        # Generation stops after ANSWER_TOKENS: every answer fits, with one token to spare.
+        # Generation stops after ANSWER_TOKENS: every answer fits.
         longest = max(len(tokenizer(" " + row["answer"])["input_ids"]) for row in rows)
-        assert longest < ANSWER_TOKENS[skill], (skill, longest)
+        assert longest <= ANSWER_TOKENS[skill], (skill, longest)
 
 
 def test_training_never_sees_an_eval_item():

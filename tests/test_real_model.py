@@ -122,7 +122,7 @@ def skill_scores(base, tmp_path_factory) -> dict:
         rows = skill_examples(skill, GENERATED, "eval", seed=0)
         path = _jsonl(root / f"{skill}.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
         datasets[skill] = {"path": str(path), "kind": "generate", "max_new_tokens": 8}
-    spec = _spec(base, root / "out", {s: str(ADAPTERS / s) for s in SKILLS}, [], datasets)
+    spec = _spec(base, root / "out", {s: str(ADAPTERS / s) for s in SKILLS}, MERGES[:1], datasets)
     spec["evaluate"]["batch_size"] = 32
     plan = load_plan(write_spec(root, spec))
     return MergeWorker(0, plan.worker_config()).score_references(list(SKILLS))
@@ -187,6 +187,7 @@ def peft_type_merges(base, layer_adapters, tmp_path_factory) -> dict[str, tuple]
     }
     spec = _spec(base, root / "out", {k: str(v) for k, v in layer_adapters.items()}, [group])
     del spec["evaluate"]
+    spec["output_dtype"] = "float32"  # PEFT's result is float32: compared unrounded
     plan = load_plan(write_spec(root, spec))
     worker = MergeWorker(0, plan.worker_config())
     out = {}
@@ -304,6 +305,9 @@ def _merged(base, sets, adapters_per_pass: int, bridge: bool) -> dict:
     }
     adapters = {s: str(ADAPTERS / s) for s in SKILLS}
     spec = _spec(base, root / "out", adapters, MERGES, datasets)
+    # Written (and so scored) in float32, as PeftModel.from_pretrained holds a float16 file's
+    # adapter on a float32 base: the comparison is of the scoring, not of the precision.
+    spec["output_dtype"] = "float32"
     spec["evaluate"]["adapters_per_pass"] = adapters_per_pass
     if bridge:
         tasks = ["h_mc", "h_txt", "h_gen"]

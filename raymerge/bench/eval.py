@@ -121,7 +121,9 @@ def _real_spec(root: Path, log) -> dict:
     from raymerge.demo.skills import SKILLS
 
     demo = prepare_real_demo(root / "real", log=log)
-    return _text_sets_of(demo, {skill: f"./eval/{skill}.jsonl" for skill in SKILLS})
+    spec = _text_sets_of(demo, {skill: f"./eval/{skill}.jsonl" for skill in SKILLS})
+    spec.pop("search")  # the grid's merges only, the same in every timing
+    return spec
 
 
 def _text_sets_of(demo: Path, texts: dict[str, str] | None = None) -> dict:

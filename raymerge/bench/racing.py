@@ -211,6 +211,7 @@ def real_racing_spec(root: Path, world: World, workers: int, log=print) -> dict[
     folder = prepare_real_demo(root / "demo", log=log).parent
     write_eval_sets(folder / "bench-eval", world.examples)
     spec = real_demo_spec()
+    spec.pop("search")  # the bench searches on its own (search_figures)
     evaluate = spec["evaluate"]
     evaluate.pop("racing")
     evaluate["datasets"] = {

@@ -27,9 +27,10 @@ GENERATED = 64
 TEXTS = 32
 """Held-out lines per skill's text set (for jobs/local-demo.yaml; the demo scores generation)."""
 ANSWER_TOKENS = {"sums": 4, "reverse": 5, "title": 4}
-"""Tokens generated per answer: the longest held-out answer's (a space, then up to three digits;
-up to four words; up to three words), plus one where a word may split. Generating stops there,
-not at the newline: a decoding step costs as much for one row as for all."""
+"""Tokens generated per answer: the longest held-out answer's (a space and up to three digits,
+each a token; up to four words; up to three words), plus one for the word skills, whose words a
+merge may split. Generating stops there, not at the newline: a decoding step costs as much for
+one row as for all, and a right answer needs no more."""
 
 
 def skill_metric(skill: str) -> str:
