@@ -57,9 +57,10 @@ from raymerge.store.manifest import merge_dir
 from raymerge.sweep.plan import load_plan
 
 LOSS_TOLERANCE = 1e-3
-"""How far a rerun's first losses may be from the recorded ones: float32 sums in another order
-(thread count, CPU kernels) move them by about 1e-6 (measured: see the closing note of issue
-31); another batch, seed or learning rate moves them by more than 0.05."""
+"""How far a rerun's first losses may be from the recorded ones. Measured on the first 3 steps
+of `sums`: on 1 thread against the recorded 2, equal to the 6 decimals recorded; with seed 1,
+0.13 away; with learning rate 2e-3, 0.22 away. Another CPU's kernels may round float32 sums in
+another order, by far less than 1e-3 over 3 steps."""
 
 
 @pytest.fixture(scope="module")
