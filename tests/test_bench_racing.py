@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-from raymerge.bench.racing import NOISE, World, bench_racing, ranked
+from raymerge.bench.racing import bench_racing, ranked
+from raymerge.bench.racing_world import NOISE, World
 from raymerge.cli import render
 from raymerge.cli.console import consoles
 from raymerge.store.manifest import read_manifest, read_references
@@ -81,7 +82,8 @@ def test_a_tie_is_judged_on_the_full_sets(demo_dir, tmp_path):
     """The best merge is tied with itself; the worst of the grid (far behind on the choice set,
     on the same 48 examples) is not."""
     shutil.copytree(demo_dir / "world", tmp_path / "demo" / "world")
-    from raymerge.bench.racing import Truth, racing_spec, run_grid
+    from raymerge.bench.racing import Truth, run_grid
+    from raymerge.bench.racing_world import racing_spec
 
     tiny = World(
         examples=48,
@@ -100,7 +102,8 @@ def test_the_search_leg_reports_each_seed_against_the_grid(demo_dir, tmp_path):
     """One seed per budget unit on a small world: in evaluations, pruning buys more candidates
     than in trials, for no more than the budget's examples; the best is the best done line."""
     shutil.copytree(demo_dir / "world", tmp_path / "demo" / "world")
-    from raymerge.bench.racing import SEARCH_BUDGET, Truth, racing_spec, run_grid, search_figures
+    from raymerge.bench.racing import SEARCH_BUDGET, Truth, run_grid, search_figures
+    from raymerge.bench.racing_world import racing_spec
 
     spec = racing_spec(tmp_path, SMALL, 1, log=lambda _: None)
     full, _ = run_grid(tmp_path, spec, "full")

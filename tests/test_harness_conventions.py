@@ -54,7 +54,7 @@ CORNERS = {
 """Corners of the harness's request building, each one example of a small set: an empty
 context (the harness conditions on the prefix token alone and encodes the continuation without
 special tokens), a context of white space alone (it all moves to the continuation; the context
-is what `tokencode("")` gives: BOS here), and a text that starts with BOS's own text
+is what `tok_encode("")` gives: BOS here), and a text that starts with BOS's own text
 (`tok_encode` then adds no special tokens)."""
 EDGE_SETS = {
     name: [example for set_name, example in CORNERS.values() if set_name == name]
@@ -140,7 +140,7 @@ def harness(world, tokenizer):
                 samples = sorted(output["samples"][task], key=lambda s: s["doc_id"])
                 out[name][task] = {"results": output["results"][task], "samples": samples}
                 if kind == "text":  # each of a document's tokens is scored once
-                    tokens = [len(lm.tokencode(s["target"])) for s in samples]
+                    tokens = [len(lm.tok_encode(s["target"])) for s in samples]
                     out[name][task]["tokens"] = tokens
     return out
 

@@ -234,8 +234,8 @@ def bench_racing(
     with pruning at a budget of 13 on the same world."""
     import tempfile
 
-    from raymerge.bench.racing import EXAMPLES, World
     from raymerge.bench.racing import bench_racing as measure
+    from raymerge.bench.racing_world import EXAMPLES, World
 
     with exit_on_error():
         if world not in ("tiny", "real"):

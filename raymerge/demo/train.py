@@ -143,37 +143,15 @@ def train_skill(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-
-    def schedule(step: int) -> float:
-        rise = min(1.0, (step + 1) / recipe.warmup_steps)
-        return rise * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     items = skill_examples(skill, recipe.steps * recipe.batch_size, "train", seed=recipe.seed)
-    own = _own_rows(tokenizer, items)
     steps = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
-    losses, started = [], time.perf_counter()
-    model.train()
-    for step in range(steps):
-        size, other = recipe.batch_size, recipe.off_task
-        rows = own[step * size : (step + 1) * size] + off_task[step * other : (step + 1) * other]
-        input_ids, counted = _batch(tokenizer, rows)
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits[counted], input_ids[:, 1:][counted])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-        losses.append(round(loss.item(), 6))
-        if step % 10 == 0 or step == steps - 1:
-            log(f"{skill} step {step + 1}/{steps}: loss {losses[-1]:.4f}")
-    model.to(getattr(torch, recipe.save_dtype))
-    # The hub id, not this machine's cache path: the adapters ship, and say what they are for.
-    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID
-    model.save_pretrained(out)
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's blank model card; training.json says it
+    started = time.perf_counter()
+    batches = (
+        _batch(tokenizer, own + off_task[step * recipe.off_task : (step + 1) * recipe.off_task])
+        for step, own in enumerate(_chunks(_own_rows(tokenizer, items), recipe.batch_size))
+    )
+    losses = _fit(model, batches, recipe, steps, lambda i, x: log(f"{skill} {i}: loss {x:.4f}"))
+    _save(model, out, recipe)
     record = {
         "skill": skill,
         "command": command(skill),
@@ -187,6 +165,49 @@ def train_skill(
     }
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _chunks(rows: list, size: int):
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _fit(model, batches, recipe: Recipe, steps: int, log) -> list[float]:
+    """`steps` AdamW steps on the batches (warm-up, then cosine decay to 0 at `recipe.steps`):
+    each step's loss, rounded as recorded."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+
+    def schedule(step: int) -> float:
+        rise = min(1.0, (step + 1) / recipe.warmup_steps)
+        return rise * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    losses = []
+    model.train()
+    for step, (input_ids, counted) in zip(range(steps), batches, strict=False):
+        logits = model(input_ids=input_ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits[counted], input_ids[:, 1:][counted])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        losses.append(round(loss.item(), 6))
+        if step % 10 == 0 or step == steps - 1:
+            log(f"step {step + 1}/{steps}", losses[-1])
+    return losses
+
+
+def _save(model, out: Path, recipe: Recipe) -> None:
+    import torch
+
+    model.to(getattr(torch, recipe.save_dtype))
+    # The hub id, not this machine's cache path: the adapters ship, and say what they are for.
+    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_ID
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's blank model card; training.json says it
 
 
 def main(argv: list[str] | None = None) -> None:
