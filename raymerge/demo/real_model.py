@@ -97,6 +97,11 @@ def _convert(gguf: Path, folder: Path) -> None:
 
     from raymerge.quiet import quiet_libraries
 
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError(
+            "reading the real model's GGUF file needs the gguf package: "
+            "pip install 'raymerge[real-model]'"
+        )
     digest = sha256_file(gguf)
     if digest != GGUF_SHA256:
         raise InputError(
