@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-CHOICE_TASK = """task: {name}
+HEADER = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""
+"""Every task here: a local JSONL file as its one test split."""
+CHOICE_TASK = (
+    HEADER
+    + """output_type: multiple_choice
 doc_to_text: "{{{{prompt}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -21,14 +25,10 @@ doc_to_target: "{{{{answer}}}}"
   - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
 metadata: {{version: 1.0}}
 """
-TEXT_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
+)
+TEXT_TASK = (
+    HEADER
+    + """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
@@ -37,6 +37,26 @@ metric_list:
   - {{metric: byte_perplexity}}
 metadata: {{version: 1.0}}
 """
+)
+GENERATE_TASK = (
+    HEADER
+    + """output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: 8
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
+metadata: {{version: 1.0}}
+"""
+)
+"""raymerge's generate kind as a harness task: greedy until the newline, exact match after
+surrounding white space is stripped (raymerge's normalisation, for one-line answers)."""
 
 
 def lls(sample) -> list[float]:

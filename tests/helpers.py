@@ -333,3 +333,24 @@ def check_dense(name: str, adapters, weights, modules, rel: float = 1e-5, **give
         state[f"{PREFIX}{first}.lora_B.weight"].double()
         @ state[f"{PREFIX}{first}.lora_A.weight"].double()
     )
+
+
+def adapter_tensors(folder: Path, modules: list[str]):
+    """A saved adapter's factors on `modules` (float32) as the merge core takes them."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from raymerge.merge.format import PREFIX
+    from raymerge.merge.tensors import AdapterTensors
+
+    tensors = load_file(Path(folder) / "adapter_model.safetensors")
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    factors = {
+        m: (tensors[f"{PREFIX}{m}.lora_A.weight"].float(),
+            tensors[f"{PREFIX}{m}.lora_B.weight"].float())
+        for m in modules
+    }  # fmt: skip
+    lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=["x"])
+    return AdapterTensors(Path(folder).name, lora, factors)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    adapter_tensors,
     check_dense,
     lora_deltas,
     methods_for,
@@ -108,20 +109,9 @@ def test_iso_c_over_the_whole_spectrum_equals_its_dense_definition():
 @pytest.mark.parametrize("name", NEW)
 def test_each_new_method_equals_its_definition_on_real_gpt2_adapters(name):
     """tigrinya (r=8) and ironhack_r4 (r=4) on one attention layer's c_attn and c_proj."""
-    from safetensors.torch import load_file as load
 
     modules = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
-    adapters = []
-    for folder in ("tigrinya", "ironhack_r4"):
-        tensors = load(REAL / folder / "adapter_model.safetensors")
-        config = json.loads((REAL / folder / "adapter_config.json").read_text())
-        factors = {
-            m: (tensors[f"base_model.model.{m}.lora_A.weight"].float(),
-                tensors[f"base_model.model.{m}.lora_B.weight"].float())
-            for m in modules
-        }  # fmt: skip
-        lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=["c_attn"])
-        adapters.append(AdapterTensors(folder, lora, factors))
+    adapters = [adapter_tensors(REAL / folder, modules) for folder in ("tigrinya", "ironhack_r4")]
     check_dense(name, adapters, [0.7, 0.5], modules)
 
 

@@ -22,18 +22,19 @@ from pathlib import Path
 import pytest
 from harness_tasks import (
     CHOICE_TASK,
+    GENERATE_TASK,
     TEXT_TASK,
     assert_choice_metrics,
     choice_mismatches,
     text_mismatches,
 )
 from helpers import (
+    adapter_tensors,
     assert_matches_peft,
     check_dense,
     methods_for,
     write_spec,
 )
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("lm_eval")
@@ -52,7 +53,6 @@ from raymerge.demo.world import SHAPES
 from raymerge.merge.format import PREFIX, WEIGHTS_FILE
 from raymerge.merge.layout import layout_from_config
 from raymerge.merge.registry import METHODS
-from raymerge.merge.tensors import AdapterTensors
 from raymerge.store.manifest import merge_dir
 from raymerge.sweep.plan import load_plan
 
@@ -213,47 +213,13 @@ def test_each_peft_type_merges_the_real_layout_as_peft_does(
 
 @pytest.mark.parametrize("name", NEW_TYPES)
 def test_each_new_type_merges_the_real_layout_as_its_definition(name, layer_adapters):
-    adapters = []
-    for skill, folder in layer_adapters.items():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(folder / WEIGHTS_FILE)
-        modules = [m.removeprefix(PREFIX) for m in _layer_modules()]
-        factors = {
-            m: (tensors[f"{PREFIX}{m}.lora_A.weight"].float(),
-                tensors[f"{PREFIX}{m}.lora_B.weight"].float())
-            for m in modules
-        }  # fmt: skip
-        lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=["x"])
-        adapters.append(AdapterTensors(skill, lora, factors))
-    assert factors["model.layers.0.self_attn.k_proj"][1].shape == (192, 8)
+    modules = [m.removeprefix(PREFIX) for m in _layer_modules()]
+    adapters = [adapter_tensors(folder, modules) for folder in layer_adapters.values()]
+    assert adapters[0].factors["model.layers.0.self_attn.k_proj"][1].shape == (192, 8)
     check_dense(name, adapters, [0.8, 0.6], modules, rel=1e-4)
 
 
 # --- scores of merged adapters: the harness's, with the real tokenizer --------------------
-
-GENERATE_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n"]
-  do_sample: false
-  max_gen_toks: 8
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
-metadata: {{version: 1.0}}
-"""
-"""raymerge's generate kind as a harness task: greedy until the newline, exact match after
-surrounding white space is stripped (raymerge's normalisation, for one-line answers)."""
 
 MERGES = [
     {"adapters": [a, b], "weights": [[w, w]], "methods": [{"combination_type": t, **p}]}
