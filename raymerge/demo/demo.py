@@ -283,18 +283,20 @@ def prepare_demo(out: Path, workers: int, log: Callable[[str], None] = print) ->
         if not (adapter / CONFIG_FILE).exists():
             log(f"training the {task!r} adapter …")
             train_adapter(base, adapter, task, seed=10 + i)
-        _write_jsonl(
+        write_jsonl(
             out / "eval" / f"{task}.jsonl", [{"text": t} for t in task_texts(task, 64, 999)]
         )
-    _write_jsonl(out / "eval" / "upper_choice.jsonl", choice_examples(64, seed=998))
+    write_jsonl(out / "eval" / "upper_choice.jsonl", choice_examples(64, seed=998))
     sums = [{"prompt": p, "answer": a} for p, a in task_examples("sums", 64, seed=997)]
-    _write_jsonl(out / "eval" / "sums_gen.jsonl", sums)
+    write_jsonl(out / "eval" / "sums_gen.jsonl", sums)
     spec_path = out / "sweep.yaml"
     spec_path.write_text(yaml.safe_dump(demo_spec(workers), sort_keys=False))
     (out / "search.yaml").write_text(yaml.safe_dump(search_spec(workers), sort_keys=False))
     return spec_path
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object a line (an eval set), its folder made; returns `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

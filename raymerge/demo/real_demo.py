@@ -11,7 +11,6 @@ each adapter's own skill that the best merge keeps.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from raymerge.demo.demo import write_jsonl
 from raymerge.demo.skills import SKILLS, line, skill_examples
 from raymerge.demo.train import ADAPTERS
 
@@ -129,11 +129,11 @@ def write_eval_sets(folder: Path, generated: int, texts: int = TEXTS) -> dict[st
     paths = {}
     for skill in SKILLS:
         held_out = skill_examples(skill, generated, "eval", seed=0)
-        paths[f"{skill}_gen"] = _write_jsonl(
+        paths[f"{skill}_gen"] = write_jsonl(
             folder / f"{skill}_gen.jsonl",
             [{"prompt": prompt, "answer": answer} for prompt, answer in held_out],
         )
-        paths[skill] = _write_jsonl(
+        paths[skill] = write_jsonl(
             folder / f"{skill}.jsonl",
             [{"text": line(prompt, answer)} for prompt, answer in held_out[:texts]],
         )
@@ -158,9 +158,3 @@ def kept_skills(row: dict[str, Any], references: dict[str, Any]) -> list[dict[st
             }
         )
     return kept
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path

