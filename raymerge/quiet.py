@@ -9,11 +9,14 @@ RAYMERGE_SHOW_WARNINGS=1 shows them all as Python would.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 
 SHOW_WARNINGS = "RAYMERGE_SHOW_WARNINGS"
 
@@ -67,3 +70,48 @@ def hidden_warnings() -> str | None:
     count = f"{total} warning{'s' if total > 1 else ''}"
     kinds = f"{len(_hidden)} kinds, e.g. " if len(_hidden) > 1 else ""
     return f"{count} from libraries hidden ({kinds}{example}); {SHOW_WARNINGS}=1 shows them"
+
+
+_recording = threading.local()  # .caught: the list the current thread's warnings go to
+_recorders = 0  # threads recording now (under _recording_lock)
+_recording_lock = threading.Lock()
+_outer_show = None  # showwarning in place before recording began
+_always = None  # the "always" filter added while any thread records
+
+
+def _show_or_record(message, category, filename, lineno, file=None, line=None) -> None:
+    caught = getattr(_recording, "caught", None)
+    if caught is None:  # a thread that is not recording: as before
+        _outer_show(message, category, filename, lineno, file, line)
+        return
+    caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+
+@contextlib.contextmanager
+def recorded_warnings() -> Iterator[list]:
+    """The warnings raised by this thread in the block, every one (PEFT reports merge caveats
+    as UserWarnings), collected for the caller's record instead of shown. Other threads'
+    warnings are not collected here (`warnings.catch_warnings` is process-wide: it would record
+    a writer thread's warnings with the merge at hand), and behave as before."""
+    global _recorders, _outer_show, _always
+    caught: list = []
+    previous = getattr(_recording, "caught", None)
+    _recording.caught = caught
+    with _recording_lock:
+        if _recorders == 0:
+            _outer_show = warnings.showwarning
+            warnings.showwarning = _show_or_record
+            warnings.simplefilter("always")  # every occurrence, not once per place
+            _always = warnings.filters[0]
+        _recorders += 1
+    try:
+        yield caught
+    finally:
+        _recording.caught = previous
+        with _recording_lock:
+            _recorders -= 1
+            if _recorders == 0:
+                with contextlib.suppress(ValueError):
+                    warnings.filters.remove(_always)
+                if warnings.showwarning is _show_or_record:
+                    warnings.showwarning = _outer_show

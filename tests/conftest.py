@@ -93,6 +93,21 @@ def s3(s3_endpoint):
     return fs, f"{S3_BUCKET}/t-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def proxied_output(s3, s3_endpoint):
+    """An S3 output behind the fault proxy: (proxy, output URI, storage options); botocore does
+    not retry, so what the proxy scripts reaches raymerge's own handling."""
+    from flaky_s3 import FlakyS3Proxy
+
+    _, bucket = s3
+    with FlakyS3Proxy(s3_endpoint) as proxy:
+        options = {
+            "client_kwargs": {"endpoint_url": proxy.endpoint},
+            "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}},
+        }
+        yield proxy, f"s3://{bucket}/out", options
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The demo's world, trained once for the whole run (30 CPU seconds), shared by the xdist

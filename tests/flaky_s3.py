@@ -5,7 +5,10 @@ is cut; and on demand the endpoint goes `down` (connections cut at once) or beco
 (a request that arrives meanwhile, on a new or a pooled connection, is never read nor answered,
 even after the partition ends: a connection's packets lost for good). A slow store delays
 each PUT by `put_delay` seconds; after `deny_puts_after` PUTs every further PUT gets 403
-AccessDenied (a store that turned unwritable). `requests` logs what was forwarded, in order:
+AccessDenied (a store that turned unwritable). `fail(method, suffix, action, times)` scripts
+one kind of request (its path ending in `suffix`): "deny" answers 403 without forwarding it,
+"lose_reply" forwards it and cuts the connection instead of answering (the request took effect,
+the client cannot know). `requests` logs what was forwarded, in order:
 (method, path, query, start, end)."""
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class FlakyS3Proxy:
         self.put_delay = 0.0
         self.deny_puts_after: int | None = None
         self.requests: list[tuple[str, str, str, float, float]] = []
+        self.scripted: list[list] = []  # [method, suffix, action, times left (None: always)]
         puts = itertools.count(1)
         faults = self.faults
         lock = threading.Lock()
@@ -85,6 +89,10 @@ class FlakyS3Proxy:
                         faults["throttled"] += 1
                     self._answer(503, SLOW_DOWN)
                     return
+                action = proxy._scripted(self.command, self.path.partition("?")[0])
+                if action == "deny":
+                    self._answer(403, ACCESS_DENIED)
+                    return
                 started = time.monotonic()
                 if self.command == "PUT":
                     with lock:
@@ -102,6 +110,11 @@ class FlakyS3Proxy:
                     faults["forwarded"] += 1
                     path, _, query = self.path.partition("?")
                     proxy.requests.append((self.command, path, query, started, time.monotonic()))
+                if action == "lose_reply":
+                    self.close_connection = True
+                    self.connection.close()
+                    upstream_conn.close()
+                    return
                 self.send_response(response.status)
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 for key, value in response.getheaders():
@@ -126,6 +139,19 @@ class FlakyS3Proxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def fail(self, method: str, suffix: str, action: str, times: int | None = None) -> None:
+        """Script the next `times` requests (None: every one) of `method` on a path ending in
+        `suffix`: "deny" (403) or "lose_reply" (forwarded, then the connection cut)."""
+        self.scripted.append([method, suffix, action, times])
+
+    def _scripted(self, method: str, path: str) -> str | None:
+        for rule in self.scripted:
+            if rule[0] == method and path.endswith(rule[1]) and rule[3] != 0:
+                if rule[3] is not None:
+                    rule[3] -= 1
+                return rule[2]
+        return None
 
     def blackhole(self, seconds: float) -> None:
         """From now on, for `seconds`, requests get no answer (a network that drops packets)."""

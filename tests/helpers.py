@@ -143,6 +143,26 @@ def base_spec(world: World, output: str | Path, **overrides: Any) -> dict[str, A
     return spec
 
 
+def many_merges_plan(world: World, output, options, folder: Path, weightings: int, **overrides):
+    """A plan of `weightings` cat merges of a and b (cheap ones) writing to `output`."""
+    from raymerge.sweep.plan import load_plan
+
+    spec = base_spec(
+        world,
+        output,
+        storage_options=options,
+        combinations=[
+            {
+                "adapters": ["a", "b"],
+                "weights": [[0.5, round(0.1 * i, 2)] for i in range(1, weightings + 1)],
+                "methods": [{"combination_type": "cat"}],
+            }
+        ],
+        **overrides,
+    )
+    return load_plan(write_spec(folder, spec))
+
+
 def reference_merge(
     base_model: Path,
     adapter_dirs: list[Path],

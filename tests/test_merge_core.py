@@ -3,15 +3,28 @@ dtype is what ran, not a literal."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from helpers import base_spec, write_spec
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
 from raymerge.cluster.merger import Merger
 from raymerge.cluster.worker import MergeWorker
 from raymerge.merge import core, seeding
+from raymerge.merge.engines import fast
 from raymerge.sweep.plan import load_plan
+
+aten = torch.ops.aten
+PRODUCTS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.mv, aten.dot, aten._linalg_svd}
+PRODUCTS |= {aten.linalg_qr, aten.linalg_eigh, aten.sum, aten.mean}
+"""Matrix products, factorisations and reductions: arithmetic, whatever their operands."""
+ELEMENTWISE = {aten.add, aten.sub, aten.mul, aten.div}
+"""Arithmetic where two tensors meet. With one tensor and a number (`b * scale` to check it is
+finite, `+ 0.0` to turn -0.0 into 0.0) they only touch values already computed."""
 
 DARE_TYPES = {
     "dare_linear": {"density": 0.5},
@@ -89,21 +102,60 @@ def test_seeded_leaves_the_callers_stream_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
+class ArithmeticDtypes(TorchDispatchMode):
+    """Counts the floating-point dtypes the arithmetic ops (`PRODUCTS`, `ELEMENTWISE`) compute
+    in: what ran, whatever any code says it ran."""
+
+    def __init__(self, counts: Counter):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if packet in PRODUCTS or (packet in ELEMENTWISE and sum(t.dim() > 0 for t in operands) > 1):
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    self.counts[str(tensor.dtype).removeprefix("torch.")] += 1
+        return out
+
+
+def _measured_arithmetic(monkeypatch) -> Counter:
+    """The dtypes of the fast engine's arithmetic, counted op by op while it computes the merged
+    factors (`merge_tensors`: the output cast and its finiteness check come after)."""
+    counts: Counter = Counter()
+    computing = fast.merge_tensors
+
+    def measured(*args, **kwargs):
+        with ArithmeticDtypes(counts):
+            return computing(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "merge_tensors", measured)
+    return counts
+
+
 @pytest.mark.parametrize(
     ("combination_type", "params", "expected"),
     [
         ("linear", {}, "float32"),
+        ("svd", {"svd_rank": 4}, "float32"),  # its factors' QR and SVD, in the factors' dtype
         ("core_ta", {"svd_rank": 4}, "float64"),  # the methods PEFT lacks work in float64
+        ("knots_ties", {"density": 0.5, "svd_rank": 4}, "float64"),
     ],
 )
 def test_merge_json_records_the_compute_dtype_that_ran(
-    world, tmp_path, combination_type, params, expected
+    world, tmp_path, monkeypatch, combination_type, params, expected
 ):
     plan = _plan(world, tmp_path, combination_type, params)
     [task] = plan.tasks()
+    measured = _measured_arithmetic(monkeypatch)
     result = MergeWorker(0, plan.worker_config()).merge(task)
     assert result.done, result
     assert result.record["engine"] == "fast"
+    assert sum(measured.values()) > 0  # the arithmetic was seen
+    assert set(measured) == {result.record["compute_dtype"]}, measured
     assert result.record["compute_dtype"] == expected
     assert result.record["worker"]["device"] == "cpu"
 

@@ -8,7 +8,6 @@ the session's Ray instance) and removes the node of one worker mid-sweep."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -16,18 +15,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 from helpers import base_spec, write_spec
+from lost_node import LostNode
 
 from raymerge.cluster import executor
 from raymerge.cluster.dispatch import Dispatch, make_scheduler
-from raymerge.cluster.executor import LocalWorkers, WorkerDied, WorkerUnavailable
 from raymerge.cluster.resume import prepare_output
 from raymerge.cluster.summary import RunSummary
 from raymerge.cluster.worker import MergeWorker
@@ -35,50 +32,6 @@ from raymerge.store.manifest import read_manifest
 from raymerge.sweep.plan import load_plan
 
 SCENARIO = Path(__file__).with_name("node_loss_run.py")
-
-
-class LostNode(LocalWorkers):
-    """Worker 0's node is lost at its first merge call: its calls fail as Ray's do, and its
-    probes get `answers` in turn ("restarting", "dead"; then it is back; None: restarting for
-    ever). The other workers' calls wait until it is given work again (`hold` seconds at most),
-    so that they cannot finish the sweep alone meanwhile."""
-
-    def __init__(self, workers, answers: list[str] | None, hold: float = 5.0):
-        super().__init__(workers)
-        self.hold = hold
-        self.answers = itertools.repeat("restarting") if answers is None else iter(answers)
-        self.state = "up"
-        self.back = threading.Event()
-
-    def submit(self, index: int, method: str, *args) -> Future:
-        if index == 0 and self.state != "back":
-            if method != "info":
-                self.state = "down"
-                return _failed(WorkerUnavailable("RpcError: Socket closed"))
-            answer = next(self.answers, "back")
-            if answer == "restarting":
-                return _failed(WorkerUnavailable("IOError: The actor is restarting."))
-            if answer == "dead":
-                self.back.set()  # never back: the others go on
-                return _failed(WorkerDied("ActorDiedError: The actor died unexpectedly"))
-            self.state = "back"
-        elif index == 0 and method != "info":
-            self.back.set()  # back and given work: the others go on
-        elif method != "info":
-            call = getattr(self.workers[index], method)
-            return self._threads.submit(self._after_back, call, args)
-        return super().submit(index, method, *args)
-
-    def _after_back(self, call, args):
-        if not self.back.wait(self.hold):
-            self.back.set()  # it is not coming back: the others go on
-        return call(*args)
-
-
-def _failed(error: Exception) -> Future:
-    future = Future()
-    future.set_exception(error)
-    return future
 
 
 def _plan(world, tmp_path: Path, workers: int, weights: int):

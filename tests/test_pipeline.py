@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_spec, methods_for, write_spec
+from helpers import base_spec, many_merges_plan, methods_for, write_spec
 
 from raymerge.cluster.merger import Merger
 from raymerge.cluster.pipeline import CommitQueue
 from raymerge.cluster.worker import MergeWorker
 from raymerge.merge.format import weights_bytes, weights_parts
 from raymerge.merge.registry import METHODS
-from raymerge.store import manifest, publish, storage
+from raymerge.store import commits, manifest, publish, storage
 from raymerge.sweep.plan import load_plan
 
 
@@ -111,37 +111,6 @@ def test_one_merge_larger_than_the_budget_still_goes_through():
     queue.close()
 
 
-@pytest.fixture
-def proxied_output(s3, s3_endpoint):
-    """An S3 output behind the fault proxy: (proxy, output URI, storage options)."""
-    from flaky_s3 import FlakyS3Proxy
-
-    _, bucket = s3
-    with FlakyS3Proxy(s3_endpoint) as proxy:
-        options = {
-            "client_kwargs": {"endpoint_url": proxy.endpoint},
-            "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}},
-        }
-        yield proxy, f"s3://{bucket}/out", options
-
-
-def _many_merges_spec(world, output, options, tmp_path, weightings: int, **overrides):
-    spec = base_spec(
-        world,
-        output,
-        storage_options=options,
-        combinations=[
-            {
-                "adapters": ["a", "b"],
-                "weights": [[0.5, round(0.1 * i, 2)] for i in range(1, weightings + 1)],
-                "methods": [{"combination_type": "cat"}],
-            }
-        ],
-        **overrides,
-    )
-    return load_plan(write_spec(tmp_path, spec))
-
-
 def _order_of_puts(proxy, output: str) -> dict[str, dict[str, tuple[float, float]]]:
     """Per merge folder: each file's PUT (start, end), as the store saw them."""
     prefix = "/" + output.removeprefix("s3://") + "/merges/"
@@ -159,7 +128,7 @@ def test_a_slow_store_keeps_the_commit_order_and_bounds_the_queue(world, proxied
     its budget (two merges' worth) beyond one merge, and every merge.json is written after
     both of its files finished, exactly once."""
     proxy, output, options = proxied_output
-    plan = _many_merges_spec(world, output, options, tmp_path, 8)
+    plan = many_merges_plan(world, output, options, tmp_path, 8)
     config = plan.worker_config()
     worker = MergeWorker(0, config)
     tasks = list(plan.tasks())
@@ -175,7 +144,7 @@ def test_a_slow_store_keeps_the_commit_order_and_bounds_the_queue(world, proxied
         assert set(files) == {"adapter_model.safetensors", "adapter_config.json", "merge.json"}
         committed = files["merge.json"][0]
         assert all(end <= committed for name, (_, end) in files.items() if name != "merge.json")
-    assert {r.merge_id for r in results} == set(manifest.committed_merge_ids(output, options))
+    assert {r.merge_id for r in results} == set(commits.committed_merge_ids(output, options))
 
 
 def test_a_store_that_turns_unwritable_mid_queue_lists_only_what_it_committed(
@@ -187,7 +156,7 @@ def test_a_store_that_turns_unwritable_mid_queue_lists_only_what_it_committed(
     proxy, output, options = proxied_output
     # One writer: the merges are written one after the other, so the 7 PUTs let through are
     # exactly two merges' three files and one file of the third.
-    plan = _many_merges_spec(world, output, options, tmp_path, 10, writes={"writers": 1})
+    plan = many_merges_plan(world, output, options, tmp_path, 10, writes={"writers": 1})
     worker = MergeWorker(0, plan.worker_config())
     tasks = list(plan.tasks())
     puts_so_far = sum(1 for request in proxy.requests if request[0] == "PUT")
@@ -199,7 +168,7 @@ def test_a_store_that_turns_unwritable_mid_queue_lists_only_what_it_committed(
     assert all(r.fatal for r in failed) and any("AccessDenied" in r.error for r in failed)
     assert sum(r.error.startswith("not written") for r in failed) >= 1
     assert worker.writes.stopped is not None
-    assert set(manifest.committed_merge_ids(output, options)) == done
+    assert set(commits.committed_merge_ids(output, options)) == done
     fs, path = storage.filesystem(output, options)
     proxy.deny_puts_after = None
     left = {p.split("/merges/")[1].split("/")[0] for p in fs.find(f"{path}/merges")}
@@ -226,15 +195,57 @@ def test_a_large_file_goes_to_s3_in_concurrent_parts(s3, s3_endpoint):
     assert fs.cat_file(f"{bucket}/big.bin") == b"".join(data)
 
 
-def test_stage_timings_reach_the_result(world, tmp_path):
-    plan = _many_merges_spec(world, tmp_path / "out", {}, tmp_path, 2)
+DELAY = 0.4
+"""Seconds one stage is made slower by: far above what any stage of these tiny merges takes."""
+
+
+def _slowed(function, when=lambda *args, **kwargs: True):
+    def slow(*args, **kwargs):
+        if when(*args, **kwargs):
+            time.sleep(DELAY)
+        return function(*args, **kwargs)
+
+    return slow
+
+
+def _adapter_file(uri, *args, **kwargs) -> bool:
+    return not uri.endswith(manifest.MERGE_JSON)  # merge.json's write is the commit's
+
+
+SLOWED = {
+    "load": lambda worker: (worker.merger, "inputs", _slowed(worker.merger.inputs)),
+    "arithmetic": lambda worker: (worker.merger, "merge", _slowed(worker.merger.merge)),
+    "serialise": lambda worker: (publish, "config_bytes", _slowed(publish.config_bytes)),
+    "copy_to_host": lambda worker: (
+        publish.StagedAdapter,
+        "files",
+        _slowed(publish.StagedAdapter.files),
+    ),
+    "hash": lambda worker: (publish, "_digest", _slowed(publish._digest)),
+    "write": lambda worker: (storage, "write", _slowed(storage.write, _adapter_file)),
+    "commit": lambda worker: (manifest, "commit_merge", _slowed(manifest.commit_merge)),
+}
+"""Each stage a merge's result times, and how to make that stage, and only it, DELAY slower."""
+
+
+@pytest.mark.parametrize("slow", sorted(SLOWED))
+def test_stage_timings_reach_the_result(world, tmp_path, monkeypatch, slow):
+    """One stage made DELAY slower (per call: the hash and the write run once per file) shows up
+    in that stage of every result, and in no other; the record's total (merge.json's seconds,
+    written during the commit: it counts the stages before) and the result's total carry it."""
+    plan = many_merges_plan(world, tmp_path / "out", {}, tmp_path, 2)
     worker = MergeWorker(0, plan.worker_config())
+    monkeypatch.setattr(*SLOWED[slow](worker))
     started = time.perf_counter()
     results = worker.merge_many(list(plan.tasks()), [0, 0])
     elapsed = time.perf_counter() - started
     for result in results:
-        assert {"arithmetic", "serialise", "copy_to_host", "hash", "write", "commit"} <= set(
-            result.stages
-        )
-        assert result.seconds == pytest.approx(sum(result.stages.values()), abs=1e-3)
+        assert result.done, result.error
+        assert set(result.stages) == set(SLOWED)
+        assert result.stages[slow] >= DELAY, result.stages
+        others = {name: seconds for name, seconds in result.stages.items() if name != slow}
+        assert max(others.values()) < DELAY, result.stages
+        assert result.seconds >= DELAY
         assert result.record["seconds"] <= elapsed
+        if slow != "commit":
+            assert result.record["seconds"] >= DELAY

@@ -116,8 +116,13 @@ def _recipe(line: dict) -> tuple:
 
 
 def test_racing_finds_the_top_1_of_full_evaluation_for_a_third_of_the_cost(grid):
-    """Measured: the race keeps 2 of 36 merges (svd and cat of sums+upper at 0.3/0.7, 2.6100 and
-    2.6138, within each other's noise: both kept) for 32% of the example scorings."""
+    """Measured: round 1 scores all 36 merges on 16 examples of each set (1152 scorings, a
+    quarter of the 4608 a full evaluation makes, which no race can go below), stops 34 of them,
+    and the 2 left (svd and cat of sums+upper at 0.3/0.7, within each other's noise: both kept)
+    cost 64 more in round 2 and 128 to finish: 1344 scorings, 29.2%. A third is 1536: up to two
+    more merges kept to the end would still fit, a third would not. The nearest stops are 2.8
+    and 3.0 standard errors behind (the bound stops at 2.33): no thread count or rounding moves
+    them; a rule that kept those would be a different rule."""
     _, (full_plan, full), (race_plan, race) = grid
     truth = sorted(_by_status(full_plan.output)["done"].values(), key=lambda x: x["objective"])
     raced = _by_status(race_plan.output)
@@ -130,7 +135,7 @@ def test_racing_finds_the_top_1_of_full_evaluation_for_a_third_of_the_cost(grid)
     assert truth[1]["merge_id"] in raced["done"], "a merge within noise of the best was stopped"
     fraction = race.examples_scored / race.examples_if_full
     assert race.examples_if_full == full.examples_scored == 36 * 128
-    assert fraction < 0.5, fraction
+    assert fraction <= 1 / 3, fraction
 
 
 def test_a_stopped_merge_is_recorded_with_what_it_saw(grid):

@@ -18,7 +18,7 @@ from helpers import SweepThread, assert_matches_peft, base_spec, wait_for_commit
 
 from raymerge.cluster.driver import run_sweep
 from raymerge.errors import InputError, StorageError
-from raymerge.store import storage
+from raymerge.store import input_cache, storage
 from raymerge.store.manifest import read_manifest
 from raymerge.sweep.plan import load_plan
 
@@ -124,13 +124,13 @@ def test_remote_inputs_are_cached_once_and_refreshed_when_changed(
     monkeypatch.setenv("RAYMERGE_CACHE", str(tmp_path / "cache"))
     fs.pipe_file(f"{bucket}/ad/adapter_config.json", b"{}")
     options = {"endpoint_url": s3_endpoint}
-    first = storage.local_copy(f"s3://{bucket}/ad", options)
+    first = input_cache.local_copy(f"s3://{bucket}/ad", options)
     assert (first / "adapter_config.json").read_bytes() == b"{}"
     mtime = (first / "adapter_config.json").stat().st_mtime_ns
-    assert storage.local_copy(f"s3://{bucket}/ad", options) == first
+    assert input_cache.local_copy(f"s3://{bucket}/ad", options) == first
     assert (first / "adapter_config.json").stat().st_mtime_ns == mtime  # not fetched again
     fs.pipe_file(f"{bucket}/ad/adapter_config.json", b'{"r": 4}')
-    again = storage.local_copy(f"s3://{bucket}/ad", options)
+    again = input_cache.local_copy(f"s3://{bucket}/ad", options)
     assert (again / "adapter_config.json").read_bytes() == b'{"r": 4}'
 
 

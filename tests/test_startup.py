@@ -19,12 +19,8 @@ from test_faults import _no_partial_merges
 
 from raymerge.cluster.driver import run_sweep, runs_in_process
 from raymerge.errors import ClusterError, StorageError
-from raymerge.store.manifest import (
-    committed_merge_ids,
-    merge_dir,
-    read_manifest,
-    read_references,
-)
+from raymerge.store.commits import committed_merge_ids
+from raymerge.store.manifest import merge_dir, read_manifest, read_references
 from raymerge.sweep.plan import load_plan
 
 RECORD_TIMINGS = ("seconds", "worker", "versions", "created_at")

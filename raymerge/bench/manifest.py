@@ -63,7 +63,7 @@ def bench_manifest(root: Path, lines: int = 1_000_000, flush_every: int = 833) -
         written += len(line)
         if i % flush_every == 0:
             writer.flush()
-            writer._pending.result()  # one at a time, as a slow store would make them
+            writer.wait_for_flush()  # one at a time, as a slow store would make them
             republished += written  # the old way: the whole manifest again at each flush
     writer.close()
     seconds = time.perf_counter() - started

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from raymerge.cluster.executor import CALLS_PER_WORKER, Probes, WorkerDied, WorkerUnavailable
+from raymerge.cluster.executor import CALLS_PER_WORKER, WorkerDied
+from raymerge.cluster.fleet import Fleet, WorkerState
 from raymerge.cluster.keep import KeepTopK
 from raymerge.cluster.prune import drop_files
 from raymerge.cluster.race import TrialRounds, window_size
@@ -45,22 +45,6 @@ SECONDS_PER_CALL = 0.1
 at most MAX_MERGES_PER_CALL): cheap merges then cost one round trip per batch, not one each."""
 MAX_MERGES_PER_CALL = 32
 MANIFEST_FLUSH_SECONDS = 30.0
-RESTART_WAIT_SECONDS = 600.0
-"""How long a run whose every worker is down waits for one to come back (as long as a run waits
-for its workers to start; RAYMERGE_RESTART_TIMEOUT overrides it): then the rest is not run."""
-
-
-@dataclass(eq=False)  # compared by identity: two workers are never "equal"
-class WorkerState:
-    """What the dispatcher knows of one merge worker."""
-
-    index: int
-    cached: set[str] = field(default_factory=set)
-    """The adapters in its cache, as its last result listed them (empty after it died)."""
-    alive: bool = True
-    """False once it is dropped for good: out of restarts, or not back when it was needed."""
-    down: bool = False
-    """Died or unreachable: given no work until a probe finds it back (executor.Probes)."""
 
 
 def make_scheduler(plan: Plan, pending: Iterator[MergeTask], search):
@@ -87,10 +71,15 @@ class Dispatch:
         fail_fast: bool,
         search: Search | None = None,
         restart_timeout: float | None = None,
+        fleet: Fleet | None = None,
     ):
         self.plan = plan
         self.executor = workers
-        self.workers = {i: WorkerState(i) for i in workers.indices()}
+        self.fleet = fleet or Fleet(workers, restart_timeout)
+        self.workers = self.fleet.workers
+        for worker in self.workers.values():  # down or lost in an earlier stage (a race)
+            if worker.down or not worker.alive:
+                scheduler.drop_worker(worker.index)
         self.uris = plan.adapter_uris()
         self.writer = writer
         self.summary = summary
@@ -105,6 +94,8 @@ class Dispatch:
             references = manifest.read_references(plan.output, plan.spec.storage_options)
         self.objective = objective_of(plan.spec, references)
         self.keep = KeepTopK(plan.spec.keep.top, self.objective) if plan.spec.keep else None
+        if self.keep is not None:  # a resumed run's top k starts from the merges it carries
+            self._seed_top_k(writer)
         self.in_flight: dict[Any, tuple[WorkerState, list[MergeTask]]] = {}
         # A pruned search's candidates go round by round first (window calls), then in full.
         self.trial_rounds = TrialRounds(plan) if search is not None and search.pruning else None
@@ -115,12 +106,20 @@ class Dispatch:
         if evaluate is None and plan.spec.scheduling == "round_robin":
             self.fixed_per_call = 1  # task i to worker i % n, as it says
         self.seconds_per_merge: float | None = None  # moving average of finished merges
-        self.probes = Probes(workers)
-        default = float(os.environ.get("RAYMERGE_RESTART_TIMEOUT", RESTART_WAIT_SECONDS))
-        self.restart_timeout = default if restart_timeout is None else restart_timeout
-        self.stalled_since: float | None = None  # since when only workers that are down are left
         self.attempts: dict[str, int] = {}
         summary.workers = {str(w): WorkerStats() for w in self.workers}
+
+    def _seed_top_k(self, writer: manifest.ManifestWriter) -> None:
+        """Offer keep top-k the done merges carried over from earlier runs (their last lines),
+        so that this run writes files only for merges that beat them."""
+        for line in writer.lines_so_far():
+            if line.get("status") != Status.DONE or not line.get("metrics"):
+                continue
+            value = line.get("objective")
+            if value is None:
+                value = self.objective.value(line["metrics"])
+            for merge_id in self.keep.offer({**line, "objective": value}):
+                drop_files(self.plan, merge_id)  # `keep.top` is smaller than when it was made
 
     def run(self) -> None:
         for worker in self.workers.values():
@@ -128,10 +127,10 @@ class Dispatch:
                 self._feed(worker)
         last_flush = time.monotonic()
         while self._busy():
-            ref = self._next_done()
-            if ref is None:  # a probe is due (or the wait for restarts is over)
-                self.probes.send_due()
-            elif ref in self.probes.out:
+            ref = self.fleet.first_done([*self.in_flight, *self.rounds])
+            if ref is None:  # a probe was due (or the wait for restarts is over)
+                pass
+            elif self.fleet.is_probe(ref):
                 self._probed(ref)
             elif ref in self.rounds:
                 self._round_done(ref)
@@ -145,6 +144,8 @@ class Dispatch:
                 self.summary.not_run += 1
             else:
                 self._record_failure(task, "not run: every merge worker died")
+        for worker in self.workers.values():  # a race's restarts included
+            self.summary.workers[str(worker.index)].restarts = worker.restarts
 
     def _feed(self, worker: WorkerState) -> None:
         """Send `worker` its next call: up to `per_call` tasks."""
@@ -169,9 +170,10 @@ class Dispatch:
             expected |= set(task.adapters)
             if task.trial is not None:  # one candidate per call: the next is asked knowing more
                 break
-        if len(tasks) == 1 and tasks[0].trial is not None and self._rounds_first():
-            self._submit_round(worker, tasks[0], 0)
-        elif tasks:
+        if tasks and tasks[-1].trial is not None and self._rounds_first():
+            # A pruned search's candidate goes round by round, whatever it was drawn with.
+            self._submit_round(worker, tasks.pop(), 0)
+        if tasks:
             attempts = [self.attempts.get(task.merge_id, 0) for task in tasks]
             call = self.executor.submit(worker.index, "merge_many", tasks, attempts)
             self.in_flight[call] = (worker, tasks)
@@ -333,72 +335,27 @@ class Dispatch:
                 attempts = self.attempts[task.merge_id]
                 error = f"worker died {attempts} times running it: {exc}"
                 self._record_failure(task, error, worker.index)
-        worker.cached = set()
-        if worker.alive and not worker.down:
-            log.warning("merge worker %d died (%s); Ray restarts it if it can", worker.index, exc)
-            worker.down = True
-            self.summary.workers[str(worker.index)].restarts += 1
+        if self.fleet.went_down(worker.index, exc):
             self.scheduler.drop_worker(worker.index)  # its share goes to the others meanwhile
-            self.probes.send(worker.index)
-        for other in self._alive():  # a retried task may go to any worker now
+        for other in self.fleet.up():  # a retried task may go to any worker now
             self._top_up(other)
 
     def _probed(self, ref) -> None:
-        index, error = self.probes.answer(ref)
-        worker = self.workers[index]
-        if isinstance(error, WorkerUnavailable):  # restarting (maybe waiting for capacity)
-            return
-        if error is not None:  # out of restarts: this death was not followed by a restart
-            self.summary.workers[str(index)].restarts -= 1
-            self._lose(worker, f"Ray will not restart it: {error}")
-            return
-        log.warning("merge worker %d is back after a restart", index)
-        worker.down = False
-        self.stalled_since = None
-        self.scheduler.add_worker(index)
-        self._top_up(worker)
-
-    def _lose(self, worker: WorkerState, why: str) -> None:
-        """Drop `worker` for good (the scheduler dropped it when it went down)."""
-        log.warning("merge worker %d is dropped from the run: %s", worker.index, why)
-        worker.alive = worker.down = False
-        self.probes.forget(worker.index)
+        worker = self.fleet.probed(ref)
+        if worker is not None:  # back after a restart
+            self.scheduler.add_worker(worker.index)
+            self._top_up(worker)
 
     def _busy(self) -> bool:
         """Whether to go on: calls out, or workers down that the rest of the run still needs. A
         sweep whose workers that are up found no more work ends without waiting for those down;
-        one whose every worker is down waits at most `restart_timeout` for one to come back."""
+        one whose every worker is down waits at most the restart timeout for one to come back."""
         if self.in_flight or self.rounds:
             return True
-        down = [w for w in self._alive() if w.down]
-        if not down:
+        if self.stopping or self.fleet.up():
+            self.fleet.lose_down("the run has no work left for it")
             return False
-        now = time.monotonic()
-        if self.stopping or len(down) < len(self._alive()):
-            why = "the run has no work left for it"
-        elif self.stalled_since is None or now - self.stalled_since < self.restart_timeout:
-            self.stalled_since = self.stalled_since or now
-            return True
-        else:
-            why = f"no merge worker came back within {self.restart_timeout:.0f} s"
-        for worker in down:
-            self._lose(worker, why)
-        return False
-
-    def _next_done(self):
-        """The first call done, or None once the next probe is due (or the wait is over)."""
-        times = list(self.probes.due.values())
-        if self.stalled_since is not None:
-            times.append(self.stalled_since + self.restart_timeout)
-        timeout = max(0.0, min(times) - time.monotonic()) if times else None
-        calls = [*self.in_flight, *self.probes.out, *self.rounds]
-        if not calls:  # only workers waiting for their next probe
-            time.sleep(timeout or 0.0)
-            return None
-        return self.executor.first_done(calls, timeout)
-
-    def _alive(self) -> list[WorkerState]:
-        return [worker for worker in self.workers.values() if worker.alive]
+        return self.fleet.wait_for_restarts()
 
     def _top_up(self, worker: WorkerState) -> None:
         busy = sum(1 for w, _ in self.in_flight.values() if w is worker)

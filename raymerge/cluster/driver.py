@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 from raymerge.cluster.dispatch import Dispatch, make_scheduler
 from raymerge.cluster.executor import LocalWorkers, RayWorkers, WorkerDied
+from raymerge.cluster.fleet import Fleet
 from raymerge.cluster.prune import settle_top_k
 from raymerge.cluster.race import Race, RoundScorer, set_sizes, window_size
 from raymerge.cluster.resume import Output, pending_tasks, prepare_output
@@ -199,15 +200,18 @@ def _dispatch(
     note = getattr(progress, "note", None)
     _score_references(plan, workers, note)
     dispatch_started = time.perf_counter()
+    fleet = Fleet(workers)  # one view of which workers are up, for the race and the merges
     if race is not None and race.survivors is None:  # not settled offline: race on the workers
-        scorer = RoundScorer(workers, plan, note).score
+        scorer = RoundScorer(fleet, plan, note).score
         race.survivors = race.run(_race_objective(plan), scorer, note)
         _settle_race(plan, race, out, summary)
         if progress:
             left = [t for t in race.survivors if t.merge_id not in out.committed]
             budget = search.left if search is not None else 0
             progress.start(len(left) + budget, len(race.survivors) - len(left))
-    dispatch = Dispatch(plan, workers, scheduler, out.writer, summary, progress, fail_fast, search)
+    dispatch = Dispatch(
+        plan, workers, scheduler, out.writer, summary, progress, fail_fast, search, fleet=fleet
+    )
     for index, node in nodes.items():
         summary.workers[str(index)].node = node or ""
     try:

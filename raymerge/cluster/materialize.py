@@ -20,7 +20,7 @@ from typing import Any
 
 from raymerge.cluster.merger import Merger
 from raymerge.errors import InputError, MergeError
-from raymerge.store import manifest, publish, storage
+from raymerge.store import commits, manifest, publish, storage
 from raymerge.task import MergeTask, WorkerConfig
 
 
@@ -34,7 +34,7 @@ class Materialized:
 
 def read_record(output: str, merge_id: str, storage_options=None) -> dict[str, Any]:
     try:
-        record = manifest.read_committed(output, merge_id, storage_options)
+        record = commits.read_record(output, merge_id, storage_options)
     except ValueError as exc:  # not 16 hex digits
         raise InputError(f"{merge_id!r}: {exc}") from None
     if record is None:
@@ -147,4 +147,6 @@ def _rebuild(merger: Merger, record, output: str, to: str | None, storage_option
         folder = storage.join(to, task.merge_id)
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data, storage_options)
+    if to is None:  # its files are back: its merge.json says so again
+        commits.set_kept(output, task.merge_id, True, storage_options)
     return Materialized(task.merge_id, folder, matches, note)

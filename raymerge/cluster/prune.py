@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from raymerge.cluster.keep import final_top
 from raymerge.merge.format import ADAPTER_FILES
-from raymerge.store import manifest, storage
+from raymerge.store import commits, manifest, storage
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.plan import objective as objective_of
 
@@ -36,7 +36,8 @@ def settle_top_k(plan: Plan, writer: manifest.ManifestWriter) -> None:
 
 
 def drop_files(plan: Plan, merge_id: str) -> None:
-    """Remove a merge's adapter files (its merge.json stays: it can be rebuilt)."""
+    """Remove a merge's adapter files (its merge.json stays, saying so: it can be rebuilt)."""
+    options = plan.spec.storage_options
+    commits.set_kept(plan.output, merge_id, False, options)
     folder = manifest.merge_dir(plan.output, merge_id)
-    uris = [storage.join(folder, name) for name in ADAPTER_FILES]
-    storage.remove(uris, plan.spec.storage_options)
+    storage.remove([storage.join(folder, name) for name in ADAPTER_FILES], options)

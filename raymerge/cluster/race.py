@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from raymerge.cluster.executor import CALLS_PER_WORKER, WorkerDied
+from raymerge.cluster.fleet import Fleet
 from raymerge.score import racing, stats
 from raymerge.score.objective import Objective
 from raymerge.store import race_records
@@ -198,16 +199,17 @@ class Race:
 
 class RoundScorer:
     """Scores merges on a window across the workers: `adapters_per_pass` merges per call, pulled
-    by workers as they free up; a call whose worker died goes again (up to `task_retries`), on
-    that worker once Ray has restarted it, else on the others."""
+    by workers as they free up. A worker that dies goes through the fleet as in dispatch (probed,
+    given work again once Ray has restarted it, or dropped); its call goes again (up to
+    `task_retries`) on whichever worker is up."""
 
     NOTE_EVERY_S = 10.0
 
-    def __init__(self, workers, plan: Plan, note=None):
-        self.workers = workers
+    def __init__(self, fleet: Fleet, plan: Plan, note=None):
+        self.fleet = fleet
+        self.workers = fleet.executor
         self.per_call = plan.spec.evaluate.adapters_per_pass
         self.retries = plan.spec.task_retries
-        self.alive = set(workers.indices())
         self.note = note
         """Hears a line of progress at most every NOTE_EVERY_S seconds while a round runs."""
 
@@ -216,60 +218,60 @@ class RoundScorer:
     ) -> tuple[dict[str, WindowScores], dict[str, str]]:
         calls = deque(tasks[i : i + self.per_call] for i in range(0, len(tasks), self.per_call))
         attempts: dict[str, int] = {}
-        in_flight: dict[Any, tuple[int, list[MergeTask] | None]] = {}
+        in_flight: dict[Any, tuple[int, list[MergeTask]]] = {}
         got: dict[str, WindowScores] = {}
         failed: dict[str, str] = {}
-        probing: set[int] = set()  # died mid-call: asked whether Ray brought it back
 
-        def feed(index: int) -> None:
-            if calls and index in self.alive and index not in probing:
+        def top_up(index: int) -> None:
+            busy = sum(1 for i, _ in in_flight.values() if i == index)
+            worker = self.fleet.workers[index]
+            while calls and busy < CALLS_PER_WORKER and worker.alive and not worker.down:
                 chunk = calls.popleft()
-                call = self.workers.submit(index, "score_window", chunk, window)
-                in_flight[call] = (index, chunk)
+                in_flight[self.workers.submit(index, "score_window", chunk, window)] = (
+                    index,
+                    chunk,
+                )
+                busy += 1
 
-        for index in sorted(self.alive):
-            for _ in range(CALLS_PER_WORKER):
-                feed(index)
+        for worker in self.fleet.up():
+            top_up(worker.index)
         last_note = time.monotonic()
-        while in_flight:
+        while in_flight or (calls and self.fleet.wait_for_restarts()):
             if self.note is not None and time.monotonic() - last_note >= self.NOTE_EVERY_S:
                 last_note = time.monotonic()
                 self.note(
                     f"  scoring {len(tasks)} merges on examples {window.start + 1}-{window.stop} "
                     f"of each set: {len(got) + len(failed)} done"
                 )
-            call = self.workers.first_done(list(in_flight))
+            call = self.fleet.first_done(list(in_flight))
+            if call is None:
+                continue
+            if self.fleet.is_probe(call):
+                if (worker := self.fleet.probed(call)) is not None:  # back after a restart
+                    top_up(worker.index)
+                continue
             index, chunk = in_flight.pop(call)
             try:
                 results = self.workers.result(call)
             except WorkerDied as exc:
-                if chunk is None:  # the probe: Ray cannot bring it back
-                    probing.discard(index)
-                    self.alive.discard(index)
-                else:
-                    self._died(chunk, exc, attempts, calls, failed)
-                    if index not in probing:
-                        probing.add(index)
-                        in_flight[self.workers.submit(index, "info")] = (index, None)
-                self._feed_others(feed)
-                continue
-            if chunk is None:  # back up after a restart
-                probing.discard(index)
-                for _ in range(CALLS_PER_WORKER):
-                    feed(index)
+                self._died(chunk, exc, attempts, calls, failed)
+                self.fleet.went_down(index, exc)
+                for worker in self.fleet.up():
+                    top_up(worker.index)
                 continue
             for result in results:
                 if result.error is not None:
                     failed[result.merge_id] = result.error
                 else:
                     got[result.merge_id] = result
-            feed(index)
+            top_up(index)
         for chunk in calls:  # every worker gone
             for task in chunk:
                 failed[task.merge_id] = "not scored: every merge worker died"
         return got, failed
 
     def _died(self, chunk, exc, attempts, calls, failed) -> None:
+        """A call whose worker died goes again (first in line), up to `task_retries` times."""
         key = chunk[0].merge_id
         attempts[key] = attempts.get(key, 0) + 1
         if attempts[key] > self.retries:
@@ -277,10 +279,6 @@ class RoundScorer:
                 failed[task.merge_id] = f"worker died {attempts[key]} times scoring it: {exc}"
         else:
             calls.appendleft(chunk)
-
-    def _feed_others(self, feed) -> None:
-        for index in sorted(self.alive):
-            feed(index)
 
 
 class TrialRounds:

@@ -11,15 +11,19 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from raymerge.cluster.summary import RunSummary
 from raymerge.errors import StorageError
-from raymerge.store import inputs, manifest, storage
+from raymerge.merge.format import ADAPTER_FILES
+from raymerge.store import commits, inputs, manifest, publish, storage
 from raymerge.sweep.plan import Plan
 from raymerge.task import MergeTask, Status
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,7 +57,7 @@ def prepare_output(plan: Plan, rebuild_changed: bool) -> Output:
 def _prepare_output(plan: Plan, rebuild_changed: bool) -> Output:
     options = plan.spec.storage_options
     storage.check_writable(plan.output, options)
-    committed = manifest.committed_merge_ids(plan.output, options)
+    committed = _checked_commits(plan)
     digests = inputs.current_digests(plan)
     redo = inputs.check_unchanged(plan, digests, committed, rebuild_changed)
     committed -= redo
@@ -81,21 +85,38 @@ def _prepare_output(plan: Plan, rebuild_changed: bool) -> Output:
     return Output(committed, weights, writer, trial_lines)
 
 
-def carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:
-    """The manifest lines of merges done by earlier runs (streamed), and of search candidates
-    they pruned; done ones lost with a killed driver are rebuilt from their merge.json."""
+def _checked_commits(plan: Plan) -> set[str]:
+    """The merges committed by earlier runs whose files are all there as their merge.json
+    says; one that lost or changed a file (a deleted folder, a truncated file, a write whose
+    outcome was unknown) is uncommitted, named, and made again."""
     options = plan.spec.storage_options
-    listed: set[str] = set()
+    found = commits.committed_merges(plan.output, options)
+    for merge_id, problem in sorted(found.broken.items()):
+        log.warning("merge %s is made again: %s", merge_id, problem)
+        folder = manifest.merge_dir(plan.output, merge_id)
+        publish.remove(folder, dict.fromkeys(ADAPTER_FILES), options)
+    return found.ids
+
+
+def carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:
+    """The manifest lines of merges done by earlier runs (streamed; the last done line of each,
+    as keep top-k appends a later one), and of search candidates they pruned; done ones lost
+    with a killed driver are rebuilt from their merge.json."""
+    options = plan.spec.storage_options
+    last: dict[str, int] = {}  # merge id -> the position of its last done line
     pruned: dict[str, dict[str, Any]] = {}  # search candidates a pruner stopped (not committed)
-    for line in manifest.iter_lines(plan.output, options):
+    for position, line in enumerate(manifest.iter_lines(plan.output, options)):
         merge_id = line.get("merge_id")
-        if line.get("status") == Status.DONE and merge_id in committed and merge_id not in listed:
-            listed.add(merge_id)
-            yield line
+        if line.get("status") == Status.DONE and merge_id in committed:
+            last[merge_id] = position
         elif line.get("stopped") == "pruned" and merge_id not in committed:
             pruned[merge_id] = line
+    wanted = set(last.values())
+    for position, line in enumerate(manifest.iter_lines(plan.output, options)):
+        if position in wanted:
+            yield line
     yield from pruned.values()  # a race's stopped merges are listed again by its replay
-    missing = committed - listed  # committed after the last manifest flush of a killed run
+    missing = committed - set(last)  # committed after the last manifest flush of a killed run
     for record in manifest.read_records(plan.output, sorted(missing), options):
         yield manifest.manifest_line(plan.output, record)
 

@@ -8,7 +8,6 @@ actor's GPUs only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
@@ -16,8 +15,6 @@ import socket
 import threading
 import time
 import traceback
-import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,11 +26,11 @@ from raymerge.cluster.keep import keeps_files
 from raymerge.cluster.merger import Merger
 from raymerge.cluster.pipeline import CommitQueue
 from raymerge.errors import MergeError, RaymergeError, is_out_of_memory
-from raymerge.merge.tensors import AdapterTensors, MergedAdapter, MergeRun
-from raymerge.quiet import quiet_libraries
+from raymerge.merge.tensors import MergedAdapter, MergeRun
+from raymerge.quiet import quiet_libraries, recorded_warnings
 from raymerge.score.failures import out_of_memory_message
 from raymerge.score.objective import Objective
-from raymerge.store import manifest, publish, storage
+from raymerge.store import commits, manifest, publish, storage
 from raymerge.task import MergeResult, MergeTask, Status, Window, WindowScores, WorkerConfig
 
 if TYPE_CHECKING:
@@ -119,10 +116,7 @@ class MergeWorker:
             queued = []
             for task, attempt in zip(tasks, attempts, strict=True):
                 job = _Job(task, self.merger.cache.loads, self.merger.cache.load_seconds)
-                if self.writes.stopped is None:
-                    self._merge_job(job, attempt)
-                else:
-                    self._settle_loads(job)
+                self._merge_job(job, attempt)
                 queued.append(self._queue(job, None))
             self.merger.release(keep)
             return queued
@@ -186,7 +180,7 @@ class MergeWorker:
         started = time.perf_counter()
         scores: list[Scores | None] = [None] * len(pending)
         try:
-            with _captured_warnings() as caught:
+            with recorded_warnings() as caught:
                 scores = self.scorer.score_merged([job.merged for job in pending], window)
             for job in pending:
                 job.caught.extend(caught)
@@ -202,20 +196,25 @@ class MergeWorker:
         return {id(job): s for job, s in zip(pending, scores, strict=True)}
 
     def _merge_job(self, job: _Job, attempt: int) -> None:
+        """Merge one task (nothing once writing stopped: the worker makes no more)."""
         task = job.task
+        if self.writes.stopped is not None:
+            job.result = self._skipped(job, self.writes.stopped)
+            return
 
         def merge() -> None:
             if attempt:
-                record = manifest.read_committed(
+                record = commits.read_committed(
                     self.config.output, task.merge_id, self.config.storage_options
                 )
                 if record is not None:
                     job.result = self._result(job, Status.DONE, record=record)
                     return
             started = time.perf_counter()
-            job.inputs = self.merger.inputs(task.adapters)
+            inputs = self.merger.inputs(task.adapters)
             loaded = time.perf_counter()
-            job.merged = self.merger.merge(task, job.inputs)
+            job.merged = self.merger.merge(task, inputs)
+            job.provenance = [adapter.provenance for adapter in inputs]  # not their tensors
             job.ran = job.merged.ran
             job.stages["load"] = loaded - started
             job.stages["arithmetic"] = time.perf_counter() - loaded
@@ -237,8 +236,8 @@ class MergeWorker:
         """The job's result if it is settled, else a future of it once its writes are done."""
         if job.result is not None:
             return job.result
-        if job.merged is None:  # writing stopped before it was made
-            return self._skipped(job, self.writes.stopped or "writing stopped")
+        if self.writes.stopped is not None:  # stopped while it was scored
+            return self._skipped(job, self.writes.stopped)
         staged = publish.stage(job.merged, job.stages)  # on CUDA: the host copy starts
         job.merged = None  # the staged buffers hold what is still needed
         return self.writes.submit(
@@ -273,7 +272,7 @@ class MergeWorker:
         ran = job.ran
         record = manifest.merge_record(
             task,
-            inputs=[adapter.provenance for adapter in job.inputs],
+            inputs=job.provenance,
             base_model=self.config.base_model,
             engine=ran.engine,
             engine_fallback=ran.fallback,
@@ -298,7 +297,7 @@ class MergeWorker:
     def _guarded(self, job: _Job, step) -> None:
         """Run one step of a job; an error becomes its failed result (warnings are kept)."""
         try:
-            with _captured_warnings() as caught:
+            with recorded_warnings() as caught:
                 try:
                     step()
                 finally:
@@ -367,7 +366,8 @@ class _Job:
     """Whether `loads`, `load_seconds` and `cached` are its own (see `_settle_loads`)."""
     caught: list = field(default_factory=list)
     """Warnings raised while it was worked on."""
-    inputs: list[AdapterTensors] | None = None
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    """Where each input came from (its tensors are not held: the write needs only this)."""
     merged: MergedAdapter | None = None
     result: MergeResult | None = None
     stages: dict[str, float] = field(default_factory=dict)
@@ -378,15 +378,6 @@ class _Job:
     def seconds(self) -> float:
         """The work done for it: its stages' sum (not the time it waited in the queue)."""
         return sum(self.stages.values())
-
-
-@contextlib.contextmanager
-def _captured_warnings() -> Iterator[list]:
-    """Library warnings raised during one merge (PEFT reports merge caveats as UserWarnings),
-    collected for its merge.json instead of being printed or discarded."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
 
 
 def _warning_texts(caught: list) -> list[str]:

@@ -22,7 +22,7 @@ from raymerge.merge.format import (
     AdapterInfo,
     parse_lora_key,
 )
-from raymerge.store import storage
+from raymerge.store import input_cache, storage
 from raymerge.store.inputs import file_sha256
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def load_adapter_tensors(
 
     where = f"adapter {name!r} ({uri})"
     try:
-        folder = storage.local_copy(uri, storage_options)
+        folder = input_cache.local_copy(uri, storage_options)
     except (OSError, ValueError) as exc:
         raise MergeError(f"{where}: cannot be fetched: {type(exc).__name__}: {exc}") from exc
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).exists()), None)

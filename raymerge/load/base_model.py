@@ -25,7 +25,7 @@ import torch
 
 from raymerge.errors import ClusterError, InputError, RaymergeError, is_out_of_memory
 from raymerge.merge.layout import Layout, layout_from_config, model_class_name
-from raymerge.store import storage
+from raymerge.store import input_cache, storage
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class BaseModel:
         if self._local is None:
             location = self.location
             if "://" in location or Path(location).is_absolute():
-                location = str(storage.local_copy(location, self.storage_options))
+                location = str(input_cache.local_copy(location, self.storage_options))
             self._local = location
         return self._local
 

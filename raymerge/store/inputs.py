@@ -15,7 +15,7 @@ from typing import Any
 
 from raymerge.errors import InputError, MergeError
 from raymerge.merge.format import ADAPTER_FILES, CONFIG_FILE
-from raymerge.store import manifest, storage
+from raymerge.store import input_cache, manifest, storage
 
 
 def current_digests(plan) -> dict[str, dict[str, Any]]:
@@ -25,7 +25,7 @@ def current_digests(plan) -> dict[str, dict[str, Any]]:
     digests = {}
     for name in plan.adapters_used():
         info = plan.adapters[name]
-        folder = storage.local_copy(info.uri, options)
+        folder = input_cache.local_copy(info.uri, options)
         digests[name] = {
             "uri": info.uri,
             "weights_file": info.weights_file,
@@ -77,7 +77,7 @@ def check_unchanged(
     redo = set().union(*using.values())
     for merge_id in sorted(redo):  # uncommit first: an interrupted rebuild lists none of them
         folder = manifest.merge_dir(plan.output, merge_id)
-        storage.remove([storage.join(folder, manifest.MERGE_JSON)], options)
+        storage.delete(storage.join(folder, manifest.MERGE_JSON), options)
         storage.remove([storage.join(folder, f) for f in ADAPTER_FILES], options)
     return redo
 

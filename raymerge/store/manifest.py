@@ -128,14 +128,6 @@ def record_uri(output: str, merge_id: str) -> str:
     return storage.join(merge_dir(output, merge_id), MERGE_JSON)
 
 
-def read_committed(output: str, merge_id: str, storage_options=None) -> dict[str, Any] | None:
-    """A merge's merge.json record if it is committed, else None."""
-    uri = record_uri(output, merge_id)
-    if not storage.exists(uri, storage_options):
-        return None
-    return json.loads(storage.read_bytes(uri, storage_options))
-
-
 def manifest_line(
     output: str,
     record: dict[str, Any],
@@ -181,17 +173,6 @@ def failure_line(task: MergeTask, adapter_uris: dict[str, str], error: str) -> d
         **({"search_params": task.search_params} if task.search_params else {}),
         "error": error,
     }
-
-
-def committed_merge_ids(output: str, storage_options=None) -> set[str]:
-    """Ids of the merges whose merge.json exists under `output` (one listing)."""
-    marker = f"/{MERGE_JSON}"
-    found = (
-        uri[: -len(marker)].rsplit("/", 1)[-1]
-        for uri in storage.find(storage.join(output, MERGES), storage_options)
-        if uri.endswith(marker)
-    )
-    return {merge_id for merge_id in found if is_merge_id(merge_id)}
 
 
 def manifest_sources(output: str, storage_options=None) -> list[str]:
@@ -333,6 +314,12 @@ class ManifestWriter:
             return  # the store is slow: the next flush takes these lines too
         self._pending = self._uploads.submit(self._publish_new_lines)
 
+    def wait_for_flush(self, timeout: float | None = None) -> None:
+        """Wait until the segment upload in flight (if any) has ended, published or not."""
+        if self._pending is not None:
+            with contextlib.suppress(TimeoutError):
+                self._pending.result(timeout=timeout)
+
     def _publish_new_lines(self) -> None:
         with self._lock:
             self._spool.flush()
@@ -361,9 +348,7 @@ class ManifestWriter:
         then raises StorageError naming the file (the merges themselves are committed: a rerun
         rebuilds the manifest from them)."""
         deadline = time.monotonic() + timeout
-        if self._pending is not None:  # a segment upload still retrying: give it the same time
-            with contextlib.suppress(TimeoutError):
-                self._pending.result(timeout=timeout)
+        self.wait_for_flush(timeout)  # a segment upload still retrying: give it the same time
         self._uploads.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._spool.close()

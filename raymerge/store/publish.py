@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,7 @@ from raymerge.merge.host import HostWeights, to_host
 from raymerge.merge.tensors import MergedAdapter
 from raymerge.store import manifest, storage
 
-_uploads = ThreadPoolExecutor(8, thread_name_prefix="raymerge-upload")
-"""A merge's files go to a remote store concurrently (each file's parts are concurrent too)."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,19 +105,9 @@ def write_files(
             entry["kept"] = False
         return files
     started = time.perf_counter()
-    try:
-        targets = {storage.join(folder, name): buffers for name, buffers in parts.items()}
-        if storage.is_remote(folder) and len(targets) > 1:
-            uploads = [
-                _uploads.submit(storage.write, uri, buffers, storage_options, upload)
-                for uri, buffers in targets.items()
-            ]
-            errors = [future.exception() for future in uploads]  # waits for every one
-            if first := next((error for error in errors if error is not None), None):
-                raise first
-        else:
-            for uri, buffers in targets.items():
-                storage.write(uri, buffers, storage_options, upload)
+    try:  # one file after the other: concurrency is the writer threads' and each file's parts'
+        for name, buffers in parts.items():
+            storage.write(storage.join(folder, name), buffers, storage_options, upload)
     except BaseException:
         remove(folder, files, storage_options)
         raise
@@ -146,10 +135,24 @@ def commit(
 
 
 def remove(folder: str, files: dict[str, Any], storage_options=None) -> None:
-    """Best effort: the files of one merge, its merge.json and (locally) its empty folder."""
-    uris = [storage.join(folder, name) for name in [*files, manifest.MERGE_JSON]]
+    """Undo a merge whose commit failed or whose outcome is unknown (merge.json's PUT may have
+    landed although its answer was lost). merge.json goes first, and the files only once it is
+    confirmed gone: whatever fails when, a merge.json is never left without its files. If it
+    cannot be confirmed gone, the files stay (the merge may be committed: resume and retries
+    check its files against it) and the next run sorts it out."""
+    try:
+        storage.delete(storage.join(folder, manifest.MERGE_JSON), storage_options)
+    except storage.errors() as exc:
+        log.warning(
+            "could not remove %s/%s after a failed write (%s); its files are kept, and the next "
+            "run checks them against it",
+            folder,
+            manifest.MERGE_JSON,
+            storage.describe(exc),
+        )
+        return
     with contextlib.suppress(*storage.errors()):
-        storage.remove(uris, storage_options)
+        storage.remove([storage.join(folder, name) for name in files], storage_options)
     if not storage.is_remote(folder):
         with contextlib.suppress(OSError):
             os.rmdir(folder)

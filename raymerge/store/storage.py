@@ -1,4 +1,4 @@
-"""The only module that knows fsspec/s3fs: locations, reads, atomic writes, the input cache.
+"""The only module that knows fsspec/s3fs: locations, reads, atomic writes, deletes, listings.
 
 A location is a local path, a `file://` URI or an `s3://` URI. S3-compatible stores (MinIO,
 SeaweedFS) are reached through `storage_options` (`client_kwargs.endpoint_url` or
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
-import json
 import logging
 import os
 import re
@@ -30,7 +28,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
-from filelock import FileLock
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -39,6 +36,8 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+
+from raymerge.store.buffers import BufferStream
 
 # What its errors mean, kept in their own module; callers use them from here.
 from raymerge.store.faults import describe as describe
@@ -129,7 +128,7 @@ def call_timeout(nbytes: int = 0) -> float:
     return CALL_TIMEOUT_SECONDS + nbytes / CALL_BYTES_PER_SECOND
 
 
-def _deadline_of(fs, nbytes: int = 0, seconds: float | None = None) -> dict[str, float]:
+def deadline_of(fs, nbytes: int = 0, seconds: float | None = None) -> dict[str, float]:
     """The keyword that gives an fsspec async filesystem's call a deadline over the whole
     request (fsspec cancels it then): `seconds`, else `call_timeout(nbytes)`. Local filesystems
     take none."""
@@ -185,25 +184,23 @@ def retrying(
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.exists(path, **_deadline_of(fs)))
+    return retrying(lambda: fs.exists(path, **deadline_of(fs)))
 
 
 def size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.size(path, **_deadline_of(fs)))
+    return retrying(lambda: fs.size(path, **deadline_of(fs)))
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.cat_file(path, **_deadline_of(fs)))
+    return retrying(lambda: fs.cat_file(path, **deadline_of(fs)))
 
 
 def read_range(uri: str, start: int, end: int, storage_options: dict[str, Any] | None = None):
     """Bytes [start, end) of a file, without fetching the rest (a ranged GET on S3)."""
     fs, path = filesystem(uri, storage_options)
-    return retrying(
-        lambda: fs.cat_file(path, start=start, end=end, **_deadline_of(fs, end - start))
-    )
+    return retrying(lambda: fs.cat_file(path, start=start, end=end, **deadline_of(fs, end - start)))
 
 
 def read_many(uris: list[str], storage_options: dict[str, Any] | None = None) -> dict[str, bytes]:
@@ -214,7 +211,7 @@ def read_many(uris: list[str], storage_options: dict[str, Any] | None = None) ->
     paths = {filesystem(u, storage_options)[1]: u for u in uris}
     return {
         paths[p]: data
-        for p, data in retrying(lambda: fs.cat(list(paths), **_deadline_of(fs))).items()
+        for p, data in retrying(lambda: fs.cat(list(paths), **deadline_of(fs))).items()
     }
 
 
@@ -223,7 +220,7 @@ def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[st
     fs, path = filesystem(uri, storage_options)
     prefix = uri[: len(uri) - len(path)]
     try:
-        listing = _deadline_of(fs, seconds=LISTING_TIMEOUT_SECONDS)
+        listing = deadline_of(fs, seconds=LISTING_TIMEOUT_SECONDS)
         found = retrying(lambda: fs.find(path, **listing))
     except FileNotFoundError:
         return
@@ -233,13 +230,15 @@ def find(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[st
 
 def is_file(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
-    return retrying(lambda: fs.isfile(path, **_deadline_of(fs)))
+    return retrying(lambda: fs.isfile(path, **deadline_of(fs)))
 
 
 @dataclass(frozen=True)
 class Upload:
     """How large files go to S3: as multipart uploads of `part_bytes` parts, `concurrency` of
-    them at a time (files under two parts go in one PUT). Local writes ignore it."""
+    them at a time (files under two parts go in one PUT). Local writes ignore it. Either way
+    the request bodies are read from the file's buffers in place (`buffers.BufferStream`): the
+    upload holds no copy of the file or of a part."""
 
     part_bytes: int = 16 * 2**20
     concurrency: int = 8
@@ -267,19 +266,24 @@ def write(
         fs, path = filesystem(uri, storage_options)
         if isinstance(source, Path):  # a multipart upload appears whole when it completes
             nbytes = source.stat().st_size
-            retrying(lambda: fs.put_file(str(source), path, **_deadline_of(fs, nbytes)))
+            retrying(lambda: fs.put_file(str(source), path, **deadline_of(fs, nbytes)))
             return
         # One PUT, or concurrent parts: either way the object appears whole.
-        data = source if isinstance(source, bytes) else b"".join(source)
-        retrying(
-            lambda: fs.pipe_file(
+        # Read from the buffers as it is sent: never joined into one copy of the file.
+        data = source if isinstance(source, bytes) else BufferStream(source)
+
+        def attempt() -> None:
+            if not isinstance(data, bytes):
+                data.seek(0)  # a retry sends the body from its start
+            fs.pipe_file(
                 path,
                 data,
                 chunksize=upload.part_bytes,
                 max_concurrency=upload.concurrency,
-                **_deadline_of(fs, len(data)),
+                **deadline_of(fs, len(data)),
             )
-        )
+
+        retrying(attempt)
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -298,13 +302,22 @@ def write(
         raise
 
 
+LINES_BLOCK_BYTES = 4 * 2**20
+
+
 def iter_text_lines(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
-    """A text file's lines, streamed (never the whole file in memory). Its reads are bounded by
-    botocore's read timeout (they send no body)."""
-    fs, path = filesystem(uri, storage_options)
-    with retrying(lambda: fs.open(path, "rb", block_size=1 << 22)) as f:
-        for line in f:
-            yield line.decode()
+    """A text file's lines, streamed (never the whole file in memory): read in blocks of
+    LINES_BLOCK_BYTES, each a ranged read with its own deadline and retries."""
+    total = size(uri, storage_options)
+    carry = b""
+    for start in range(0, total, LINES_BLOCK_BYTES):
+        stop = min(total, start + LINES_BLOCK_BYTES)
+        block = carry + read_range(uri, start, stop, storage_options)
+        *lines, carry = block.split(b"\n")
+        for line in lines:
+            yield line.decode() + "\n"
+    if carry:
+        yield carry.decode()
 
 
 def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -328,57 +341,36 @@ def remove(uris: list[str], storage_options: dict[str, Any] | None = None) -> No
     for uri in uris:
         fs, path = filesystem(uri, storage_options)
         try:
-            fs.rm_file(path, **_deadline_of(fs))
+            fs.rm_file(path, **deadline_of(fs))
         except (FileNotFoundError, OSError, TimeoutError):
             continue
 
 
-def cache_dir() -> Path:
-    """Node-local cache of remote inputs (`RAYMERGE_CACHE`, default ~/.cache/raymerge)."""
-    return Path(os.environ.get("RAYMERGE_CACHE", Path.home() / ".cache" / "raymerge"))
-
-
-def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """A local folder holding `uri`'s files: the folder itself if local, else a node-local cache.
-
-    Remote folders are downloaded once per node: workers on one node share the copy (a file lock
-    serialises them), and it is fetched again only if the remote files changed (size or ETag).
-    """
-    if not is_remote(uri):
-        return Path(uri)
+def delete(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete one file and confirm it is gone (retried as any call); raises the store's error
+    if that cannot be confirmed. For a file whose presence means something (a commit marker)."""
     fs, path = filesystem(uri, storage_options)
-    listing = {
-        name[len(path) :].lstrip("/"): [info.get("size"), info.get("ETag") or info.get("mtime")]
-        for name, info in retrying(
-            lambda: fs.find(path, detail=True, **_deadline_of(fs, seconds=LISTING_TIMEOUT_SECONDS))
-        ).items()
-    }
-    if not listing:
-        raise FileNotFoundError(f"{uri} holds no files")
-    key = hashlib.sha256(uri.encode()).hexdigest()[:24]
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    folder, stamp = root / key, root / f"{key}.json"
-    signature = json.dumps({"uri": uri, "files": listing}, sort_keys=True, default=str)
-    with FileLock(str(root / f"{key}.lock")):
-        if folder.is_dir() and stamp.exists() and stamp.read_text() == signature:
-            return folder
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
-        try:
-            for rel in listing:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                limit = _deadline_of(fs, listing[rel][0] or 0)
-                retrying(
-                    lambda rel=rel, limit=limit: fs.get_file(
-                        f"{path}/{rel}", str(tmp / rel), **limit
-                    )
-                )
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        stamp.write_text(signature)
-    return folder
+
+    def attempt() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path, **deadline_of(fs))
+        if fs.exists(path, **deadline_of(fs)):
+            raise FileExistsError(f"{uri} is still there after deleting it")
+
+    retrying(attempt)
+
+
+def file_sizes(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Every file under `uri` (URI -> size in bytes), in one listing; empty if it does not
+    exist."""
+    fs, path = filesystem(uri, storage_options)
+    prefix = uri[: len(uri) - len(path)]
+    listing = deadline_of(fs, seconds=LISTING_TIMEOUT_SECONDS)
+    try:
+        found = retrying(lambda: fs.find(path, detail=True, **listing))
+    except FileNotFoundError:
+        return {}
+    return {prefix + name: int(info.get("size") or 0) for name, info in found.items()}
 
 
 def _scheme(location: str) -> str:
