@@ -93,6 +93,25 @@ def _brute_force(spec) -> list[tuple]:
     return out
 
 
+def test_a_rerun_carries_the_last_line_of_each_merge(tmp_path):
+    """keep top-k appends a later line (`kept: false`) for a merge whose files it removed: a
+    rerun carries that one, not the first, so its top k is not seeded with files that are gone."""
+    from types import SimpleNamespace
+
+    from raymerge.cluster.resume import carried_lines
+
+    output = str(tmp_path / "out")
+    writer = manifest.ManifestWriter(output)
+    kept, dropped = "a" * 16, "b" * 16
+    for merge_id in (kept, dropped):
+        writer.add({**_line(merge_id), "kept": True})
+    writer.add({**_line(dropped), "kept": False})
+    writer.close()
+    plan = SimpleNamespace(output=output, spec=SimpleNamespace(storage_options={}))
+    carried = {line["merge_id"]: line["kept"] for line in carried_lines(plan, {kept, dropped})}
+    assert carried == {kept: True, dropped: False}
+
+
 def test_overlapping_groups_drop_exactly_the_duplicates():
     rng = random.Random(0)
     names = ["a", "b", "c", "d"]
