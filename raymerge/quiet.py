@@ -75,8 +75,8 @@ def hidden_warnings() -> str | None:
 _recording = threading.local()  # .caught: the list the current thread's warnings go to
 _recorders = 0  # threads recording now (under _recording_lock)
 _recording_lock = threading.Lock()
-_outer_show = None  # showwarning in place before recording began
-_always = None  # the "always" filter added while any thread records
+_outer_show = warnings.showwarning  # where a thread that does not record sends its warnings
+_ALWAYS = ("always", None, Warning, None, 0)  # the filter entry simplefilter("always") adds
 
 
 def _show_or_record(message, category, filename, lineno, file=None, line=None) -> None:
@@ -92,17 +92,21 @@ def recorded_warnings() -> Iterator[list]:
     """The warnings raised by this thread in the block, every one (PEFT reports merge caveats
     as UserWarnings), collected for the caller's record instead of shown. Other threads'
     warnings are not collected here (`warnings.catch_warnings` is process-wide: it would record
-    a writer thread's warnings with the merge at hand), and behave as before."""
-    global _recorders, _outer_show, _always
+    a writer thread's warnings with the merge at hand), and behave as before.
+
+    The hook that routes them stays installed once set (a `catch_warnings` block in another
+    thread may save and restore it at any time: it must never be restored over itself); the
+    "always" filter is there while any thread records."""
+    global _recorders, _outer_show
     caught: list = []
     previous = getattr(_recording, "caught", None)
     _recording.caught = caught
     with _recording_lock:
-        if _recorders == 0:
+        if warnings.showwarning is not _show_or_record:  # first use, or replaced since
             _outer_show = warnings.showwarning
             warnings.showwarning = _show_or_record
+        if _recorders == 0 and _ALWAYS not in warnings.filters:
             warnings.simplefilter("always")  # every occurrence, not once per place
-            _always = warnings.filters[0]
         _recorders += 1
     try:
         yield caught
@@ -112,6 +116,4 @@ def recorded_warnings() -> Iterator[list]:
             _recorders -= 1
             if _recorders == 0:
                 with contextlib.suppress(ValueError):
-                    warnings.filters.remove(_always)
-                if warnings.showwarning is _show_or_record:
-                    warnings.showwarning = _outer_show
+                    warnings.filters.remove(_ALWAYS)

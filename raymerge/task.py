@@ -113,6 +113,8 @@ class WindowScores:
     examples: dict[str, dict[str, list]] | None = None
     error: str | None = None
     seconds: float = 0.0
+    fatal: bool = False
+    """Not scored because the worker's output failed fatally (it makes nothing more)."""
 
 
 @dataclass(frozen=True)

@@ -286,3 +286,32 @@ def test_warnings_are_recorded_for_the_thread_that_raised_them():
         thread.join(20)
     assert [str(w.message) for w in records["merging"]] == ["merge caveat"]
     assert [str(w.message) for w in records["writing"]] == ["write caveat", "write caveat"]
+
+
+def test_warnings_recording_survives_catch_warnings_in_another_thread():
+    """A thread's `catch_warnings` block that begins while a merge records and ends after it
+    restores the recording hook: later recordings still record, and a thread that does not
+    record still gets its warnings shown as before (no recursion into the hook)."""
+    entered, left = threading.Event(), threading.Event()
+    shown = []
+
+    def other() -> None:
+        with warnings.catch_warnings():
+            entered.set()
+            left.wait(10)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
+        thread = threading.Thread(target=other)
+        with recorded_warnings():
+            thread.start()
+            entered.wait(10)
+        left.set()
+        thread.join(10)
+        with recorded_warnings() as caught:
+            warnings.warn("recorded", UserWarning, stacklevel=1)
+            outside = threading.Thread(target=warnings.warn, args=("shown", UserWarning))
+            outside.start()
+            outside.join(10)
+    assert [str(w.message) for w in caught] == ["recorded"]
+    assert shown == ["shown"]

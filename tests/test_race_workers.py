@@ -6,6 +6,7 @@ last manifest line of each."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 from helpers import write_spec
@@ -15,9 +16,11 @@ from raymerge.cluster import executor
 from raymerge.cluster.driver import run_sweep
 from raymerge.cluster.executor import LocalWorkers
 from raymerge.cluster.fleet import Fleet
+from raymerge.cluster.keep import KeepTopK, final_top
 from raymerge.cluster.race import RoundScorer
 from raymerge.cluster.worker import MergeWorker
-from raymerge.store import manifest
+from raymerge.score.objective import Objective
+from raymerge.store import commits, manifest
 from raymerge.sweep.plan import load_plan
 from raymerge.task import Window
 
@@ -139,3 +142,42 @@ def test_a_resumed_run_keeps_files_only_for_merges_that_beat_those_it_carries(de
     for line in lines:
         weights_file = Path(line["path"]) / "adapter_model.safetensors"
         assert line["kept"] == weights_file.exists() == (line is best), line["weights"]
+
+
+def test_an_output_from_before_kept_records_resumes_without_making_merges_again(demo_dir, tmp_path):
+    """An output whose keep top-k removed files without marking merge.json (as raymerge did
+    before): its manifest says which merges lost their files on purpose, so a rerun keeps them
+    committed (and marks them now) rather than making them again."""
+    output = tmp_path / "out"
+    spec = _scored_spec(demo_dir, output, [[1.0, 0.0], [0.6, 0.4], [0.0, 1.0]], keep={"top": 1})
+    plan = load_plan(write_spec(tmp_path, spec))
+    run_sweep(plan)
+    dropped = [line for line in manifest.read_manifest(str(output)) if not line["kept"]]
+    assert len(dropped) == 2
+    for line in dropped:  # as the earlier version left them
+        record_file = Path(line["path"]) / "merge.json"
+        record = json.loads(record_file.read_text())
+        for entry in record["files"].values():
+            entry.pop("kept", None)
+        record_file.write_text(json.dumps(record))
+    again = run_sweep(plan)
+    assert (again.done, again.skipped) == (0, 3)
+    for line in dropped:
+        record = commits.read_committed(str(output), line["merge_id"])
+        assert record is not None
+        assert all(entry["kept"] is False for entry in record["files"].values())
+
+
+def test_keep_top_k_breaks_ties_as_its_final_pass_does():
+    """Two merges with the same objective and k = 1: the one pushed out while the run goes is
+    the one the final pass leaves out (the smaller id stays), so the top k keeps its files."""
+    objective = Objective.parse("qa.accuracy")
+    lines = [
+        {"merge_id": m * 16, "status": "done", "kept": True, "objective": 0.5,
+         "metrics": {"qa": {"accuracy": 0.5}}}
+        for m in ("b", "a")
+    ]  # fmt: skip
+    top = KeepTopK(1, objective)
+    pushed_out = [merge_id for line in lines for merge_id in top.offer(line)]
+    assert pushed_out == ["b" * 16]
+    assert final_top(lines, 1, objective) == {"a" * 16}

@@ -115,13 +115,18 @@ class Dispatch:
         for line in writer.lines_so_far():
             if line.get("status") != Status.DONE or not line.get("metrics"):
                 continue
-            value = line.get("objective")
-            if value is None:
-                value = self.objective.value(line["metrics"])
+            value = self.objective.value(line["metrics"])  # this run's objective decides
             for merge_id in self.keep.offer({**line, "objective": value}):
                 drop_files(self.plan, merge_id)  # `keep.top` is smaller than when it was made
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for worker in self.workers.values():  # a race's restarts included
+                self.summary.workers[str(worker.index)].restarts = worker.restarts
+
+    def _run(self) -> None:
         for worker in self.workers.values():
             for _ in range(TASKS_IN_FLIGHT_PER_WORKER):
                 self._feed(worker)
@@ -144,8 +149,6 @@ class Dispatch:
                 self.summary.not_run += 1
             else:
                 self._record_failure(task, "not run: every merge worker died")
-        for worker in self.workers.values():  # a race's restarts included
-            self.summary.workers[str(worker.index)].restarts = worker.restarts
 
     def _feed(self, worker: WorkerState) -> None:
         """Send `worker` its next call: up to `per_call` tasks."""
@@ -199,6 +202,7 @@ class Dispatch:
         if result.error is not None:
             self.summary.workers[str(worker.index)].failed += 1
             self._record_failure(task, result.error, worker.index)
+            self.stopping = self.stopping or result.fatal  # its output failed: no more work
             self._feed(worker)
             return
         rounds = self.trial_rounds

@@ -47,10 +47,11 @@ class KeepTopK:
         value = line.get("objective")
         if not line.get("kept", True) or value is None or math.isnan(value):
             return []
-        heapq.heappush(self._heap, (-self.objective.sort_key(value), line["merge_id"]))
+        item = (-self.objective.sort_key(value), _reverse(line["merge_id"]))
+        heapq.heappush(self._heap, item)  # ties: the smaller id stays, as in final_top
         out = []
         while len(self._heap) > self.k:
-            out.append(heapq.heappop(self._heap)[1])
+            out.append(_reverse(heapq.heappop(self._heap)[1]))
         return out
 
 

@@ -9,11 +9,15 @@ Usage::
 
 from __future__ import annotations
 
+import logging
+
 from raymerge.cluster.keep import final_top
 from raymerge.merge.format import ADAPTER_FILES
 from raymerge.store import commits, manifest, storage
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.plan import objective as objective_of
+
+log = logging.getLogger(__name__)
 
 
 def settle_top_k(plan: Plan, writer: manifest.ManifestWriter) -> None:
@@ -36,8 +40,13 @@ def settle_top_k(plan: Plan, writer: manifest.ManifestWriter) -> None:
 
 
 def drop_files(plan: Plan, merge_id: str) -> None:
-    """Remove a merge's adapter files (its merge.json stays, saying so: it can be rebuilt)."""
+    """Remove a merge's adapter files (its merge.json stays, saying so: it can be rebuilt).
+    Best effort: a store that fails here leaves the merge whole, with its files."""
     options = plan.spec.storage_options
-    commits.set_kept(plan.output, merge_id, False, options)
+    try:
+        commits.set_kept(plan.output, merge_id, False, options)
+    except (*storage.errors(), ValueError) as exc:
+        log.warning("merge %s keeps its files for now: %s", merge_id, storage.describe(exc))
+        return
     folder = manifest.merge_dir(plan.output, merge_id)
     storage.remove([storage.join(folder, name) for name in ADAPTER_FILES], options)

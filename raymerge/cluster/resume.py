@@ -91,11 +91,27 @@ def _checked_commits(plan: Plan) -> set[str]:
     outcome was unknown) is uncommitted, named, and made again."""
     options = plan.spec.storage_options
     found = commits.committed_merges(plan.output, options)
+    for merge_id in _dropped_by_keep(plan, set(found.broken)):
+        # keep top-k of an earlier version removed its files without marking merge.json
+        commits.set_kept(plan.output, merge_id, False, options)
+        found.ids.add(merge_id)
+        del found.broken[merge_id]
     for merge_id, problem in sorted(found.broken.items()):
         log.warning("merge %s is made again: %s", merge_id, problem)
         folder = manifest.merge_dir(plan.output, merge_id)
         publish.remove(folder, dict.fromkeys(ADAPTER_FILES), options)
     return found.ids
+
+
+def _dropped_by_keep(plan: Plan, merge_ids: set[str]) -> set[str]:
+    """Those of `merge_ids` whose last done manifest line says keep top-k removed their files."""
+    if not merge_ids:
+        return set()
+    kept: dict[str, bool] = {}
+    for line in manifest.iter_lines(plan.output, plan.spec.storage_options):
+        if line.get("merge_id") in merge_ids and line.get("status") == Status.DONE:
+            kept[line["merge_id"]] = line.get("kept", True)
+    return {merge_id for merge_id, files_kept in kept.items() if not files_kept}
 
 
 def carried_lines(plan: Plan, committed: set[str]) -> Iterator[dict[str, Any]]:

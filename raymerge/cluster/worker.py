@@ -141,7 +141,10 @@ class MergeWorker:
         for job in jobs:
             seconds = round(job.seconds, 4)
             if job.result is not None:
-                out.append(WindowScores(job.task.merge_id, error=job.result.error, seconds=seconds))
+                error, fatal = job.result.error, job.result.fatal
+                out.append(
+                    WindowScores(job.task.merge_id, error=error, seconds=seconds, fatal=fatal)
+                )
                 continue
             got = scores[id(job)]
             out.append(WindowScores(job.task.merge_id, got.metrics, got.examples, seconds=seconds))

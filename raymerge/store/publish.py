@@ -32,6 +32,10 @@ from raymerge.store import manifest, storage
 
 log = logging.getLogger(__name__)
 
+CLEANUP_SECONDS = 30.0
+"""How long undoing a failed write retries (the write spent its own retries already; whatever
+is left is sorted out by the next run's check of the merge's files)."""
+
 
 @dataclass
 class StagedAdapter:
@@ -141,7 +145,8 @@ def remove(folder: str, files: dict[str, Any], storage_options=None) -> None:
     cannot be confirmed gone, the files stay (the merge may be committed: resume and retries
     check its files against it) and the next run sorts it out."""
     try:
-        storage.delete(storage.join(folder, manifest.MERGE_JSON), storage_options)
+        with storage.deadline(CLEANUP_SECONDS):
+            storage.delete(storage.join(folder, manifest.MERGE_JSON), storage_options)
     except storage.errors() as exc:
         log.warning(
             "could not remove %s/%s after a failed write (%s); its files are kept, and the next "

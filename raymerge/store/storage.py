@@ -151,8 +151,10 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 @contextlib.contextmanager
 def deadline(seconds: float) -> Iterator[None]:
     """Storage calls in this block stop retrying once `seconds` have passed (a caller's bound on
-    all its calls together, below each call's own)."""
-    token = _deadline.set(time.monotonic() + seconds)
+    all its calls together, below each call's own; inside another block, the nearer one)."""
+    until = time.monotonic() + seconds
+    outer = _deadline.get()
+    token = _deadline.set(until if outer is None else min(outer, until))
     try:
         yield
     finally:
@@ -268,13 +270,12 @@ def write(
             nbytes = source.stat().st_size
             retrying(lambda: fs.put_file(str(source), path, **deadline_of(fs, nbytes)))
             return
-        # One PUT, or concurrent parts: either way the object appears whole.
-        # Read from the buffers as it is sent: never joined into one copy of the file.
-        data = source if isinstance(source, bytes) else BufferStream(source)
 
+        # One PUT, or concurrent parts: either way the object appears whole.
         def attempt() -> None:
-            if not isinstance(data, bytes):
-                data.seek(0)  # a retry sends the body from its start
+            # Read from the buffers as it is sent, never joined into one copy of the file; a
+            # stream of its own per attempt (a cancelled one may still be read from).
+            data = source if isinstance(source, bytes) else BufferStream(source)
             fs.pipe_file(
                 path,
                 data,
