@@ -203,7 +203,7 @@ class _EvalSet:
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
         self._tokens: dict[str, list[int]] = {}
-        self._batches: dict[int, list[tuple]] = {}  # batch size -> prepared batches
+        self._batches: dict[int, _Prepared] = {}  # batch size -> the rows to run
         self._rows: list[tuple[list[int], int]] | None = None  # scored rows, made once
         self._owners: list[int] = []  # the example of each row
 
@@ -240,24 +240,35 @@ class _EvalSet:
     def _bare_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _prepared(self, rows: list[tuple[list[int], int]], batch_size: int) -> list[tuple]:
-        """(sequence, first target) rows as padded tensors, batch by batch, made once."""
+    def _prepared(self, rows: list[tuple[list[int], int]], batch_size: int) -> _Prepared:
+        """The rows to run, made once per batch size: each distinct (sequence, first target)
+        once, longest first (as the harness sorts its requests: batches of like lengths pad
+        little), as padded tensors batch by batch."""
         if batch_size not in self._batches:
-            self._batches[batch_size] = [
-                _prepare([r[0] for r in chunk], [r[1] for r in chunk], self.pad_id)
-                for chunk in _chunks(rows, batch_size)
+            distinct: dict[tuple, int] = {}
+            where = [distinct.setdefault((tuple(ids), first), len(distinct)) for ids, first in rows]
+            keys = list(distinct)
+            order = sorted(range(len(keys)), key=lambda u: (-len(keys[u][0]), keys[u]))
+            batches = [
+                _prepare(
+                    [list(keys[u][0]) for u in chunk], [keys[u][1] for u in chunk], self.pad_id
+                )
+                for chunk in _chunks(order, batch_size)
             ]
+            self._batches[batch_size] = _Prepared(batches, order, where)
         return self._batches[batch_size]
 
     def _row_logliks(self, model, names, rows, batch_size) -> list[list[float]]:
-        """Each row's summed log-probability of its scored tokens, per adapter."""
-        loglik = torch.zeros(len(names), len(rows), dtype=torch.float64)
+        """Each row's summed log-probability of its scored tokens, per adapter (a row that
+        repeats another is run once)."""
+        prepared = self._prepared(rows, batch_size)
+        distinct = torch.zeros(len(names), len(prepared.order), dtype=torch.float64)
         start = 0
-        for batch in self._prepared(rows, batch_size):
+        for batch in prepared.batches:
             sums = target_logprobs(model, batch, names)
-            loglik[:, start : start + sums.shape[1]] = sums
+            distinct[:, prepared.order[start : start + sums.shape[1]]] = sums
             start += sums.shape[1]
-        return loglik.tolist()
+        return distinct[:, prepared.where].tolist()
 
     def _text(self, model, names, batch_size) -> list[Scored]:
         # The harness's rolling log-likelihood: every token, the first given the prefix token.
@@ -339,6 +350,16 @@ class _EvalSet:
                         )
                     )
         return [Scored(mean_metrics({"exact_match": r}), {"exact_match": r}) for r in right]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A set's rows as they are run: `batches` of padded tensors over the distinct rows in
+    `order` (longest first), and `where` each of the set's rows is among the distinct ones."""
+
+    batches: list[tuple]
+    order: list[int]
+    where: list[int]
 
 
 def _chunks(items: list, size: int):
