@@ -143,6 +143,37 @@ def base_spec(world: World, output: str | Path, **overrides: Any) -> dict[str, A
     return spec
 
 
+def demo_merge_spec(
+    demo_dir: Path,
+    output,
+    weights: list[list[float]],
+    evaluate: dict[str, Any],
+    adapters: tuple[str, str] = ("upper", "sums"),
+    **extra: Any,
+) -> dict[str, Any]:
+    """Linear merges of two of the demo world's adapters at `weights`, scored as `evaluate`
+    says, on one CPU worker; `extra` adds or replaces top-level keys."""
+    folder = demo_dir / "world" / "adapters"
+    spec = {
+        "base_model": str(demo_dir / "world" / "base"),
+        "adapters": {name: str(folder / name) for name in adapters},
+        "combinations": [
+            {
+                "adapters": list(adapters),
+                "weights": weights,
+                "methods": [{"combination_type": "linear"}],
+            }
+        ],
+        "output": str(output),
+        "workers": 1,
+        "gpus_per_worker": 0,
+        "seed": 0,
+        "evaluate": evaluate,
+    }
+    spec.update(extra)
+    return spec
+
+
 def many_merges_plan(world: World, output, options, folder: Path, weightings: int, **overrides):
     """A plan of `weightings` cat merges of a and b (cheap ones) writing to `output`."""
     from raymerge.sweep.plan import load_plan

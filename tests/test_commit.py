@@ -188,33 +188,21 @@ def test_queued_writes_hold_their_staged_bytes_not_their_inputs(world, proxied_o
 def test_a_fatal_write_stops_a_scoring_worker(demo_dir, proxied_output, tmp_path):
     """Once a write is refused (403), the worker's next calls merge and score nothing: each
     merge fails as not written, with no arithmetic or eval stage; a race's round neither."""
-    from helpers import write_spec
+    from helpers import demo_merge_spec, write_spec
 
     from raymerge.sweep.plan import load_plan
     from raymerge.task import Window
 
     proxy, output, options = proxied_output
-    adapters = demo_dir / "world" / "adapters"
-    spec = {
-        "base_model": str(demo_dir / "world" / "base"),
-        "adapters": {name.name: str(name) for name in sorted(adapters.iterdir())[:2]},
-        "combinations": [
-            {
-                "choose": 2,
-                "weights": [[0.3, 0.7], [0.5, 0.5], [0.7, 0.3]],
-                "methods": [{"combination_type": "linear"}],
-            }
-        ],
-        "output": output,
-        "storage_options": options,
-        "workers": 1,
-        "gpus_per_worker": 0,
-        "evaluate": {
-            "datasets": {"upper": str(demo_dir / "eval" / "upper.jsonl")},
-            "max_samples": 8,
-            "objective": "upper.loss",
-        },
+    weights = [[0.3, 0.7], [0.5, 0.5], [0.7, 0.3]]
+    evaluate = {
+        "datasets": {"upper": str(demo_dir / "eval" / "upper.jsonl")},
+        "max_samples": 8,
+        "objective": "upper.loss",
     }
+    spec = demo_merge_spec(
+        demo_dir, output, weights, evaluate, ("reverse", "sums"), storage_options=options
+    )
     plan = load_plan(write_spec(tmp_path, spec))
     tasks = list(plan.tasks())
     worker = MergeWorker(0, plan.worker_config())

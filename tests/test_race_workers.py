@@ -9,7 +9,7 @@ import itertools
 import json
 from pathlib import Path
 
-from helpers import write_spec
+from helpers import demo_merge_spec, write_spec
 from lost_node import LostNode
 
 from raymerge.cluster import executor
@@ -27,31 +27,14 @@ from raymerge.task import Window
 
 def _scored_spec(demo_dir: Path, output: Path, weights: list[list[float]], **extra) -> dict:
     """Linear merges of the demo's `upper` and `sums` adapters, scored on `upper`."""
-    adapters = demo_dir / "world" / "adapters"
-    spec = {
-        "base_model": str(demo_dir / "world" / "base"),
-        "adapters": {name: str(adapters / name) for name in ("upper", "sums")},
-        "combinations": [
-            {
-                "adapters": ["upper", "sums"],
-                "weights": weights,
-                "methods": [{"combination_type": "linear"}],
-            }
-        ],
-        "output": str(output),
-        "workers": 1,
-        "gpus_per_worker": 0,
-        "seed": 0,
-        "evaluate": {
-            "datasets": {"upper": str(demo_dir / "eval" / "upper.jsonl")},
-            "max_samples": 32,
-            "batch_size": 16,
-            "adapters_per_pass": 1,
-            "objective": "upper.loss",
-        },
+    evaluate = {
+        "datasets": {"upper": str(demo_dir / "eval" / "upper.jsonl")},
+        "max_samples": 32,
+        "batch_size": 16,
+        "adapters_per_pass": 1,
+        "objective": "upper.loss",
     }
-    spec.update(extra)
-    return spec
+    return demo_merge_spec(demo_dir, output, weights, evaluate, **extra)
 
 
 def test_a_worker_restarted_during_a_race_round_scores_again(demo_dir, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import write_spec
+from helpers import demo_merge_spec, write_spec
 
 from raymerge.cluster.worker import MergeWorker
 from raymerge.score import scorer
@@ -26,22 +26,8 @@ def _scores(demo_dir: Path, folder: Path, sets: dict[str, list[dict]], kinds: di
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(example) + "\n" for example in examples))
         datasets[name] = {"path": str(path), "kind": kinds[name]}
-    adapters = demo_dir / "world" / "adapters"
-    spec = {
-        "base_model": str(demo_dir / "world" / "base"),
-        "adapters": {name: str(adapters / name) for name in ("sums", "upper")},
-        "combinations": [
-            {
-                "adapters": ["sums", "upper"],
-                "weights": [[0.6, 0.8]],
-                "methods": [{"combination_type": "linear"}],
-            }
-        ],
-        "output": str(folder / "out"),
-        "workers": 1,
-        "gpus_per_worker": 0,
-        "evaluate": {"datasets": datasets, "batch_size": 4, "max_length": 32},
-    }
+    evaluate = {"datasets": datasets, "batch_size": 4, "max_length": 32}
+    spec = demo_merge_spec(demo_dir, folder / "out", [[0.6, 0.8]], evaluate, ("sums", "upper"))
     plan = load_plan(write_spec(folder, spec))
     worker = MergeWorker(0, plan.worker_config())
     [task] = plan.tasks()
