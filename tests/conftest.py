@@ -21,6 +21,8 @@ os.environ.update(
 os.environ.pop("AWS_ENDPOINT_URL", None)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # what a run in this process uses, as below
+
     import torch
 
     # Two test processes share the machine's cores: one thread each, so that neither process's

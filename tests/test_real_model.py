@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pytest
 from harness_tasks import (
-    CHOICE_TASK,
-    GENERATE_TASK,
-    TEXT_TASK,
     assert_choice_metrics,
     choice_mismatches,
+    task_yaml,
     text_mismatches,
 )
 from helpers import (
@@ -255,11 +253,10 @@ def sets(tmp_path_factory) -> dict:
     }
     tasks = root / "tasks"
     tasks.mkdir()
-    templates = {"mc": CHOICE_TASK, "txt": TEXT_TASK, "gen": GENERATE_TASK}
-    for name, template in templates.items():
+    kinds = {"mc": "choice", "txt": "text", "gen": "generate"}
+    for name, kind in kinds.items():
         task = f"h_{name}"
-        text_ = template.format(name=task, data=paths[name], cache=root / "cache", extra="")
-        (tasks / f"{task}.yaml").write_text(text_)
+        (tasks / f"{task}.yaml").write_text(task_yaml(task, kind, paths[name], root / "cache"))
     return {"root": root, "paths": paths, "tasks": tasks}
 
 

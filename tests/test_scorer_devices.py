@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raymerge.score import logprobs
 from raymerge.score.logprobs import extra_bytes_bound, token_logprobs
-from raymerge.score.scorer import target_logprobs
+from raymerge.score.passes import row_logliks
 from raymerge.sweep.spec.models import SweepSpec
 
 VOCAB, HIDDEN = 300, 16
@@ -37,11 +37,20 @@ class ShardedLM(torch.nn.Module):
             torch.zeros(VOCAB, HIDDEN, device="cuda:1", dtype=torch.bfloat16), False
         )
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, use_cache=None, logits_to_keep=0):
         hidden = torch.nn.functional.embedding(input_ids, self.embed)  # ids must be on cuda:0
         hidden = hidden * attention_mask.unsqueeze(-1)  # and so must the mask
+        if isinstance(logits_to_keep, torch.Tensor):  # per-row positions, as transformers
+            hidden = torch.take_along_dim(hidden, logits_to_keep.unsqueeze(-1), dim=1)
         logits = torch.nn.functional.linear(hidden.to("cuda:1", torch.bfloat16), self.head)
         return SimpleNamespace(logits=logits)
+
+
+class WholeLogitsLM(ShardedLM):
+    """The same model with a forward that returns every position's logits."""
+
+    def forward(self, input_ids, attention_mask, use_cache=None):
+        return super().forward(input_ids, attention_mask)
 
 
 def _batch(rows: int, width: int, device: str = "cpu"):
@@ -63,13 +72,15 @@ def _full_log_softmax(logits, input_ids, targets):
     return torch.where(targets, picked, 0.0)
 
 
-def test_a_sharded_models_logits_are_scored_on_their_own_device():
+@pytest.mark.parametrize("lm", [ShardedLM, WholeLogitsLM])
+def test_a_sharded_models_logits_are_scored_on_their_own_device(lm):
     """Three adapters' rows through a model whose logits come back on another device than its
-    inputs went to: the sums arrive on the CPU, one per adapter and sequence."""
+    inputs went to (at the scored positions only, or at all of them): the sums arrive on the
+    CPU, one per adapter and sequence."""
+    rows = [([1, 2, 3, 4, 5], 1), ([1, 2, 3], 2), ([7, 8, 9, 10, 11, 12], 4), ([5, 6], 1)]
     with FakeTensorMode():
-        model = ShardedLM()
-        batch = _batch(rows=4, width=12)
-        sums = target_logprobs(model, batch, [None, None, None])
+        model = lm()
+        sums = row_logliks(model, rows, [None, None, None], pad_id=0)
     assert sums.shape == (3, 4) and sums.dtype == torch.float64 and sums.device.type == "cpu"
 
 

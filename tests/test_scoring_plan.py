@@ -1,15 +1,17 @@
-"""What a scoring pass runs: each distinct request once, longest first, and each example's score
-put back in the set's order, equal to the score it gets where it appears only once."""
+"""What a scoring pass runs, counted at the model's input: each distinct request once, a choice
+set's prompt once per merge (its choices continue from the prompt's cache), and each example's
+score put back in the set's order, equal to the score it gets where it appears only once."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from helpers import demo_merge_spec, write_spec
 
 from raymerge.cluster.worker import MergeWorker
-from raymerge.score import scorer
+from raymerge.score.plan import choice_plan
 from raymerge.sweep.plan import load_plan
 
 
@@ -17,50 +19,81 @@ def _lines(path: Path, count: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[:count]]
 
 
-def _scores(demo_dir: Path, folder: Path, sets: dict[str, list[dict]], kinds: dict, monkeypatch):
-    """Per-example scores of one merge of sums and upper on `sets`, and how many rows the model
-    ran (all sets together)."""
+class _Tokens:
+    """Tokens the base model computes, padding aside, counted at its forward (padding is set
+    to a token no row holds)."""
+
+    def __init__(self, model, pad_id: int):
+        self.count = 0
+        self.pad_id = pad_id
+        self._handle = model.register_forward_pre_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, module, args, kwargs):
+        self.count += int((kwargs["input_ids"] != self.pad_id).sum())
+
+    def close(self) -> int:
+        self._handle.remove()
+        return self.count
+
+
+def _scores(demo_dir: Path, folder: Path, sets: dict[str, list[dict]], kinds: dict, per_pass=1):
+    """Per-example scores of `per_pass` merges of sums and upper on `sets` (scored in one
+    pass), how many tokens the model computed, and the worker (closed)."""
     folder.mkdir()
     datasets = {}
     for name, examples in sets.items():
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(example) + "\n" for example in examples))
         datasets[name] = {"path": str(path), "kind": kinds[name]}
-    evaluate = {"datasets": datasets, "batch_size": 4, "max_length": 32}
-    spec = demo_merge_spec(demo_dir, folder / "out", [[0.6, 0.8]], evaluate, ("sums", "upper"))
+    evaluate = {"datasets": datasets, "batch_size": 4, "max_length": 32,
+                "adapters_per_pass": per_pass}  # fmt: skip
+    weights = [[0.6, 0.8], [0.9, 0.2], [0.3, 0.3]][:per_pass]
+    spec = demo_merge_spec(demo_dir, folder / "out", weights, evaluate, ("sums", "upper"))
     plan = load_plan(write_spec(folder, spec))
     worker = MergeWorker(0, plan.worker_config())
-    [task] = plan.tasks()
-    merged = worker.merger.merge(task, worker.merger.inputs(task.adapters))
-    rows = []
-    run = scorer.target_logprobs
-
-    def counted(model, batch, names):
-        rows.append(batch[0].shape[0])
-        return run(model, batch, names)
-
-    monkeypatch.setattr(scorer, "target_logprobs", counted)
-    [scores] = worker.scorer.score_merged([merged])
-    monkeypatch.setattr(scorer, "target_logprobs", run)
+    merged = [worker.merger.merge(t, worker.merger.inputs(t.adapters)) for t in plan.tasks()]
+    sets = worker.scorer.sets()
+    used = {t for eval_set in sets.values() for ids, _ in eval_set.rows() for t in ids}
+    pad_id = min(set(range(len(used) + 1)) - used)
+    for eval_set in sets.values():
+        eval_set.pad_id = pad_id  # padding is masked: any token does
+    counter = _Tokens(worker.base.model, pad_id)
+    scores = worker.scorer.score_merged(merged)
+    tokens = counter.close()
     worker.close()
-    return scores.examples, sum(rows)
+    return [s.examples for s in scores], tokens, worker
 
 
-def test_a_repeated_example_is_run_once_and_scored_as_where_it_appears_once(
-    demo_dir, tmp_path, monkeypatch
-):
-    """The same 10 choice questions and 10 texts, once and twice over: the model runs the same
-    rows either way, each copy's scores equal the single one's exactly, in the set's order."""
+def test_a_repeated_example_is_run_once_and_scored_as_where_it_appears_once(demo_dir, tmp_path):
+    """The same 10 choice questions and 10 texts, once and twice over: the model computes the
+    same tokens either way, each copy's scores equal the single one's exactly, in set order."""
     choice = _lines(demo_dir / "eval" / "upper_choice.jsonl", 10)
     text = _lines(demo_dir / "eval" / "sums.jsonl", 10)
     kinds = {"qa": "choice", "lm": "text"}
-    once, rows_once = _scores(
-        demo_dir, tmp_path / "once", {"qa": choice, "lm": text}, kinds, monkeypatch
+    [once], tokens_once, _ = _scores(demo_dir, tmp_path / "once", {"qa": choice, "lm": text},
+                                     kinds)  # fmt: skip
+    [twice], tokens_twice, _ = _scores(
+        demo_dir, tmp_path / "twice", {"qa": choice * 2, "lm": text * 2}, kinds
     )
-    twice, rows_twice = _scores(
-        demo_dir, tmp_path / "twice", {"qa": choice * 2, "lm": text * 2}, kinds, monkeypatch
-    )
-    assert rows_once == rows_twice == 10 * 4 + 10  # 4 choices a question, one row a text
+    assert tokens_once == tokens_twice > 0
     for name in ("qa", "lm"):
         for key, values in once[name].items():
             assert twice[name][key] == values * 2, (name, key)
+
+
+@pytest.mark.parametrize("per_pass", [1, 3])
+def test_a_choice_sets_prompt_is_computed_once_per_merge(demo_dir, tmp_path, per_pass):
+    """20 questions of 4 choices, `per_pass` merges in one pass: the model computes, per merge,
+    each prompt once and each choice's tokens but its last, far fewer than the rows hold (each
+    prompt again with every choice, as the harness computes them)."""
+    questions = _lines(demo_dir / "eval" / "upper_choice.jsonl", 20)
+    _, tokens, worker = _scores(demo_dir, tmp_path / "qa", {"qa": questions}, {"qa": "choice"},
+                                per_pass)  # fmt: skip
+    rows = worker.scorer.sets()["qa"].rows()
+    plan = choice_plan(rows, budget=4 * 33)
+    prompts = sum(map(len, plan.contexts))
+    assert len(plan.contexts) == 20 and len(plan.continuations) == 80
+    assert tokens == per_pass * plan.tokens()
+    assert plan.tokens() == prompts + sum(len(c) - 1 for c in plan.continuations)
+    # Each prompt again with each choice would compute 3 more copies of every prompt.
+    assert sum(len(ids) for ids, _ in rows) - plan.tokens() >= 3 * prompts

@@ -4,9 +4,8 @@ delete it), side by side in one run, on one worker in this process.
 
 `world="generated"` uses a generated Llama-architecture model (configurable size) with random
 adapters and three text sets; `world="demo"` uses the tiny demo's trained adapters and its three
-text sets, and its 60 merges (every pair, four weightings, five types); `world="real"` the real
-model (SmolLM2-135M-Instruct) with the shipped skill adapters and the real demo's three text sets,
-every pair at `weightings` weightings, linear.
+text sets, and its 60 merges (every pair, four weightings, five types). The real model's bench is
+against lm-evaluation-harness (`harness_race`).
 """
 
 from __future__ import annotations
@@ -42,10 +41,7 @@ def bench_eval(
     if world == "generated":
         spec = _generated_spec(root, hidden_size, layers, adapters, weightings, samples, log)
     else:
-        spec = (_demo_spec if world == "demo" else _real_spec)(root, log)
-    if world == "real":  # every pair at `weightings` weightings, linear: the real forward's cost
-        spec["combinations"] = [{"choose": 2, "weights": _weightings(weightings),
-                                 "methods": [{"combination_type": "linear"}]}]  # fmt: skip
+        spec = _demo_spec(root, log)
     spec["evaluate"].update(max_samples=samples, batch_size=batch_size, max_length=max_length)
     figures: dict[str, Any] = {"world": world, "threads": threads}
     merges = None
@@ -114,16 +110,6 @@ def _demo_spec(root: Path, log) -> dict:
     from raymerge.demo.demo import prepare_demo
 
     return _text_sets_of(prepare_demo(root / "demo", workers=1, log=log))
-
-
-def _real_spec(root: Path, log) -> dict:
-    from raymerge.demo.real_demo import prepare_real_demo
-    from raymerge.demo.skills import SKILLS
-
-    demo = prepare_real_demo(root / "real", log=log)
-    spec = _text_sets_of(demo, {skill: f"./eval/{skill}.jsonl" for skill in SKILLS})
-    spec.pop("search")  # the grid's merges only, the same in every timing
-    return spec
 
 
 def _text_sets_of(demo: Path, texts: dict[str, str] | None = None) -> dict:

@@ -120,8 +120,8 @@ def bench_eval(
     out: Path = typer.Option(Path("raymerge-bench"), help="Folder for the world and outputs."),
     world: str = typer.Option(
         "generated",
-        help="generated, demo (the tiny demo's adapters), or real (SmolLM2-135M and the real "
-        "demo's adapters).",
+        help="generated, demo (the tiny demo's adapters), or real (SmolLM2-135M, merges of the "
+        "real demo's adapters, scored by raymerge and by lm-evaluation-harness).",
     ),
     hidden_size: int = typer.Option(64, help="Hidden size of the generated model."),
     layers: int = typer.Option(2, help="Decoder layers of the generated model."),
@@ -137,6 +137,15 @@ def bench_eval(
     with exit_on_error():
         if world not in ("generated", "demo", "real"):
             raise usage(f"--world {world!r}: use generated, demo or real")
+        if world == "real":
+            from raymerge.bench.harness_race import bench_eval_real
+
+            figures = bench_eval_real(
+                (out / "eval-real").resolve(), threads=threads, log=consoles.out.print
+            )
+            render.print_harness_race(figures)
+            _write_json(json_out, figures)
+            return
         figures = measure(
             (out / f"eval-{world}").resolve(),
             world=world,

@@ -288,6 +288,35 @@ def print_eval_figures(figures: dict[str, Any]) -> None:
     )
 
 
+def print_harness_race(figures: dict[str, Any]) -> None:
+    """`bench eval --world real`: seconds and tokens per merge, set by set and in all, for
+    raymerge, the harness and the floor, and the largest difference in each metric."""
+    ways = [k for k in figures["all"] if k.startswith("raymerge_per_pass_")]
+    table = Table(title="Scoring a merge on the real model: raymerge and lm-evaluation-harness")
+    table.add_column("set")
+    table.add_column("harness s (tokens)", justify="right")
+    for way in ways:
+        table.add_column(f"{way.rsplit('_', 1)[1]} per pass s (tokens)", justify="right")
+        table.add_column("vs harness", justify="right")
+        table.add_column("vs floor", justify="right")
+    table.add_column("floor s (tokens)", justify="right")
+    rows = {**{f"{n} ({r['kind']})": r for n, r in figures["sets"].items()}, "all": figures["all"]}
+    for label, row in rows.items():
+        cells = [label, _seconds_tokens(row["harness"])]
+        for way in ways:
+            cells += [_seconds_tokens(row[way]), f"{row[way]['speedup_over_harness']}x",
+                      f"{row[way]['over_floor']}x"]  # fmt: skip
+        table.add_row(*cells, _seconds_tokens(row["floor"]))
+    consoles.out.print(table)
+    for way, gaps in figures["max_difference"].items():
+        shown = ", ".join(f"{metric} {gap:g}" for metric, gap in gaps.items())
+        consoles.out.print(f"largest difference from the harness ({way}): {shown}")
+
+
+def _seconds_tokens(row: dict[str, Any]) -> str:
+    return f"{row['seconds_per_merge']:.3f} ({row['tokens_per_merge']})"
+
+
 def print_search_race(figures: dict[str, Any], seeds: int) -> None:
     """`bench search`: the best objective each sampler reached at each budget, against the grid."""
     budgets = figures["budgets"]

@@ -182,7 +182,7 @@ def _start_in_process(plan: Plan, digests) -> LocalWorkers:
     from raymerge.cluster.worker import MergeWorker
 
     try:
-        worker = MergeWorker(0, plan.worker_config(), digests)
+        worker = MergeWorker(0, plan.worker_config(in_process=True), digests)
     except RaymergeError:
         raise
     except Exception as exc:  # as a worker that failed to start on Ray is reported

@@ -32,12 +32,12 @@ def start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=No
         check_resources(spec)
     config = plan.worker_config()
     # One bundle per worker, STRICT_PACK: a worker's GPUs are reserved together, on one node.
-    bundle = {"CPU": spec.cpus_per_worker, "GPU": spec.gpus_per_worker}
+    bundle = {"CPU": spec.reserved_cpus, "GPU": spec.gpus_per_worker}
     groups = [placement_group([bundle], strategy="STRICT_PACK") for _ in range(spec.workers)]
     actor = ray.remote(MergeWorker)
     workers = {
         i: actor.options(
-            num_cpus=spec.cpus_per_worker,
+            num_cpus=spec.reserved_cpus,
             num_gpus=spec.gpus_per_worker,
             max_restarts=spec.max_worker_restarts,
             max_concurrency=CALLS_PER_WORKER,  # one merging, one waiting for its writes
@@ -51,7 +51,7 @@ def start_workers(plan: Plan, start_timeout: float, fixed_size: bool, digests=No
         stop_workers(workers, groups)
         raise ClusterError(
             f"the {spec.workers} merge workers did not all start within {start_timeout:.0f} s; "
-            f"each needs {spec.cpus_per_worker:g} CPU and {spec.gpus_per_worker:g} GPU on one "
+            f"each needs {spec.reserved_cpus:g} CPU and {spec.gpus_per_worker:g} GPU on one "
             f"node, and the cluster has {_free_resources()} available; lower `workers` or "
             "`gpus_per_worker`, or add nodes"
         ) from None
@@ -73,11 +73,11 @@ def check_resources(spec) -> None:
     """Fail fast when a cluster that cannot grow will never fit the workers."""
     total = ray.cluster_resources()
     need_gpus = spec.workers * spec.gpus_per_worker
-    need_cpus = spec.workers * spec.cpus_per_worker
+    need_cpus = spec.workers * spec.reserved_cpus
     if need_gpus > total.get("GPU", 0) or need_cpus > total.get("CPU", 0):
         raise ClusterError(
             f"workers={spec.workers} need {need_cpus:g} CPU and {need_gpus:g} GPU "
-            f"(cpus_per_worker={spec.cpus_per_worker:g}, gpus_per_worker={spec.gpus_per_worker:g})"
+            f"(cpus_per_worker={spec.reserved_cpus:g}, gpus_per_worker={spec.gpus_per_worker:g})"
             f" but this Ray instance has {total.get('CPU', 0):g} CPU and "
             f"{total.get('GPU', 0):g} GPU; lower them (gpus_per_worker: 0 runs on CPU) or use "
             "a cluster with more resources (--address)"

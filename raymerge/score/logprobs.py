@@ -43,14 +43,22 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, targets: torch
     logits: [N, T, V] (any dtype, any device); input_ids: [N, T]; targets: [N, T - 1] bool,
     both on any device. Returns [N, T - 1] float32 on the logits' device.
     """
-    device = logits.device
     width = logits.shape[1] - 1
-    scores = logits.narrow(1, 0, width)  # logits at p predict token p + 1
-    following = input_ids.narrow(1, 1, width).to(device)
-    mask = targets.to(device)
-    picked = scores.gather(-1, following.unsqueeze(-1)).squeeze(-1).float()
-    values = picked - chunked_logsumexp(scores)
-    return torch.where(mask, values, 0.0)
+    # logits at p predict token p + 1
+    return picked_logprobs(logits.narrow(1, 0, width), input_ids.narrow(1, 1, width), targets)
+
+
+def picked_logprobs(logits: torch.Tensor, following: torch.Tensor, scored: torch.Tensor | None):
+    """Log-probability of `following` under `logits`, position by position, 0 where `scored` is
+    False (None: everywhere scored).
+
+    logits: [N, S, V] (any dtype, any device); following: [N, S] token ids, scored: [N, S] bool,
+    both on any device. Returns [N, S] float32 on the logits' device.
+    """
+    device = logits.device
+    picked = logits.gather(-1, following.to(device).unsqueeze(-1)).squeeze(-1).float()
+    values = picked - chunked_logsumexp(logits)
+    return values if scored is None else torch.where(scored.to(device), values, 0.0)
 
 
 def chunked_logsumexp(scores: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ adapter's per-example scores come back beside its metrics (`Scores`), for paired
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 from collections.abc import Sequence
@@ -26,16 +27,13 @@ from typing import Any
 import torch
 
 from raymerge.merge.tensors import MergedAdapter
-from raymerge.score import evalsets
-from raymerge.score.logprobs import token_logprobs
+from raymerge.score import evalsets, passes
+from raymerge.score.plan import Row, choice_plan, generate_plan, row_plan, split
 from raymerge.score.racing import example_order, window_positions
 from raymerge.score.requests import choice_row, prefix_token_id, rolling_rows
 from raymerge.score.slots import Slots, load_reference
 from raymerge.score.summaries import Scored, choice_scores, mean_metrics, text_metrics
 from raymerge.task import EvalConfig, Window
-
-BASE = "__base__"
-"""PEFT's name, in adapter_names, for a row that goes through no adapter."""
 
 
 @dataclass
@@ -99,6 +97,16 @@ class Scorer:
             return self._score(names, self._window_sets(window), harness=False)
         finally:
             self._slots.release(names)
+
+    @contextlib.contextmanager
+    def active(self, merged: MergedAdapter):
+        """The PeftModel with `merged` loaded and active: a plain forward runs it."""
+        name = self._slots.load(merged)
+        try:
+            self.base.peft.set_adapter(name)
+            yield self.base.peft
+        finally:
+            self._slots.release([name])
 
     def _window_sets(self, window: Window) -> dict[str, _EvalSet]:
         """Each set's examples in `window` (sets it does not reach are left out); the latest
@@ -176,21 +184,6 @@ class Scorer:
         return self._harness.score(self.base.peft, name)
 
 
-def adapter_rows(names: list[str | None], rows: int) -> list[str]:
-    """adapter_names for `rows` examples repeated once per adapter, adapter by adapter."""
-    return [BASE if name is None else name for name in names for _ in range(rows)]
-
-
-def _routing(model, names: list[str | None], rows: int) -> dict[str, Any]:
-    """How a batch reaches its adapters: through PEFT's mixed-adapter batch (`adapter_names`,
-    one per row), for one adapter as for several. PEFT's plain forward adds an adapter's output
-    to the base layer's before rounding to the base dtype, the mixed batch after: one path for
-    every pass is what makes K merges per pass score exactly as one at a time on a bf16 base."""
-    if not _is_peft(model):
-        return {}
-    return {"adapter_names": adapter_rows(names, rows)}
-
-
 class _EvalSet:
     """One eval set, tokenized, and how its kind is scored."""
 
@@ -203,9 +196,10 @@ class _EvalSet:
         self.max_length = max_length
         self.pad_id = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
         self._tokens: dict[str, list[int]] = {}
-        self._batches: dict[int, _Prepared] = {}  # batch size -> the rows to run
-        self._rows: list[tuple[list[int], int]] | None = None  # scored rows, made once
+        self._plans: dict[tuple[str, int], Any] = {}  # (plan kind, batch size) -> plan
+        self._rows: list[Row] | None = None  # scored rows, made once
         self._owners: list[int] = []  # the example of each row
+        self._stop_criteria = None
 
     def subset(self, positions: list[int]) -> _EvalSet:
         """The same set over some of its examples, in that order (token ids shared)."""
@@ -217,15 +211,17 @@ class _EvalSet:
             self.max_length,
         )
         part._tokens = self._tokens
+        part._stop_criteria = self._stop_criteria
         return part
 
     def score(self, model, names: list[str | None], scorer: Scorer) -> list[Scored]:
-        batch_size = scorer.config.batch_size
+        # A pass holds what budget rows of max_length do: short rows share larger passes.
+        budget = scorer.config.batch_size * (self.max_length + 1)
         if self.kind == "text":
-            return self._text(model, names, batch_size)
+            return self._text(model, names, budget)
         if self.kind == "choice":
-            return self._choice(model, names, batch_size)
-        return self._generate(model, names, batch_size)
+            return self._choice(model, names, budget)
+        return self._generate(model, names, budget)
 
     def _ids(self, text: str) -> list[int]:
         """Token ids as the harness encodes them, computed once per text (every merge is
@@ -240,51 +236,106 @@ class _EvalSet:
     def _bare_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _prepared(self, rows: list[tuple[list[int], int]], batch_size: int) -> _Prepared:
-        """The rows to run, made once per batch size: each distinct (sequence, first target)
-        once, longest first (as the harness sorts its requests: batches of like lengths pad
-        little), as padded tensors batch by batch."""
-        if batch_size not in self._batches:
-            distinct: dict[tuple, int] = {}
-            where = [distinct.setdefault((tuple(ids), first), len(distinct)) for ids, first in rows]
-            keys = list(distinct)
-            order = sorted(range(len(keys)), key=lambda u: (-len(keys[u][0]), keys[u]))
-            batches = [
-                _prepare(
-                    [list(keys[u][0]) for u in chunk], [keys[u][1] for u in chunk], self.pad_id
-                )
-                for chunk in _chunks(order, batch_size)
-            ]
-            self._batches[batch_size] = _Prepared(batches, order, where)
-        return self._batches[batch_size]
+    def _plan(self, kind: str, budget: int, make):
+        if (kind, budget) not in self._plans:
+            self._plans[kind, budget] = make()
+        return self._plans[kind, budget]
 
-    def _row_logliks(self, model, names, rows, batch_size) -> list[list[float]]:
+    def _row_logliks(self, model, names, budget) -> list[list[float]]:
         """Each row's summed log-probability of its scored tokens, per adapter (a row that
         repeats another is run once)."""
-        prepared = self._prepared(rows, batch_size)
-        distinct = torch.zeros(len(names), len(prepared.order), dtype=torch.float64)
-        start = 0
-        for batch in prepared.batches:
-            sums = target_logprobs(model, batch, names)
-            distinct[:, prepared.order[start : start + sums.shape[1]]] = sums
-            start += sums.shape[1]
-        return distinct[:, prepared.where].tolist()
+        plan = self._plan("rows", budget, lambda: row_plan(self.rows(), budget))
+        distinct = torch.zeros(len(names), len(plan.rows), dtype=torch.float64)
+        for batch in plan.batches:
+            width = len(plan.rows[batch[0]][0]) - 1
+            for part in _parts(batch, len(names), width, budget):
+                rows = [plan.rows[u] for u in part]
+                distinct[:, part] = passes.row_logliks(model, rows, names, self.pad_id, width)
+        return distinct[:, plan.where].tolist()
 
-    def _text(self, model, names, batch_size) -> list[Scored]:
-        # The harness's rolling log-likelihood: every token, the first given the prefix token.
+    def _choice_logliks(self, model, names, budget) -> list[list[float]]:
+        """Each (question, choice) row's log-likelihood, per adapter: each distinct context
+        run once per merge with its choices after it. Models that cannot take a row's own
+        attention mask score the rows whole."""
+        if not passes.shares_contexts(model):
+            return self._row_logliks(model, names, budget)
+        plan = self._plan("choice", budget, lambda: choice_plan(self.rows(), budget))
+        distinct = torch.zeros(len(names), len(plan.continuations), dtype=torch.float64)
+        for batch in plan.batches:
+            width = plan.width(batch.groups[0])
+            size = len(_parts(batch.groups, len(names), width, budget)[0])
+            for part in split(batch, size):
+                if part.members:
+                    members = [u for u, _ in part.members]
+                    distinct[:, members] = passes.choice_logliks(
+                        model, plan, part, names, self.pad_id, width
+                    )
+        return distinct[:, plan.where].tolist()
+
+    def rows(self) -> list[Row]:
+        """The set's scored rows (text and choice), made once, as the harness builds them:
+        a text's rolling windows (every token, the first given the prefix token); one row per
+        (example, choice)."""
         if self._rows is None:
             prefix = prefix_token_id(self.tokenizer)
-            self._rows, self._owners = [], []
+            rows, owners = [], []
+            delimiter = self.entry.get("target_delimiter", " ")
             for e, example in enumerate(self.examples):
-                for row in rolling_rows(self._ids(example["text"]), prefix, self.max_length):
-                    self._rows.append(row)
-                    self._owners.append(e)
+                if self.kind == "text":
+                    made = rolling_rows(self._ids(example["text"]), prefix, self.max_length)
+                else:
+                    made = [
+                        choice_row(
+                            self._ids, self._bare_ids, prefix, example["prompt"],
+                            delimiter + choice, self.max_length,
+                        )
+                        for choice in example["choices"]
+                    ]  # fmt: skip
+                rows += made
+                owners += [e] * len(made)
+            self._rows, self._owners = rows, owners
+        return self._rows
+
+    def distinct_work(self) -> tuple[list[list[int]], int]:
+        """What any scorer must compute for one merge: the token sequences each distinct
+        request needs (a choice's context once, its tokens but the last; a text window; a
+        prompt and its answer's tokens but the last) and how many positions' logits are read."""
+        if self.kind == "generate":
+            new_tokens = self.entry.get("max_new_tokens", 32)
+            sequences, read = [], 0
+            for prompt in dict.fromkeys(e["prompt"] for e in self.examples):
+                answer = self._bare_ids(" " + self._answer_of(prompt) + "\n")[:new_tokens]
+                sequences.append(self._ids(prompt) + answer[:-1])
+                read += len(answer)
+            return sequences, read
+        if self.kind == "choice":
+            plan = choice_plan(self.rows(), budget=1)
+            sequences = [list(c) for c in plan.contexts]
+            sequences += [list(c[:-1]) for c in plan.continuations if len(c) > 1]
+            return sequences, sum(map(len, plan.continuations))
+        plan = row_plan(self.rows(), budget=1)
+        return [ids[:-1] for ids, _ in plan.rows], sum(len(ids) - first for ids, first in plan.rows)
+
+    def _stopping(self, stop: list[str]):
+        """transformers' stop-string criterion, made once (it reads the whole vocabulary)."""
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        if self._stop_criteria is None:
+            criteria = [StopStringCriteria(self.tokenizer, list(stop))] if stop else []
+            self._stop_criteria = StoppingCriteriaList(criteria)
+        return self._stop_criteria
+
+    def _answer_of(self, prompt: str) -> str:
+        return next(e["answer"] for e in self.examples if e["prompt"] == prompt)
+
+    def _text(self, model, names, budget) -> list[Scored]:
+        self.rows()
         tokens = [0] * len(self.examples)
         for (ids, first), e in zip(self._rows, self._owners, strict=True):
             tokens[e] += len(ids) - first
         size = [len(e["text"].encode("utf-8")) for e in self.examples]
         out = []
-        for values in self._row_logliks(model, names, self._rows, batch_size):
+        for values in self._row_logliks(model, names, budget):
             loglik = [0.0] * len(self.examples)
             for value, e in zip(values, self._owners, strict=True):
                 loglik[e] += value
@@ -293,22 +344,10 @@ class _EvalSet:
             out.append(Scored(text_metrics(loglik, tokens, size), examples))
         return out
 
-    def _choice(self, model, names, batch_size) -> list[Scored]:
-        if self._rows is None:  # one row per (example, choice), as the harness builds them
-            delimiter = self.entry.get("target_delimiter", " ")
-            prefix = prefix_token_id(self.tokenizer)
-            self._rows, self._owners = [], []
-            for e, example in enumerate(self.examples):
-                for choice in example["choices"]:
-                    self._rows.append(
-                        choice_row(
-                            self._ids, self._bare_ids, prefix, example["prompt"],
-                            delimiter + choice, self.max_length,
-                        )
-                    )  # fmt: skip
-                    self._owners.append(e)
+    def _choice(self, model, names, budget) -> list[Scored]:
+        self.rows()
         out = []
-        for values in self._row_logliks(model, names, self._rows, batch_size):
+        for values in self._choice_logliks(model, names, budget):
             per_example: list[list[float]] = [[] for _ in self.examples]
             for value, e in zip(values, self._owners, strict=True):
                 per_example[e].append(value)
@@ -316,91 +355,59 @@ class _EvalSet:
         return out
 
     @torch.inference_mode()
-    def _generate(self, model, names, batch_size) -> list[Scored]:
+    def _generate(self, model, names, budget) -> list[Scored]:
         stop = self.entry.get("stop", ["\n"])
         ignore_case = self.entry.get("ignore_case", False)
         new_tokens = self.entry.get("max_new_tokens", 32)
-        right: list[list[int]] = [[] for _ in names]
+        # As the harness: the context keeps its last max_length - max_new_tokens tokens.
+        room = max(self.max_length - new_tokens, 1)
+        plan = self._plan(
+            "generate",
+            budget,
+            lambda: generate_plan([self._ids(e["prompt"])[-room:] for e in self.examples],
+                                  new_tokens, budget),
+        )  # fmt: skip
+        answers: list[list[str]] = [[""] * len(plan.prompts) for _ in names]
         device = next(model.parameters()).device
-        for batch in _chunks(self.examples, batch_size):
-            prompts = [self._ids(e["prompt"])[-self.max_length :] for e in batch]
+        for batch in plan.batches:
+            prompts = [plan.prompts[u] for u in batch]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros(len(prompts), width, dtype=torch.long)
             for row, ids in enumerate(prompts):  # left-padded: generation continues at the end
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 mask[row, width - len(ids) :] = 1
-            kwargs = _routing(model, names, len(batch))
             generated = model.generate(
                 input_ids=input_ids.repeat(len(names), 1).to(device),
                 attention_mask=mask.repeat(len(names), 1).to(device),
                 max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=self.pad_id,
-                **kwargs,
+                # The loop ends once every row has written a stop string (greedy tokens before
+                # it do not depend on when the others stop); the answer is cut there below.
+                stopping_criteria=self._stopping(stop),
+                **passes.routing(model, names, len(batch)),
             )
             texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for k in range(len(names)):
-                for i, example in enumerate(batch):
-                    answer = evalsets.cut_at_stop(texts[k * len(batch) + i], stop)
-                    right[k].append(
-                        int(
-                            evalsets.normalise(answer, ignore_case)
-                            == evalsets.normalise(example["answer"], ignore_case)
-                        )
-                    )
+                for i, u in enumerate(batch):
+                    answers[k][u] = evalsets.cut_at_stop(texts[k * len(batch) + i], stop)
+        right = [
+            [
+                int(
+                    evalsets.normalise(answers[k][u], ignore_case)
+                    == evalsets.normalise(example["answer"], ignore_case)
+                )
+                for u, example in zip(plan.where, self.examples, strict=True)
+            ]
+            for k in range(len(names))
+        ]
         return [Scored(mean_metrics({"exact_match": r}), {"exact_match": r}) for r in right]
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    """A set's rows as they are run: `batches` of padded tensors over the distinct rows in
-    `order` (longest first), and `where` each of the set's rows is among the distinct ones."""
-
-    batches: list[tuple]
-    order: list[int]
-    where: list[int]
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def _prepare(sequences: list[list[int]], first_targets: list[int], pad_id: int) -> tuple:
-    """Right-padded ids, attention mask, and which next-token positions are targets."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    targets = torch.zeros(len(sequences), width - 1, dtype=torch.bool)
-    for row, (ids, first) in enumerate(zip(sequences, first_targets, strict=True)):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-        targets[row, first - 1 : len(ids) - 1] = True  # logits at p predict token p + 1
-    return input_ids, mask, targets
-
-
-@torch.inference_mode()
-def target_logprobs(model, batch: tuple, names: list[str | None]) -> torch.Tensor:
-    """Summed log-probabilities of each sequence's target tokens (each given what precedes it),
-    for every adapter in one pass: [adapter, sequence], float64, on the CPU.
-
-    The inputs go to the device of the model's first parameter; the logits come back wherever
-    the model leaves them (on a sharded model, maybe `lm_head`'s device) and are scored there,
-    in the memory `logprobs.extra_bytes_bound` gives.
-    """
-    input_ids, mask, targets = batch
-    rows, k = input_ids.shape[0], len(names)
-    device = next(model.parameters()).device
-    ids = input_ids.repeat(k, 1).to(device)
-    logits = model(
-        input_ids=ids, attention_mask=mask.repeat(k, 1).to(device), **_routing(model, names, rows)
-    ).logits
-    picked = token_logprobs(logits, ids, targets.repeat(k, 1))
-    return picked.double().sum(dim=1).cpu().view(k, rows)
+def _parts(rows: list[int], merges: int, width: int, budget: int) -> list[list[int]]:
+    """A pass's rows in forwards of at most `budget` tokens for all `merges` together (at least
+    one row each). The plan sizes a pass for one merge, the same whatever K, so that every row
+    is padded alike; K merges split it so that no forward holds more than the budget."""
+    size = max(1, budget // (merges * max(width, 1)))
+    return [rows[start : start + size] for start in range(0, len(rows), size)]

@@ -5,7 +5,7 @@ PEFT holds the adapters it injects or loads in float32 on a bfloat16/float16 bas
 0.21), whatever dtype their tensors were saved in. Scoring instead holds every adapter exactly as
 its tensors were written: a merge as the bytes raymerge writes (`output_dtype`), a reference as
 its own file. Every merge is then scored at the precision of its files, and with one forward
-path for every pass (see `scorer._routing`) K merges per pass score exactly as one at a time.
+path for every pass (see `passes.routing`) K merges per pass score exactly as one at a time.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,9 +109,14 @@ class Plan:
             used |= set(search_pool(self.spec))
         return [name for name in self.spec.adapters if name in used]
 
-    def worker_config(self) -> WorkerConfig:
-        """What every worker of this sweep is started with."""
+    def worker_config(self, in_process: bool = False) -> WorkerConfig:
+        """What every worker of this sweep is started with (`in_process`: the one worker of
+        a run without Ray, which uses the cores it has unless the spec says otherwise)."""
         spec = self.spec
+        if spec.cpus_per_worker is not None:
+            threads = max(1, int(spec.cpus_per_worker))
+        else:
+            threads = usable_cores() if in_process else 1
         cache_bytes = int(spec.adapter_cache_gb * 2**30) if spec.adapter_cache_gb else None
         return WorkerConfig(
             base_model=self.base_model,
@@ -118,7 +124,7 @@ class Plan:
             output=self.output,
             storage_options=dict(spec.storage_options),
             task_type=self.task_type,
-            num_threads=max(1, int(spec.cpus_per_worker)),
+            num_threads=threads,
             torch_dtype=spec.torch_dtype,
             gpu_headroom_gb=spec.gpu_headroom_gb,
             gpus=spec.gpus_per_worker,
@@ -261,3 +267,14 @@ def objective(spec: SweepSpec, references: dict[str, Any] | None = None):
     evaluate = spec.evaluate
     parsed = Objective.parse(evaluate.objective_terms(), evaluate.objective_normalize())
     return parsed.against(references)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (`OMP_NUM_THREADS`, if set, says how many to use)."""
+    told = os.environ.get("OMP_NUM_THREADS", "")
+    if told.isdigit() and int(told) > 0:
+        return int(told)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -152,8 +152,15 @@ class SweepSpec(FrozenModel):
     """Number of merge workers (Ray actors), each holding the base model once."""
     gpus_per_worker: float = Field(default=0, ge=0)
     """GPUs per worker; the base model is sharded over them (0: run on CPU)."""
-    cpus_per_worker: float = Field(default=1, gt=0)
-    """CPUs reserved per worker."""
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+    """CPUs per worker: reserved on Ray (default 1), and the worker's threads. A run in this
+    process without it uses every core the process may use (`OMP_NUM_THREADS` if set)."""
+
+    @property
+    def reserved_cpus(self) -> float:
+        """The CPUs a Ray worker reserves."""
+        return 1 if self.cpus_per_worker is None else self.cpus_per_worker
+
     engine: Literal["fast", "peft"] = "fast"
     """fast: merges computed straight from the adapters' tensors (PEFT's path where it cannot);
     peft: every merge through PeftModel.add_weighted_adapter."""
