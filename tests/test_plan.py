@@ -316,3 +316,31 @@ def test_missing_or_broken_spec_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("base_model: [unclosed\n")
     result = runner.invoke(app, ["plan", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+@pytest.mark.parametrize(
+    ("cpus", "in_process", "omp", "threads"),
+    [
+        (None, True, "3", 3),  # a run in this process: the cores it may use, as OMP says
+        (None, True, None, "cores"),  # ... or every core it may run on
+        (None, False, "3", 1),  # a Ray worker reserves 1 CPU: 1 thread
+        (2, True, "3", 2),  # the spec says: as it says
+        (2, False, None, 2),
+    ],
+)
+def test_a_workers_threads_are_the_specs_or_the_cores_it_has(
+    world, tmp_path, monkeypatch, cpus, in_process, omp, threads
+):
+    import os
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    spec = base_spec(world, tmp_path)
+    if cpus is not None:
+        spec["cpus_per_worker"] = cpus
+    plan = load_plan(write_spec(tmp_path, spec))
+    expected = len(os.sched_getaffinity(0)) if threads == "cores" else threads
+    assert plan.worker_config(in_process=in_process).num_threads == expected
+    assert plan.spec.reserved_cpus == (cpus or 1)

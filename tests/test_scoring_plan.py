@@ -36,9 +36,12 @@ class _Tokens:
         return self.count
 
 
-def _scores(demo_dir: Path, folder: Path, sets: dict[str, list[dict]], kinds: dict, per_pass=1):
+def _scores(
+    demo_dir: Path, folder: Path, sets: dict[str, list[dict]], kinds: dict, per_pass=1, window=None
+):
     """Per-example scores of `per_pass` merges of sums and upper on `sets` (scored in one
-    pass), how many tokens the model computed, and the worker (closed)."""
+    pass), how many tokens the model computed, and the worker (closed). `window`: a sliding
+    window in the base model's config (which Llama ignores)."""
     folder.mkdir()
     datasets = {}
     for name, examples in sets.items():
@@ -51,6 +54,7 @@ def _scores(demo_dir: Path, folder: Path, sets: dict[str, list[dict]], kinds: di
     spec = demo_merge_spec(demo_dir, folder / "out", weights, evaluate, ("sums", "upper"))
     plan = load_plan(write_spec(folder, spec))
     worker = MergeWorker(0, plan.worker_config())
+    worker.base.model.config.sliding_window = window
     merged = [worker.merger.merge(t, worker.merger.inputs(t.adapters)) for t in plan.tasks()]
     sets = worker.scorer.sets()
     used = {t for eval_set in sets.values() for ids, _ in eval_set.rows() for t in ids}
@@ -97,3 +101,47 @@ def test_a_choice_sets_prompt_is_computed_once_per_merge(demo_dir, tmp_path, per
     assert plan.tokens() == prompts + sum(len(c) - 1 for c in plan.continuations)
     # Each prompt again with each choice would compute 3 more copies of every prompt.
     assert sum(len(ids) for ids, _ in rows) - plan.tokens() >= 3 * prompts
+
+
+def test_a_model_whose_rows_cannot_share_a_context_scores_choices_whole_and_alike(
+    demo_dir, tmp_path
+):
+    """A sliding window in the config (which a row's own mask would override): each
+    (question, choice) row runs whole, as the harness runs it, and scores as the shared rows
+    do, to float32 rounding; the decisions are the same."""
+    questions = _lines(demo_dir / "eval" / "upper_choice.jsonl", 20)
+    [shared], shared_tokens, _ = _scores(demo_dir, tmp_path / "a", {"qa": questions},
+                                         {"qa": "choice"})  # fmt: skip
+    [whole], whole_tokens, _ = _scores(demo_dir, tmp_path / "b", {"qa": questions},
+                                       {"qa": "choice"}, window=4096)  # fmt: skip
+    assert whole_tokens > 1.5 * shared_tokens  # each prompt again with every choice
+    assert whole["qa"]["accuracy"] == shared["qa"]["accuracy"]
+    assert whole["qa"]["accuracy_norm"] == shared["qa"]["accuracy_norm"]
+    for a, b in zip(whole["qa"]["loglikelihoods"], shared["qa"]["loglikelihoods"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+
+
+def test_a_long_generation_prompt_keeps_its_last_max_length_minus_new_tokens(demo_dir, tmp_path):
+    """As the harness's generate_until: a prompt longer than max_length (32) - max_new_tokens
+    (8) is generated from its last 24 tokens; a repeated prompt is generated once."""
+    [item] = _lines(demo_dir / "eval" / "sums_gen.jsonl", 1)
+    long = {"prompt": "1+1=2 " * 40 + item["prompt"], "answer": item["answer"]}
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    path = folder / "gen.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in (long, item, long)))
+    datasets = {"gen": {"path": str(path), "kind": "generate", "max_new_tokens": 8}}
+    evaluate = {"datasets": datasets, "batch_size": 4, "max_length": 32}
+    spec = demo_merge_spec(demo_dir, folder / "out", [[0.6, 0.8]], evaluate, ("sums", "upper"))
+    plan = load_plan(write_spec(folder, spec))
+    worker = MergeWorker(0, plan.worker_config())
+    [merged] = [worker.merger.merge(t, worker.merger.inputs(t.adapters)) for t in plan.tasks()]
+    first_pass = []
+    handle = worker.base.model.register_forward_pre_hook(
+        lambda module, args, kwargs: first_pass.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    [scores] = worker.scorer.score_merged([merged])
+    handle.remove()
+    worker.close()
+    assert first_pass[0] == (2, 24)  # two distinct prompts, the long one cut to 24 tokens
+    assert scores.examples["gen"]["exact_match"][0] == scores.examples["gen"]["exact_match"][2]

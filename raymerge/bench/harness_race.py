@@ -54,12 +54,41 @@ def bench_eval_real(
     per pass), the harness and the floor; the largest difference in each metric."""
     import torch
 
+    torch.set_num_threads(threads)
+    sets = _write_sets(root / "sets", choice_items, texts, generated)
+    spec = _merges_spec(root, threads, log)
+    folders = _write_merges(root, spec, log)
+    evaluate = {"batch_size": batch_size, "max_length": max_length}
+    ways = [f"raymerge_per_pass_{k}" for k in per_pass]
+    figures: dict[str, Any] = {
+        "world": "real", "threads": threads, "batch_size": batch_size, "max_length": max_length,
+        "merges": MERGES, "items": {"choice": choice_items, "text": texts, "generate": generated},
+        "sets": {}, "max_difference": {},
+    }  # fmt: skip
+    ours: dict[str, list[dict]] = {way: [{} for _ in range(MERGES)] for way in ways}
+    for name, (path, kind, extra) in sets.items():
+        datasets = {name: {"path": str(path), "kind": kind, **extra}}
+        scoring = {**spec, "evaluate": {**evaluate, "datasets": datasets}}
+        figures["sets"][name] = _score_set(root, scoring, per_pass, ours, log)
+    log(f"lm-evaluation-harness: {MERGES} merges, one at a time, set by set")
+    theirs = _time_harness(root, spec["base_model"], sets, folders, evaluate, figures["sets"])
+    for way in ways:
+        figures["max_difference"][way] = _differences(ours[way], theirs)
+    figures["all"] = {way: _sum(row[way] for row in figures["sets"].values())
+                      for way in [*ways, "harness", "floor"]}  # fmt: skip
+    for row in [*figures["sets"].values(), figures["all"]]:
+        for way in ways:
+            row[way]["speedup_over_harness"] = _ratio(row["harness"], row[way])
+            row[way]["over_floor"] = _ratio(row[way], row["floor"])
+    return figures
+
+
+def _merges_spec(root: Path, threads: int, log) -> dict[str, Any]:
+    """Pairs of the real demo's adapters, linear, written as float32 (no eval sets)."""
     from raymerge.demo.real_demo import prepare_real_demo
 
-    torch.set_num_threads(threads)
     demo = prepare_real_demo(root / "real", log=log).parent
-    sets = _write_sets(root / "sets", choice_items, texts, generated)
-    spec = {
+    return {
         "base_model": str(demo / "world" / "base"),
         "adapters": {name: str(demo / "world" / "adapters" / name)
                      for name in ("sums", "reverse", "title")},
@@ -70,43 +99,25 @@ def bench_eval_real(
         "workers": 1,
         "cpus_per_worker": threads,
     }  # fmt: skip
-    evaluate = {"batch_size": batch_size, "max_length": max_length}
-    folders = _write_merges(root, spec, log)
-    ways = [f"raymerge_per_pass_{k}" for k in per_pass]
-    figures: dict[str, Any] = {
-        "world": "real", "threads": threads, "batch_size": batch_size, "max_length": max_length,
-        "merges": MERGES, "items": {"choice": choice_items, "text": texts, "generate": generated},
-        "sets": {}, "max_difference": {},
-    }  # fmt: skip
-    ours: dict[str, list[dict]] = {way: [{} for _ in range(MERGES)] for way in ways}
-    for name, (path, kind, extra) in sets.items():
-        datasets = {name: {"path": str(path), "kind": kind, **extra}}
-        worker, merged = _scoring_worker(
-            root, {**spec, "evaluate": {**evaluate, "datasets": datasets}}
-        )
-        row: dict[str, Any] = {"kind": kind}
-        for k, way in zip(per_pass, ways, strict=True):
-            log(f"raymerge: set {name} ({kind}), {MERGES} merges, {k} per pass")
-            seconds, tokens, scores = _time_raymerge(worker, merged, k)
-            row[way] = _per_merge(seconds, tokens)
-            for mine, score in zip(ours[way], scores, strict=True):
-                mine.update(score)
-        log(f"the floor of set {name}: its distinct tokens, packed, one pass")
-        row["floor"] = _floor(worker, merged[0], max_length, batch_size)
-        worker.close()
-        figures["sets"][name] = row
-    log(f"lm-evaluation-harness: {MERGES} merges, one at a time, set by set")
-    theirs = _time_harness(root, spec["base_model"], sets, folders, batch_size, max_length,
-                           figures["sets"])  # fmt: skip
-    for way in ways:
-        figures["max_difference"][way] = _differences(ours[way], theirs)
-    figures["all"] = {way: _sum(row[way] for row in figures["sets"].values())
-                      for way in [*ways, "harness", "floor"]}  # fmt: skip
-    for row in [*figures["sets"].values(), figures["all"]]:
-        for way in ways:
-            row[way]["speedup_over_harness"] = _ratio(row["harness"], row[way])
-            row[way]["over_floor"] = _ratio(row[way], row["floor"])
-    return figures
+
+
+def _score_set(root: Path, spec: dict, per_pass, ours: dict, log) -> dict[str, Any]:
+    """One set (the spec's only one), scored by raymerge `per_pass` merges at a time (each
+    merge's metrics into `ours`), and its floor."""
+    [(name, entry)] = spec["evaluate"]["datasets"].items()
+    worker, merged = _scoring_worker(root, spec)
+    row: dict[str, Any] = {"kind": entry["kind"]}
+    for k in per_pass:
+        log(f"raymerge: set {name} ({entry['kind']}), {MERGES} merges, {k} per pass")
+        seconds, tokens, scores = _time_raymerge(worker, merged, k)
+        row[f"raymerge_per_pass_{k}"] = _per_merge(seconds, tokens)
+        for mine, score in zip(ours[f"raymerge_per_pass_{k}"], scores, strict=True):
+            mine.update(score)
+    log(f"the floor of set {name}: its distinct tokens, packed, one pass")
+    evaluate = spec["evaluate"]
+    row["floor"] = _floor(worker, merged[0], evaluate["max_length"], evaluate["batch_size"])
+    worker.close()
+    return row
 
 
 def _per_merge(seconds: float, tokens: int) -> dict[str, Any]:
@@ -276,7 +287,7 @@ def _same_width(rows: list[list[int]]) -> list[list[list[int]]]:
     return [full] + ([[r] for r in rest] if rest else [])
 
 
-def _time_harness(root, base_path, sets, folders, batch_size, max_length, rows) -> list[dict]:
+def _time_harness(root, base_path, sets, folders, evaluate, rows) -> list[dict]:
     """The harness on each merge, set by set (its time and tokens into `rows`); each merge's
     results by set."""
     from lm_eval.evaluator import evaluate
@@ -297,8 +308,8 @@ def _time_harness(root, base_path, sets, folders, batch_size, max_length, rows) 
     for i, folder in enumerate([folders[0], *folders]):  # the first: a warm-up, not timed
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
                                           str(folder)).eval()  # fmt: skip
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  max_length=max_length, device="cpu")  # fmt: skip
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=evaluate["batch_size"],
+                  max_length=evaluate["max_length"], device="cpu")  # fmt: skip
         merge_results = {}
         for name in sets:
             manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)

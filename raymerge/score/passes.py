@@ -96,22 +96,22 @@ def keeps_some_logits(model) -> bool:
 
 def shares_contexts(model) -> bool:
     """Whether a row can hold a context and its choices: the model takes position ids and a
-    4-D attention mask as given (transformers' eager and SDPA attention) and keeps some
-    logits. Other models (flash attention, sliding windows) score choices as whole rows."""
+    4-D attention mask as given (transformers' eager and SDPA attention, no sliding window,
+    which such a mask would override) and keeps some logits. Other models (flash attention,
+    sliding windows) score choices as whole rows."""
     inner = _inner(model)
     config = getattr(inner, "config", None)
-    attention = getattr(config, "_attn_implementation", None)
-    windowed = getattr(config, "sliding_window", None) or getattr(config, "layer_types", None)
-    if attention not in ("eager", "sdpa") or (windowed and _windowed(config)):
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa") or _windowed(config):
         return False
-    params = _parameters_of(type(inner).forward)
-    return keeps_some_logits(model) and "position_ids" in params
+    return keeps_some_logits(model) and "position_ids" in _parameters_of(type(inner).forward)
 
 
 def _windowed(config) -> bool:
-    types = getattr(config, "layer_types", None) or []
-    return bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window",
-                True)) or any(t != "full_attention" for t in types)  # fmt: skip
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None) and getattr(
+        config, "use_sliding_window", True
+    )
+    return bool(sliding) or any(kind != "full_attention" for kind in layer_types)
 
 
 def _device(model) -> torch.device:
