@@ -80,8 +80,9 @@ def test_a_pass_that_runs_out_of_memory_fails_its_merges_saying_what_to_change(w
         assert "\n" not in error and "Traceback" not in error, error
         assert error.startswith("scoring the pass of 3 merge(s) this one was scored in ran out of")
         assert CUDA_OOM.split(".")[0] in error and all(knob in error for knob in KNOBS), error
-        assert "evaluate.batch_size 4 x (evaluate.max_length " in error
-        assert "evaluate.adapters_per_pass 3 merges" in error
+        assert (
+            "evaluate.adapters_per_pass 3 x evaluate.batch_size 4 x (evaluate.max_length" in error
+        )
     handle.remove()  # the worker is usable again: the same merges now score and commit
     assert all(r.done for r in worker.merge_many(tasks, [0] * len(tasks)))
 

@@ -287,7 +287,7 @@ def _same_width(rows: list[list[int]]) -> list[list[list[int]]]:
     return [full] + ([[r] for r in rest] if rest else [])
 
 
-def _time_harness(root, base_path, sets, folders, evaluate, rows) -> list[dict]:
+def _time_harness(root, base_path, sets, folders, settings, rows) -> list[dict]:
     """The harness on each merge, set by set (its time and tokens into `rows`); each merge's
     results by set."""
     from lm_eval.evaluator import evaluate
@@ -308,8 +308,8 @@ def _time_harness(root, base_path, sets, folders, evaluate, rows) -> list[dict]:
     for i, folder in enumerate([folders[0], *folders]):  # the first: a warm-up, not timed
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
                                           str(folder)).eval()  # fmt: skip
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=evaluate["batch_size"],
-                  max_length=evaluate["max_length"], device="cpu")  # fmt: skip
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings["batch_size"],
+                  max_length=settings["max_length"], device="cpu")  # fmt: skip
         merge_results = {}
         for name in sets:
             manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)

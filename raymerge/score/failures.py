@@ -18,14 +18,14 @@ from raymerge.task import EvalConfig
 
 def out_of_memory_message(exc: BaseException, config: EvalConfig, what: str) -> str:
     """One line: which scoring ran out of memory, how large its passes are, what to change."""
-    tokens = config.batch_size * (config.max_length + 1)
+    per_merge = config.batch_size * (config.max_length + 1)
     return (
         f"scoring {what} ran out of memory ({first_line(exc)}): a forward pass holds up to "
-        f"evaluate.batch_size {config.batch_size} x (evaluate.max_length {config.max_length} + 1) "
-        f"= {tokens} tokens, and at least one row for each of its evaluate.adapters_per_pass "
-        f"{config.adapters_per_pass} merges; lower evaluate.batch_size or "
-        "evaluate.adapters_per_pass, or raise gpu_headroom_gb (the memory each GPU keeps free of "
-        "base weights), and run again (committed merges are kept)"
+        f"evaluate.adapters_per_pass {config.adapters_per_pass} x evaluate.batch_size "
+        f"{config.batch_size} x (evaluate.max_length {config.max_length} + 1) = "
+        f"{config.adapters_per_pass * per_merge} tokens; lower evaluate.adapters_per_pass or "
+        "evaluate.batch_size, or raise gpu_headroom_gb (the memory each GPU keeps free of base "
+        "weights), and run again (committed merges are kept)"
     )
 
 

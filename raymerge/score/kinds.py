@@ -46,7 +46,7 @@ class EvalSet:
         return part
 
     def score(self, model, names: list[str | None], batch_size: int) -> list[Scored]:
-        # A pass holds what budget rows of max_length do: short rows share larger passes.
+        # A pass holds what batch_size rows of max_length do: short rows share larger passes.
         budget = batch_size * (self.max_length + 1)
         if self.kind == "text":
             return self._text(model, names, budget)
@@ -79,7 +79,7 @@ class EvalSet:
         distinct = torch.zeros(len(names), len(plan.rows), dtype=torch.float64)
         for batch in plan.batches:
             width = len(plan.rows[batch[0]][0]) - 1
-            for part in _parts(batch, len(names), width, budget):
+            for part in self._parts(batch, len(names), width, budget):
                 rows = [plan.rows[u] for u in part]
                 distinct[:, part] = passes.row_logliks(model, rows, names, self.pad_id, width)
         return distinct[:, plan.where].tolist()
@@ -94,7 +94,7 @@ class EvalSet:
         distinct = torch.zeros(len(names), len(plan.continuations), dtype=torch.float64)
         for batch in plan.batches:
             width = plan.width(batch.groups[0])
-            size = len(_parts(batch.groups, len(names), width, budget)[0])
+            size = len(self._parts(batch.groups, len(names), width, budget)[0])
             for part in split(batch, size):
                 if part.members:
                     members = [u for u, _ in part.members]
@@ -156,6 +156,15 @@ class EvalSet:
             self._stop_criteria = StoppingCriteriaList(criteria)
         return self._stop_criteria
 
+    def _parts(self, rows: list[int], merges: int, width: int, budget: int) -> list[list[int]]:
+        """A pass's rows in forwards for all `merges` together: the pass's `budget` tokens per
+        merge hold the rows; K merges split it into forwards of `budget` tokens in all, but of
+        `batch_size` rows per merge at least (as many as a pass of max_length rows has). The
+        plan is the same whatever K, so that every row is padded alike."""
+        least = budget // (self.max_length + 1)  # batch_size
+        size = max(least, budget // (merges * max(width, 1)))
+        return [rows[start : start + size] for start in range(0, len(rows), size)]
+
     def _answer_of(self, prompt: str) -> str:
         return next(e["answer"] for e in self.examples if e["prompt"] == prompt)
 
@@ -203,7 +212,9 @@ class EvalSet:
         batches = [
             part
             for batch in plan.batches
-            for part in _parts(batch, len(names), len(plan.prompts[batch[0]]) + new_tokens, budget)
+            for part in self._parts(
+                batch, len(names), len(plan.prompts[batch[0]]) + new_tokens, budget
+            )
         ]
         for batch in batches:
             prompts = [plan.prompts[u] for u in batch]
@@ -239,11 +250,3 @@ class EvalSet:
             for k in range(len(names))
         ]
         return [Scored(mean_metrics({"exact_match": r}), {"exact_match": r}) for r in right]
-
-
-def _parts(rows: list[int], merges: int, width: int, budget: int) -> list[list[int]]:
-    """A pass's rows in forwards of at most `budget` tokens for all `merges` together (at least
-    one row each). The plan sizes a pass for one merge, the same whatever K, so that every row
-    is padded alike; K merges split it so that no forward holds more than the budget."""
-    size = max(1, budget // (merges * max(width, 1)))
-    return [rows[start : start + size] for start in range(0, len(rows), size)]

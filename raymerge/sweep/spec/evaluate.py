@@ -90,9 +90,10 @@ class EvaluateSpec(FrozenModel):
     max_samples: int = Field(default=64, ge=1)
     """Examples scored per eval set."""
     batch_size: int = Field(default=8, ge=1)
-    """Examples per forward pass (times adapters_per_pass rows)."""
+    """Rows of max_length per forward pass: a pass holds batch_size x (max_length + 1) tokens
+    (shorter rows, more of them), for its adapters_per_pass merges together."""
     max_length: int = Field(default=128, ge=2)
-    """Tokens per example (longer ones are truncated)."""
+    """Tokens per window (text), per choice row, or per prompt and its generated tokens."""
     adapters_per_pass: int = Field(default=1, ge=1, le=64)
     """Merges scored together through PEFT's mixed-adapter batches (one base pass for all)."""
     objective: Objectives | None = None
