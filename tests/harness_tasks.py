@@ -15,15 +15,8 @@ def lls(sample) -> list[float]:
     return [float(ll) for ll, _ in sample["filtered_resps"]]
 
 
-RELATIVE = 5e-6
-"""How far a log-likelihood may move with the shapes it is computed in (float32): the same row
-through the real model alone and in a padded batch of four moved by 1.2e-6 of its value (3e-5
-of 33.4); scored from its prompt's cache, by 1.3e-6 (1.05e-4 of 82.8)."""
-
-
 def choice_mismatches(ours_entry, harness_entry, tol=1e-4) -> list[str]:
-    """Where our per-example choice scores and the harness's per-sample ones differ by more
-    than `tol` plus float32's share of the value (`RELATIVE`)."""
+    """Where our per-example choice scores and the harness's per-sample ones differ."""
     examples = ours_entry
     samples = harness_entry["samples"]
     problems = []
@@ -33,7 +26,7 @@ def choice_mismatches(ours_entry, harness_entry, tol=1e-4) -> list[str]:
         theirs = lls(sample)
         mine = examples["loglikelihoods"][i]
         if len(mine) != len(theirs) or any(
-            abs(a - b) > tol + RELATIVE * abs(b) for a, b in zip(mine, theirs, strict=True)
+            abs(a - b) > tol for a, b in zip(mine, theirs, strict=True)
         ):
             problems.append(f"example {i} {sample['arguments']}: ours {mine}, harness {theirs}")
         for key, metric in (("accuracy", "acc"), ("accuracy_norm", "acc_norm")):
