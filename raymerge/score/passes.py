@@ -1,8 +1,8 @@
 """The model's scoring passes: K merges per pass (PEFT's mixed-adapter batch, one adapter name
 per row, adapter by adapter), logits only at the positions read.
 
-- `row_logliks`: rows scored whole (text windows; choice rows where a model's cache cannot be
-  reused), logits at each row's scored positions only.
+- `row_logliks`: rows scored whole (text windows; choice rows where a row cannot hold a
+  context and its choices, `shares_contexts`), logits at each row's scored positions only.
 - `choice_logliks`: each context once per merge, its choices after it in the same row, each
   attending to the context's keys and values and its own tokens (a per-row mask); the logits
   at the context's last position give every choice's first token.
