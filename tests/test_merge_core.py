@@ -172,3 +172,45 @@ def test_peft_path_on_a_bfloat16_base_records_bfloat16(world, tmp_path):
     assert result.record["engine"] == "peft"
     assert result.record["compute_dtype"] == "bfloat16"
     assert result.record["output_dtype"] == "float32"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"combination_type": "linear"},
+        {"combination_type": "cat"},
+        {"combination_type": "ties", "density": 0.5},
+        {"combination_type": "dare_linear", "density": 0.5},
+        {"combination_type": "dare_ties", "density": 0.5},
+        {"combination_type": "magnitude_prune", "density": 0.5},
+    ],
+    ids=lambda method: method["combination_type"],
+)
+@pytest.mark.parametrize("output_dtype", ["float32", "bfloat16"])
+def test_a_merge_reads_one_value_back_not_one_per_tensor(
+    world, tmp_path, monkeypatch, method, output_dtype
+):
+    """The value reads a GPU would synchronise on (`tensors.all_true`, `tensors.count`): one
+    per merge, the finiteness of all its tensors at once (the world's merges hold 16 to 24)."""
+    from raymerge.merge import tensors
+
+    combination = {"adapters": ["a", "b"], "weights": [[0.5, 0.5]], "methods": [method]}
+    spec = base_spec(world, tmp_path / "out", combinations=[combination],
+                     output_dtype=output_dtype)  # fmt: skip
+    plan = load_plan(write_spec(tmp_path, spec))
+    worker = MergeWorker(0, plan.worker_config())
+    [task] = plan.tasks()
+    inputs = worker.merger.inputs(task.adapters)
+    reads = Counter()
+    for seam in ("all_true", "count"):
+        original = getattr(tensors, seam)
+
+        def counted(mask, seam=seam, original=original):
+            reads[seam] += 1
+            return original(mask)
+
+        monkeypatch.setattr(tensors, seam, counted)
+    merged = worker.merger.merge(task, inputs)
+    worker.close()
+    assert len(merged.tensors) >= 16
+    assert sum(reads.values()) == 1, reads

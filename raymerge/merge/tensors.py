@@ -100,13 +100,21 @@ def count(mask: torch.Tensor) -> int:
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """MergeError naming the first tensor holding NaN or Inf."""
+    """MergeError naming the first tensor holding NaN or Inf.
+
+    One value read per device on the way through: a finite sum means every element is finite
+    (NaN and Inf propagate through it), and the sums' flags are read together. Only where some
+    sum is not finite (an overflow of large finite values, or a real NaN) are the tensors read
+    one by one."""
     import torch
 
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors.values():
+        flags.setdefault(tensor.device, []).append(torch.isfinite(tensor.sum()))
+    if all(all_true(torch.stack(on_device)) for on_device in flags.values()):
+        return
     for key, tensor in tensors.items():
-        # A finite sum means every element is finite (NaN and Inf propagate through it); only a
-        # sum that is not (an overflow of large finite values, or a real NaN) is looked at closely.
-        if not all_true(torch.isfinite(tensor.sum())) and not all_true(torch.isfinite(tensor)):
+        if not all_true(torch.isfinite(tensor)):
             bad = count(~torch.isfinite(tensor))
             raise MergeError(
                 f"{what}: {key} holds {bad} non-finite value(s) (NaN or Inf); nothing was written"
@@ -116,12 +124,17 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 def scaled_output(
     state: dict[str, torch.Tensor], output_dtype: str, what: str
 ) -> dict[str, torch.Tensor]:
-    """The merged tensors in the output dtype, refusing NaN/Inf (also from a narrowing cast)."""
+    """The merged tensors in the output dtype, refusing NaN/Inf (also from a narrowing cast).
+
+    The output is checked (NaN and Inf survive any cast); only if it fails is the merge's own
+    result checked, to say which of the two made them."""
     import torch
 
-    check_finite(state, what)
     dtype = getattr(torch, output_dtype)
     out = {k: v.to(dtype) for k, v in state.items()}
-    if dtype != torch.float32:
-        check_finite(out, f"{what} in {output_dtype}")
+    try:
+        check_finite(out, what if dtype == torch.float32 else f"{what} in {output_dtype}")
+    except MergeError:
+        check_finite(state, what)
+        raise
     return out
