@@ -36,18 +36,29 @@ class ShardedLM(torch.nn.Module):
         self.head = torch.nn.Parameter(
             torch.zeros(VOCAB, HIDDEN, device="cuda:1", dtype=torch.bfloat16), False
         )
+        self.hf_device_map = {"embed": "cuda:0", "head": "cuda:1"}  # as accelerate records it
 
     def forward(self, input_ids, attention_mask, use_cache=None, logits_to_keep=0):
         hidden = torch.nn.functional.embedding(input_ids, self.embed)  # ids must be on cuda:0
         hidden = hidden * attention_mask.unsqueeze(-1)  # and so must the mask
+        hidden = hidden.to("cuda:1", torch.bfloat16)  # the last layers and norm are on cuda:1
         if isinstance(logits_to_keep, torch.Tensor):  # per-row positions, as transformers
             hidden = torch.take_along_dim(hidden, logits_to_keep.unsqueeze(-1), dim=1)
-        logits = torch.nn.functional.linear(hidden.to("cuda:1", torch.bfloat16), self.head)
+        logits = torch.nn.functional.linear(hidden, self.head)
         return SimpleNamespace(logits=logits)
 
 
+class OneDeviceLM(ShardedLM):
+    """The same model on one device (cuda:1): logits are computed at the positions read."""
+
+    def __init__(self):
+        super().__init__()
+        self.hf_device_map = {"embed": "cuda:1", "head": "cuda:1"}
+        self.embed = torch.nn.Parameter(torch.zeros(VOCAB, HIDDEN, device="cuda:1"), False)
+
+
 class WholeLogitsLM(ShardedLM):
-    """The same model with a forward that returns every position's logits."""
+    """The sharded model with a forward that returns every position's logits."""
 
     def forward(self, input_ids, attention_mask, use_cache=None):
         return super().forward(input_ids, attention_mask)
@@ -72,11 +83,12 @@ def _full_log_softmax(logits, input_ids, targets):
     return torch.where(targets, picked, 0.0)
 
 
-@pytest.mark.parametrize("lm", [ShardedLM, WholeLogitsLM])
+@pytest.mark.parametrize("lm", [ShardedLM, WholeLogitsLM, OneDeviceLM])
 def test_a_sharded_models_logits_are_scored_on_their_own_device(lm):
     """Three adapters' rows through a model whose logits come back on another device than its
-    inputs went to (at the scored positions only, or at all of them): the sums arrive on the
-    CPU, one per adapter and sequence."""
+    inputs went to (sharded: every position's logits, read at the scored ones, as positions
+    given on the input device could not slice hidden states on the last one), or on one device
+    (the scored positions only): the sums arrive on the CPU, one per adapter and sequence."""
     rows = [([1, 2, 3, 4, 5], 1), ([1, 2, 3], 2), ([7, 8, 9, 10, 11, 12], 4), ([5, 6], 1)]
     with FakeTensorMode():
         model = lm()

@@ -90,20 +90,26 @@ def _parameters_of(forward) -> frozenset[str]:
 
 
 def keeps_some_logits(model) -> bool:
-    """Whether the model's forward computes logits at given positions only."""
-    return "logits_to_keep" in _parameters_of(type(_inner(model)).forward)
+    """Whether the model's forward computes logits at given positions only, and the positions
+    can be given on its input device: transformers slices the last hidden states with them,
+    and on a model sharded over several devices (accelerate's `hf_device_map`) those are on
+    another device than the inputs. A sharded model returns every position's logits, read at
+    the same positions."""
+    inner = _inner(model)
+    devices = set((getattr(inner, "hf_device_map", None) or {}).values())
+    return len(devices) <= 1 and "logits_to_keep" in _parameters_of(type(inner).forward)
 
 
 def shares_contexts(model) -> bool:
     """Whether a row can hold a context and its choices: the model takes position ids and a
     4-D attention mask as given (transformers' eager and SDPA attention, no sliding window,
-    which such a mask would override) and keeps some logits. Other models (flash attention,
-    sliding windows) score choices as whole rows."""
+    which such a mask would override). Other models (flash attention, sliding windows) score
+    choices as whole rows."""
     inner = _inner(model)
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa") or _windowed(config):
         return False
-    return keeps_some_logits(model) and "position_ids" in _parameters_of(type(inner).forward)
+    return "position_ids" in _parameters_of(type(inner).forward)
 
 
 def _windowed(config) -> bool:
@@ -130,6 +136,16 @@ def _padded(sequences: list, pad_id: int, width: int = 0) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def _kept_logits(model, kept: torch.Tensor, **inputs) -> torch.Tensor:
+    """The logits at positions `kept` ([rows, S], on the CPU) of each row: only those computed
+    where the model can (`keeps_some_logits`), else all of them computed and those read."""
+    if keeps_some_logits(model):
+        return model(logits_to_keep=kept.to(_device(model)), **inputs).logits
+    logits = model(**inputs).logits
+    index = kept.to(logits.device).unsqueeze(-1)
+    return logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
+
+
 @torch.inference_mode()
 def row_logliks(
     model, rows: list[Row], names: list[str | None], pad_id: int, width: int = 0
@@ -150,18 +166,14 @@ def row_logliks(
             scored[row, : len(span)] = True
     following = _padded([r for r, _ in rows], pad_id, width + 1)[0].gather(1, positions + 1)
     device = _device(model)
-    kwargs = routing(model, names, count)
-    if keeps_some_logits(model):
-        kwargs["logits_to_keep"] = positions.repeat(k, 1).to(device)
-    logits = model(
+    logits = _kept_logits(
+        model,
+        positions.repeat(k, 1),
         input_ids=ids.repeat(k, 1).to(device),
         attention_mask=mask.repeat(k, 1).to(device),
         use_cache=False,
-        **kwargs,
-    ).logits
-    if "logits_to_keep" not in kwargs:  # every position came back: read the scored ones
-        kept = positions.repeat(k, 1).to(logits.device).unsqueeze(-1)
-        logits = logits.gather(1, kept.expand(-1, -1, logits.shape[-1]))
+        **routing(model, names, count),
+    )
     picked = picked_logprobs(logits, following.repeat(k, 1), scored.repeat(k, 1))
     return picked.double().sum(dim=1).cpu().view(k, count)
 
@@ -187,14 +199,15 @@ def choice_logliks(
     mask = _tree_mask(segments, dtype)
     kept, following, scored = (_padded(part, 0)[0] for part in (layout.kept, layout.following,
                                                                  layout.scored))  # fmt: skip
-    logits = model(
+    logits = _kept_logits(
+        model,
+        kept.repeat(k, 1),
         input_ids=ids.repeat(k, 1).to(device),
         attention_mask=mask.repeat(k, 1, 1, 1).to(device),
         position_ids=positions.repeat(k, 1).to(device),
-        logits_to_keep=kept.repeat(k, 1).to(device),
         use_cache=False,
         **routing(model, names, groups),
-    ).logits
+    )
     lse = chunked_logsumexp(logits)
     # Each member's first token, from its context's last position (slot 0 of its row).
     members = len(batch.members)
