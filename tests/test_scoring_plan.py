@@ -145,3 +145,33 @@ def test_a_long_generation_prompt_keeps_its_last_max_length_minus_new_tokens(dem
     worker.close()
     assert first_pass[0] == (2, 24)  # two distinct prompts, the long one cut to 24 tokens
     assert scores.examples["gen"]["exact_match"][0] == scores.examples["gen"]["exact_match"][2]
+
+
+def test_a_stop_string_counts_only_in_the_generated_text(demo_dir):
+    """As the harness's criterion: a stop string that starts in the prompt does not end a row;
+    one the generated text holds does."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from raymerge.score.kinds import stopping_criteria
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "world" / "base")
+    prompt = tokenizer("Add 2 and 2.\n")["input_ids"]
+    stop = stopping_criteria(tokenizer, ["\n\n"], len(prompt))
+    across = tokenizer("\n4", add_special_tokens=False)["input_ids"]  # "\n" + "\n4"
+    inside = tokenizer("\n4\n\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(prompt).endswith("\n") and tokenizer.decode(across).startswith("\n")
+    assert not bool(stop(torch.tensor([prompt + across]), None)[0])
+    assert bool(stop(torch.tensor([prompt + inside]), None)[0])
+
+
+def test_a_model_with_alibi_scores_choices_as_whole_rows():
+    """ALiBi takes its distances from the attention mask, not from position ids: a row holding
+    a context and its choices would be scored at the wrong distances."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from raymerge.score import passes
+
+    shape = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4}
+    assert not passes.shares_contexts(FalconForCausalLM(FalconConfig(alibi=True, **shape)))
+    assert passes.shares_contexts(FalconForCausalLM(FalconConfig(alibi=False, **shape)))

@@ -30,7 +30,6 @@ class EvalSet:
         self._plans: dict[tuple[str, int], Any] = {}  # (plan kind, batch size) -> plan
         self._rows: list[Row] | None = None  # scored rows, made once
         self._owners: list[int] = []  # the example of each row
-        self._stop_criteria = None
 
     def subset(self, positions: list[int]) -> EvalSet:
         """The same set over some of its examples, in that order (token ids shared)."""
@@ -42,7 +41,6 @@ class EvalSet:
             self.max_length,
         )
         part._tokens = self._tokens
-        part._stop_criteria = self._stop_criteria
         return part
 
     def score(self, model, names: list[str | None], batch_size: int) -> list[Scored]:
@@ -147,15 +145,6 @@ class EvalSet:
         plan = row_plan(self.rows(), budget=1)
         return [ids[:-1] for ids, _ in plan.rows], sum(len(ids) - first for ids, first in plan.rows)
 
-    def _stopping(self, stop: list[str]):
-        """transformers' stop-string criterion, made once (it reads the whole vocabulary)."""
-        from transformers import StoppingCriteriaList, StopStringCriteria
-
-        if self._stop_criteria is None:
-            criteria = [StopStringCriteria(self.tokenizer, list(stop))] if stop else []
-            self._stop_criteria = StoppingCriteriaList(criteria)
-        return self._stop_criteria
-
     def _parts(self, rows: list[int], merges: int, width: int, budget: int) -> list[list[int]]:
         """A pass's rows in forwards for all `merges` together: the pass's `budget` tokens per
         merge hold the rows; K merges split it into forwards of `budget` tokens in all, but of
@@ -232,7 +221,7 @@ class EvalSet:
                 pad_token_id=self.pad_id,
                 # The loop ends once every row has written a stop string (greedy tokens before
                 # it do not depend on when the others stop); the answer is cut there below.
-                stopping_criteria=self._stopping(stop),
+                stopping_criteria=stopping_criteria(self.tokenizer, stop, width),
                 **passes.routing(model, names, len(batch)),
             )
             texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
@@ -250,3 +239,20 @@ class EvalSet:
             for k in range(len(names))
         ]
         return [Scored(mean_metrics({"exact_match": r}), {"exact_match": r}) for r in right]
+
+
+def stopping_criteria(tokenizer, stop: list[str], prompt_width: int):
+    """A row is done once its generated text (its prompt aside) holds a stop string, as the
+    harness's criterion reads it: a string that starts in the prompt does not count."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if not stop:
+        return StoppingCriteriaList([])
+
+    class GeneratedHoldsStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            done = [any(s in text for s in stop) for text in texts]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([GeneratedHoldsStop()])

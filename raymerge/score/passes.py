@@ -103,11 +103,13 @@ def keeps_some_logits(model) -> bool:
 def shares_contexts(model) -> bool:
     """Whether a row can hold a context and its choices: the model takes position ids and a
     4-D attention mask as given (transformers' eager and SDPA attention, no sliding window,
-    which such a mask would override). Other models (flash attention, sliding windows) score
-    choices as whole rows."""
+    which such a mask would override, positions from `position_ids`, not ALiBi's from the mask).
+    Other models (flash attention, sliding windows, ALiBi) score choices as whole rows."""
     inner = _inner(model)
     config = getattr(inner, "config", None)
     if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa") or _windowed(config):
+        return False
+    if getattr(config, "alibi", False):  # ALiBi takes distances from the mask, not positions
         return False
     return "position_ids" in _parameters_of(type(inner).forward)
 
@@ -195,8 +197,7 @@ def choice_logliks(
     ids, positions, segments = (_padded(part, fill, width)[0] for part, fill in
                                 zip(layout.rows, (pad_id, 0, _PAD), strict=True))  # fmt: skip
     device = _device(model)
-    dtype = next(model.parameters()).dtype
-    mask = _tree_mask(segments, dtype)
+    mask = _tree_mask(segments, _mask_dtype(model))
     kept, following, scored = (_padded(part, 0)[0] for part in (layout.kept, layout.following,
                                                                  layout.scored))  # fmt: skip
     logits = _kept_logits(
@@ -276,14 +277,26 @@ def _choice_rows(plan: ChoicePlan, batch: PromptBatch) -> _ChoiceRows:
     return _ChoiceRows((ids, positions, segments), kept, following, scored, slots)
 
 
+def _mask_dtype(model) -> torch.dtype:
+    """What transformers' own masks are for the model's attention: boolean for SDPA (any query
+    dtype), additive in the hidden states' dtype (the input embeddings') for eager."""
+    inner = _inner(model)
+    if getattr(inner.config, "_attn_implementation", None) == "sdpa":
+        return torch.bool
+    return inner.get_input_embeddings().weight.dtype
+
+
 def _tree_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[rows, 1, T, T] additive mask: a token attends to the tokens before it in its row that
-    are its context's or its own choice's; padding to itself only."""
+    """[rows, 1, T, T] mask: a token attends to the tokens before it in its row that are its
+    context's or its own choice's; padding to itself only. Boolean (True: attends) or additive
+    (0 or the dtype's lowest value), as `dtype` says."""
     count, width = segments.shape
     index = torch.arange(width)
     before = index[None, :] <= index[:, None]
     same = (segments[:, None, :] == -1) | (segments[:, None, :] == segments[:, :, None])
     allowed = before[None] & same & (segments[:, :, None] != _PAD)
     allowed |= torch.eye(width, dtype=torch.bool)[None]
+    if dtype == torch.bool:
+        return allowed[:, None]
     mask = torch.zeros(count, 1, width, width, dtype=dtype)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
