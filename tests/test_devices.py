@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from raymerge.merge import core, seeding, tensors
-from raymerge.merge.engines import fast, lowrank
+from raymerge.merge.engines import lowrank, svd_types
 from raymerge.merge.engines.fast import FastEngine
 from raymerge.merge.registry import METHODS, Form
 from raymerge.task import MergeTask
@@ -34,11 +34,16 @@ MODULES = ("q", "v")
 MOVES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
 """Ops that put a tensor's values on a device (`.to(device)`): the one way onto the merge's
 device from the host. A move may stay where it is or go to the merge's device, never leave it."""
-STREAM_DRAWS = {seeding.bernoulli_mask.__code__, seeding.replay_peft_initialisation.__code__}
+STREAM_DRAWS = {
+    seeding.draw_masks.__code__,
+    seeding.bernoulli_mask.__code__,
+    seeding.replay_peft_initialisation.__code__,
+}
 """Where tensors are made on the CPU on purpose. By the seeding policy every random draw comes
 from the CPU generator (`seeding.STREAM_DEVICE`), so that DARE's masks are PEFT's bit for bit on
-any device: `bernoulli_mask` draws on the CPU (`full_like(like, device="cpu")`, `bernoulli`) and
-then moves the mask to `like`'s device; `replay_peft_initialisation` draws PEFT's CPU-made init
+any device: `draw_masks` draws on the CPU (uniforms compared with the density, as `bernoulli`
+does), and `MaskStream` and `bernoulli_mask` then move the masks to the merge's device;
+`replay_peft_initialisation` draws PEFT's CPU-made init
 (`empty(device="cpu").uniform_()`) only to advance the stream, and uses nothing it makes. Inside
 them a CPU result is legitimate; a mixed-device op is still not."""
 
@@ -181,13 +186,13 @@ fast engine's SVD types (its low-rank `svd`, the dense `*_svd`)."""
 
 
 def plant_a_cpu_operand(monkeypatch, mode: SameDevice | None = None) -> list[str]:
-    """The first matrix product an engine module computes (`a @ b` in `lowrank` or `fast`) gets
+    """The first matrix product an engine module computes (`a @ b` in `lowrank` or `svd_types`) gets
     one operand from the CPU, made outside the checks, as a tensor kept from an earlier CPU merge
     or built without `device=` would be. The operand chosen is the one torch then passes silently:
     the right one of a 2-d product (`mm` answers on the left's device), the left one of a batched
     product (`bmm` answers on the right's). Returns where it was planted."""
     product = torch.Tensor.__matmul__
-    engines = {fast.__name__, lowrank.__name__}
+    engines = {svd_types.__name__, lowrank.__name__}
     planted: list[str] = []
 
     def matmul(left, right):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from raymerge.merge.registry import METHODS
+from raymerge.merge.registry import METHODS, Form
 
 ABSENT_THERE = ("ray", "pydantic", "optuna", "s3fs", "aiobotocore", "lm_eval")
 """raymerge's dependencies the GPU machine lacks (tenacity, which the store needs, travels there
@@ -49,3 +49,11 @@ def test_the_gpu_check_runs_to_its_table_without_the_packages_the_gpu_machine_la
     assert all(row["max_loss_diff_vs_1"] == 0.0 for row in figures["scoring"])
     shares = figures["merge_bench"][0]
     assert 0.99 < sum(v for k, v in shares.items() if k.endswith("_share")) < 1.01
+    # The profiler's count of one merge: one value read (its finiteness; the factorising types'
+    # linear algebra also reads each call's status, inside torch), and on the CPU no CUDA
+    # launch or synchronisation at all.
+    for row in figures["merge_bench"]:
+        reads = row["value_reads_per_merge"]
+        factorising = METHODS[row["type"]].form in (Form.DELTA_SVD, Form.LOWRANK)
+        assert reads >= 1 if factorising else reads == 1, row
+        assert row["launches_per_merge"] == row["syncs_per_merge"] == 0, row

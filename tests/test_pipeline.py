@@ -18,6 +18,7 @@ from raymerge.cluster.merger import Merger
 from raymerge.cluster.pipeline import CommitQueue
 from raymerge.cluster.worker import MergeWorker
 from raymerge.merge.format import weights_bytes, weights_parts
+from raymerge.merge.output import MergedOutput
 from raymerge.merge.registry import METHODS
 from raymerge.store import commits, manifest, publish, storage
 from raymerge.sweep.plan import load_plan
@@ -38,6 +39,51 @@ def test_the_weights_file_laid_out_is_byte_for_byte_safetensors():
         parts = weights_parts(tensors)
         assert len(parts) == len(tensors) + 1  # laid out, never the fallback
         assert b"".join(bytes(part) for part in parts) == weights_bytes(tensors)
+
+
+def test_a_merged_output_is_the_file_safetensors_writes():
+    """The fast engine's one buffer, filled chunk by chunk (evenly spaced keys in one strided
+    copy, the rest key by key) with -0.0 turned into 0.0 and cast to the output dtype, is with
+    its header byte for byte what safetensors writes for the same tensors."""
+    rng = random.Random(11)
+    generator = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for _ in range(40):
+            names = {"".join(rng.choice("abAB._09z") for _ in range(rng.randint(1, 8)))
+                     for _ in range(rng.randint(1, 9))}  # fmt: skip
+            shapes = {name: (rng.randint(0, 3), rng.randint(1, 4)) for name in names}
+            expected = {}
+            for name, shape in shapes.items():
+                values = torch.randn(shape, generator=generator)
+                expected[name] = torch.where(values.abs() < 0.3, -0.0, values)
+            output = MergedOutput(shapes, dtype, "cpu")
+            keys = sorted(shapes, key=output.position)
+            while keys:
+                chunk = [k for k in keys if shapes[k] == shapes[keys[0]]][: rng.randint(1, 4)]
+                output.put(chunk, torch.stack([expected[k] for k in chunk]))
+                keys = [k for k in keys if k not in chunk]
+            output.check("merge x")
+            written = output.file.layout.header + bytes(output.file.data.numpy())
+            saved = {name: (value + 0.0).to(dtype) for name, value in expected.items()}
+            assert written == weights_bytes(saved)
+            assert all(torch.equal(output.tensors[k], saved[k]) for k in saved)
+
+
+def test_local_writes_hash_each_block_as_they_write_it(tmp_path):
+    """On a local disk the digests come from the blocks as they are written: several blocks,
+    several buffers, an empty one, bytes; the record's digests are the files' own."""
+    import hashlib
+    import os
+
+    weights = [os.urandom(2 * storage.WRITE_BLOCK_BYTES + 5), memoryview(os.urandom(100)), b""]
+    stages: dict[str, float] = {}
+    folder = tmp_path / "merge"
+    files = publish.write_files(str(folder), {"w.bin": weights, "c.json": b"{}"}, stages=stages)
+    for name, entry in files.items():
+        data = (folder / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert files["w.bin"]["bytes"] == 2 * storage.WRITE_BLOCK_BYTES + 105
+    assert stages["hash"] > 0 and stages["write"] > 0
 
 
 def test_a_dtype_it_does_not_lay_out_falls_back_to_safetensors():
@@ -221,7 +267,7 @@ SLOWED = {
         "files",
         _slowed(publish.StagedAdapter.files),
     ),
-    "hash": lambda worker: (publish, "_digest", _slowed(publish._digest)),
+    "hash": lambda worker: (publish, "_update", _slowed(publish._update)),
     "write": lambda worker: (storage, "write", _slowed(storage.write, _adapter_file)),
     "commit": lambda worker: (manifest, "commit_merge", _slowed(manifest.commit_merge)),
 }

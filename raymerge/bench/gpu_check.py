@@ -15,8 +15,9 @@ Three parts, sized to finish in well under 8 minutes on one H200:
    generated, with `adapters_per_pass` 1, 4 and 16: merges/s and the device's peak memory.
 3. **merge bench**: the `smollm2-135m` and `llama-8b` shapes (config-only bases, bf16 adapters
    of r=16 on every linear layer; ~84 MB at 8B) merged on the device: merges/s per type, peak
-   memory, and the share of each merge's time in arithmetic, copy to host, serialisation and
-   writing.
+   memory, the share of each merge's time in arithmetic, copy to host, serialisation and
+   writing, and what one merge asks of the host (counted with torch's profiler): kernel
+   launches and copies queued, host synchronisations, and value reads into Python.
 
 `--device cpu --small` runs the same code on tiny sizes (the tests do, so the check cannot rot).
 """
@@ -252,6 +253,32 @@ def _timed_merge(merger, task, folder: str, device: str) -> dict[str, float]:
     return stages
 
 
+LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+            "cudaMemcpyAsync", "cudaMemsetAsync"}  # fmt: skip
+"""CUDA runtime calls that queue work on the device (kernels, copies, fills)."""
+SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+"""CUDA runtime calls that wait on the host for the device."""
+
+
+def _host_calls(merger, task, device: str) -> dict[str, int]:
+    """One merge under torch's profiler: CUDA launches and synchronisations (none on the CPU),
+    and value reads into Python (`aten::_local_scalar_dense`: a synchronisation on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    inputs = merger.inputs(task.adapters)
+    with profile(activities=activities) as profiled:
+        merger.merge(task, inputs)
+    names = [event.name for event in profiled.events()]
+    return {
+        "launches_per_merge": sum(name in LAUNCHES for name in names),
+        "syncs_per_merge": sum(name in SYNCS for name in names),
+        "value_reads_per_merge": names.count("aten::_local_scalar_dense"),
+    }
+
+
 def _pipelined(world, device: str, tasks, out: Path) -> float:
     """Merges/s of the same tasks through a worker: merging beside its writer threads."""
     from raymerge.cluster.worker import MergeWorker
@@ -297,6 +324,7 @@ def _merge_bench(root: Path, world, shape: str, device: str, size: str, log) -> 
             row[f"{stage}_share"] = round(sum(s.get(stage, 0.0) for s in stages) / total, 3)
         shutil.rmtree(out, ignore_errors=True)
         row["pipelined_merges_per_s"] = round(_pipelined(world, device, tasks, out), 2)
+        row.update(_host_calls(merger, tasks[0], device))
         rows.append(row)
         shutil.rmtree(out, ignore_errors=True)
     return rows

@@ -23,7 +23,7 @@ import torch
 
 import raymerge
 from raymerge.cluster.keep import keeps_files
-from raymerge.cluster.merger import Merger
+from raymerge.cluster.merger import Merger, intra_op_threads, merge_threads
 from raymerge.cluster.pipeline import CommitQueue
 from raymerge.errors import MergeError, RaymergeError, is_out_of_memory
 from raymerge.merge.tensors import MergedAdapter, MergeRun
@@ -58,6 +58,7 @@ class MergeWorker:
         self.config = config
         self.merger = Merger(config, input_digests)
         self.base = self.merger.base
+        self.merge_threads = merge_threads(config, self.base.device.type)
         self.scorer = None
         self.objective = None
         if config.evaluate is not None:
@@ -216,7 +217,8 @@ class MergeWorker:
             started = time.perf_counter()
             inputs = self.merger.inputs(task.adapters)
             loaded = time.perf_counter()
-            job.merged = self.merger.merge(task, inputs)
+            with intra_op_threads(self.merge_threads):
+                job.merged = self.merger.merge(task, inputs)
             job.provenance = [adapter.provenance for adapter in inputs]  # not their tensors
             job.ran = job.merged.ran
             job.stages["load"] = loaded - started
@@ -288,7 +290,7 @@ class MergeWorker:
                 "index": self.index,
                 "host": socket.gethostname(),
                 "device": ran.device,
-                "threads": torch.get_num_threads(),
+                "threads": self.merge_threads,  # the arithmetic's (an SVD's bits may vary)
             },
             task_type=self.config.task_type,
             versions=_versions(),

@@ -73,13 +73,18 @@ def elect_signs(pruned: torch.Tensor, method: str) -> torch.Tensor:
 
     sign = pruned.sign()
     magnitude = pruned.sum(dim=0) if method == "total" else sign.sum(dim=0)
-    return sign == torch.where(magnitude >= 0, 1, -1)
+    # PEFT's where(..., 1, -1) is int64, compared with the float signs: the same booleans
+    # from a float where, without converting every element.
+    return sign == torch.where(magnitude >= 0, 1.0, -1.0)
 
 
 def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
     """TIES: the mean over the inputs that agree with the elected sign."""
     import torch
 
+    # As floats once (exact 0/1 and small counts), rather than promoted in the product and
+    # counted as int64: the same values, the same division.
+    agree = agree.to(weighted.dtype)
     return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 

@@ -1,13 +1,16 @@
 """A merged adapter's weights on their way to the host, laid out as adapter_model.safetensors.
 
-On the CPU the tensors are the file's buffers already (no copy). On a CUDA device every tensor is
-copied into one pinned host buffer laid out as the file's data, on a side stream: the copies
-overlap the next merge's arithmetic, and the writer waits for them (`HostWeights.parts`) in its
-own thread. Elsewhere (other devices, dtypes not laid out here) the copy is a plain one.
+A merge the fast engine wrote into one buffer laid out as the file's data (`merged.file`) is the
+header and that buffer: no copy on the CPU, one copy into pinned host memory from a GPU.
+Otherwise, on the CPU the tensors are the file's buffers already (no copy); on a CUDA device
+every tensor is copied into one pinned host buffer laid out as the file's data. Copies from a
+GPU run on a side stream: they overlap the next merge's arithmetic, and the writer waits for
+them (`HostWeights.parts`) in its own thread. Elsewhere (other devices, dtypes not laid out
+here) the copy is a plain one.
 
 Usage::
 
-    staged = to_host(merged.tensors)   # returns at once on CUDA: the copies are queued
+    staged = to_host(merged.tensors, merged.file)   # returns at once on CUDA: copies queued
     parts = staged.parts()             # the file's buffers (waits for the copies)
 """
 
@@ -21,6 +24,8 @@ from raymerge.merge.format import weights_layout, weights_parts
 
 if TYPE_CHECKING:
     import torch
+
+    from raymerge.merge.output import FileBuffer
 
 _streams: dict[Any, Any] = {}
 _streams_lock = threading.Lock()
@@ -42,15 +47,36 @@ class HostWeights:
         return self.buffers
 
 
-def to_host(tensors: dict[str, torch.Tensor]) -> HostWeights:
-    """Start the copy of `tensors` to the host, as the safetensors file's buffers."""
+def to_host(tensors: dict[str, torch.Tensor], file: FileBuffer | None = None) -> HostWeights:
+    """Start the copy of `tensors` (views of `file`'s buffer where given) to the host, as the
+    safetensors file's buffers."""
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if file is not None and file.data.device.type in ("cpu", "cuda"):
+        return _file_copy(file, nbytes)
     devices = {tensor.device.type for tensor in tensors.values()}
     layout = weights_layout(tensors) if devices == {"cuda"} else None
     if layout is not None:
         return _pinned_copy(tensors, layout, nbytes)
     host = {name: tensor.cpu() for name, tensor in tensors.items()}  # no copy on the CPU
     return HostWeights(weights_parts(host), nbytes=nbytes)
+
+
+def _file_copy(file: FileBuffer, nbytes: int) -> HostWeights:
+    """The header and the one data buffer: as it is on the CPU, one queued copy from a GPU."""
+    data = file.data
+    if data.device.type == "cpu":
+        return HostWeights([file.layout.header, memoryview(data.numpy())], nbytes=nbytes)
+    import torch
+
+    host = torch.empty(data.numel(), dtype=torch.uint8, pin_memory=True)
+    stream = _side_stream(data.device)
+    stream.wait_stream(torch.cuda.current_stream(data.device))
+    with torch.cuda.stream(stream):
+        host.copy_(data, non_blocking=True)
+        data.record_stream(stream)  # not reused by the allocator until copied
+    event = torch.cuda.Event()
+    event.record(stream)
+    return HostWeights([file.layout.header, memoryview(host.numpy())], event, nbytes)
 
 
 def _pinned_copy(tensors: dict[str, torch.Tensor], layout, nbytes: int) -> HostWeights:

@@ -45,13 +45,57 @@ def seeded(seed: int, enabled: bool = True) -> Iterator[None]:
         yield
 
 
+BLOCK = 1 << 22
+"""Uniforms drawn per call when the stream is only advanced (a 16 MiB block, reused)."""
+
+
+def draw_masks(count: int, density: float) -> torch.Tensor:
+    """The stream's next `count` Bernoulli(density) draws: float32 0/1 on the CPU.
+
+    PEFT's mask, `bernoulli(full_like(x, density))` for float32 `x`, keeps element i where the
+    i-th float32 uniform of the stream is below float32(density): one 32-bit draw per element,
+    in order, whatever the tensor's shape. Drawing the uniforms and comparing them gives the
+    same masks as drawing mask by mask (tested), at the uniforms' cost alone (about 4x cheaper
+    than `bernoulli` on the CPU)."""
+    import torch
+
+    masks = torch.empty(count, dtype=torch.float32, device=STREAM_DEVICE).uniform_()
+    return torch.lt(masks, torch.tensor(density, dtype=torch.float32), out=masks)
+
+
+class MaskStream:
+    """A merge's DARE masks in stream order: `take(count)` gives the next `count`, float32 0/1
+    on `device`. On the CPU each take draws its own, just before it is used (while it is in the
+    cache); on another device every mask of the merge (`total`) is drawn in one call and moved
+    in one copy, rather than one copy per tensor."""
+
+    def __init__(self, total: int, density: float, device):
+        import torch
+
+        self._density = density
+        self._taken = 0
+        self._drawn = None
+        if torch.device(device).type != STREAM_DEVICE:
+            self._drawn = draw_masks(total, density).to(device)
+
+    def take(self, count: int) -> torch.Tensor:
+        if self._drawn is None:
+            masks = draw_masks(count, self._density)
+        else:
+            masks = self._drawn[self._taken : self._taken + count]
+        self._taken += count
+        return masks
+
+
 def bernoulli_mask(like: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE's mask for `like`: Bernoulli(density) draws from the CPU stream, in `like`'s layout
+    """DARE's mask for `like`: Bernoulli(density) draws from the CPU stream, in `like`'s shape
     and dtype (as PEFT's `torch.full_like` gives), placed on `like`'s device."""
     import torch
 
-    draws = torch.bernoulli(torch.full_like(like, density, device=STREAM_DEVICE))
-    return draws.to(like.device)
+    if like.dtype != torch.float32:  # the uniforms' identity is for float32 draws
+        draws = torch.bernoulli(torch.full_like(like, density, device=STREAM_DEVICE))
+        return draws.to(like.device)
+    return draw_masks(like.numel(), density).view(like.shape).to(like.device)
 
 
 def bernoulli_masks(tensors: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
@@ -72,15 +116,24 @@ def replay_peft_initialisation(
     (in_features, out_features), in module order): two nn.Linear layers made on the CPU, each
     initialised by kaiming_uniform_, then PEFT's own init of A (`init_lora_weights` of the first
     input). Drawing the same numbers puts the stream where PEFT's is when it draws the masks.
-    """
+    Uniform draws take one 32-bit number per element whatever the tensor, so they are drawn in
+    blocks; a Gaussian init (normal_ draws in runs of 16) is replayed tensor by tensor."""
     import torch
 
+    if init_lora_weights in (True, False):
+        draws_of_a = 2 if init_lora_weights is True else 1  # nn.Linear's, then PEFT's init
+        count = sum(
+            new_rank * in_features * draws_of_a + out_features * new_rank
+            for in_features, out_features in shapes
+        )
+        block = torch.empty(min(count, BLOCK), device=STREAM_DEVICE)
+        for start in range(0, count, BLOCK):
+            block[: min(BLOCK, count - start)].uniform_()
+        return
     for in_features, out_features in shapes:
         torch.empty(new_rank, in_features).uniform_()  # nn.Linear(in, r).reset_parameters()
         torch.empty(out_features, new_rank).uniform_()  # nn.Linear(r, out).reset_parameters()
-        if init_lora_weights is True:
-            torch.empty(new_rank, in_features).uniform_()  # kaiming_uniform_(lora_A)
-        elif init_lora_weights == "gaussian":
+        if init_lora_weights == "gaussian":
             torch.empty(new_rank, in_features).normal_()
 
 

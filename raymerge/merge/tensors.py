@@ -80,6 +80,9 @@ class MergedAdapter:
     config: dict[str, Any]
     """adapter_config.json's object."""
     ran: MergeRun
+    file: Any = None
+    """The weights file as one buffer (`merge.output.FileBuffer`) when the engine wrote the tensors
+    into one (they are views of it), else None."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -119,22 +122,3 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise MergeError(
                 f"{what}: {key} holds {bad} non-finite value(s) (NaN or Inf); nothing was written"
             )
-
-
-def scaled_output(
-    state: dict[str, torch.Tensor], output_dtype: str, what: str
-) -> dict[str, torch.Tensor]:
-    """The merged tensors in the output dtype, refusing NaN/Inf (also from a narrowing cast).
-
-    The output is checked (NaN and Inf survive any cast); only if it fails is the merge's own
-    result checked, to say which of the two made them."""
-    import torch
-
-    dtype = getattr(torch, output_dtype)
-    out = {k: v.to(dtype) for k, v in state.items()}
-    try:
-        check_finite(out, what if dtype == torch.float32 else f"{what} in {output_dtype}")
-    except MergeError:
-        check_finite(state, what)
-        raise
-    return out

@@ -57,7 +57,7 @@ class StagedAdapter:
 def stage(merged: MergedAdapter, stages: dict[str, float] | None = None) -> StagedAdapter:
     """Start the merged adapter's copy to the host and lay out its files."""
     started = time.perf_counter()
-    staged = StagedAdapter(to_host(merged.tensors), config_bytes(merged.config))
+    staged = StagedAdapter(to_host(merged.tensors, merged.file), config_bytes(merged.config))
     _add(stages, "serialise", time.perf_counter() - started)
     return staged
 
@@ -99,25 +99,66 @@ def write_files(
 ) -> dict[str, dict[str, Any]]:
     """Write the adapter files (each bytes, or buffers to write one after the other); returns
     each one's size and sha256. With `keep=False` (keep top-k: the merge did not make the cut)
-    nothing is written, and the digests say what the files would have held (`kept: false`)."""
-    started = time.perf_counter()
+    nothing is written, and the digests say what the files would have held (`kept: false`).
+
+    On a local disk each block is hashed just before it is written (one pass over the bytes);
+    an upload reads its parts more than once (concurrently, and again on a retry), so the digests
+    are taken first. Either way the `hash` stage is the hashing alone."""
     parts = {name: [data] if isinstance(data, bytes) else data for name, data in contents.items()}
-    files = {name: _digest(buffers) for name, buffers in parts.items()}
-    _add(stages, "hash", time.perf_counter() - started)
-    if not keep:
-        for entry in files.values():
-            entry["kept"] = False
-        return files
+    if not keep or storage.is_remote(folder):
+        started = time.perf_counter()
+        files = {name: _digest(buffers) for name, buffers in parts.items()}
+        _add(stages, "hash", time.perf_counter() - started)
+        if not keep:
+            for entry in files.values():
+                entry["kept"] = False
+            return files
+        hashing = None
+    else:
+        hashing = _Hashing()
     started = time.perf_counter()
     try:  # one file after the other: concurrency is the writer threads' and each file's parts'
         for name, buffers in parts.items():
-            storage.write(storage.join(folder, name), buffers, storage_options, upload)
+            on_block = hashing.file(name) if hashing else None
+            storage.write(storage.join(folder, name), buffers, storage_options, upload, on_block)
+        if hashing:
+            files = hashing.files()
     except BaseException:
-        remove(folder, files, storage_options)
+        remove(folder, dict.fromkeys(parts), storage_options)
         raise
     finally:
-        _add(stages, "write", time.perf_counter() - started)
+        hashed = hashing.seconds if hashing else 0.0
+        _add(stages, "write", time.perf_counter() - started - hashed)
+        if hashing:
+            _add(stages, "hash", hashed)
     return files
+
+
+class _Hashing:
+    """Each file's size and sha256, from the blocks a local write hands over as it writes."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._digests: dict[str, Any] = {}
+        self._sizes: dict[str, int] = {}
+
+    def file(self, name: str):
+        digest = self._digests[name] = hashlib.sha256()
+        self._sizes[name] = 0
+
+        def on_block(block: memoryview) -> None:
+            started = time.perf_counter()
+            _update(digest, block)
+            self._sizes[name] += block.nbytes
+            self.seconds += time.perf_counter() - started
+
+        return on_block
+
+    def files(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"bytes": self._sizes[name], "sha256": digest.hexdigest()}
+            for name, digest in self._digests.items()
+        }
 
 
 def commit(
@@ -166,8 +207,13 @@ def remove(folder: str, files: dict[str, Any], storage_options=None) -> None:
 def _digest(buffers: Sequence) -> dict[str, Any]:
     digest = hashlib.sha256()
     for buffer in buffers:
-        digest.update(buffer)  # hashlib releases the GIL on large buffers
+        _update(digest, buffer)
     return {"bytes": sum(memoryview(b).nbytes for b in buffers), "sha256": digest.hexdigest()}
+
+
+def _update(digest, buffer) -> None:
+    """Every byte a file's digest covers goes through here."""
+    digest.update(buffer)  # hashlib releases the GIL on large buffers
 
 
 def _add(stages: dict[str, float] | None, stage_name: str, seconds: float) -> None:

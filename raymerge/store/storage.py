@@ -260,10 +260,14 @@ def write(
     source: bytes | Path | Sequence,
     storage_options: dict[str, Any] | None = None,
     upload: Upload = DEFAULT_UPLOAD,
+    on_block: Callable[[memoryview], None] | None = None,
 ) -> None:
     """The one atomic write of `source` to `uri`: bytes, a local file's bytes (streamed), or a
     sequence of buffers whose concatenation is the file (written one after the other, never
-    joined on a local disk)."""
+    joined on a local disk).
+
+    `on_block` (local buffers only) sees each block of the file just before it is written, while
+    it is in the cache: a digest computed there costs no pass of its own over memory."""
     if is_remote(uri):
         fs, path = filesystem(uri, storage_options)
         if isinstance(source, Path):  # a multipart upload appears whole when it completes
@@ -296,7 +300,14 @@ def write(
                     shutil.copyfileobj(src, f, 1 << 20)
             else:
                 for part in [source] if isinstance(source, bytes) else source:
-                    f.write(part)
+                    if on_block is None:
+                        f.write(part)
+                        continue
+                    view = memoryview(part).cast("B")
+                    for start in range(0, len(view), WRITE_BLOCK_BYTES):
+                        block = view[start : start + WRITE_BLOCK_BYTES]
+                        on_block(block)
+                        f.write(block)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -304,6 +315,8 @@ def write(
 
 
 LINES_BLOCK_BYTES = 4 * 2**20
+WRITE_BLOCK_BYTES = 1 << 20
+"""Blocks a local write hands to `on_block` (a core's cache holds one while it is hashed)."""
 
 
 def iter_text_lines(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:

@@ -27,18 +27,22 @@ from typing import Any
 
 import torch
 
-from raymerge.errors import MergeError
-from raymerge.merge import seeding, tensors
+from raymerge.merge import arithmetic, seeding
+from raymerge.merge.engines.chunks import (
+    chunks,
+    groups,
+    inputs_at,
+    keys,
+    pad_rank,
+    stacked_factor,
+    stacked_inputs,
+)
+from raymerge.merge.engines.svd_types import delta_svd, lowrank_types
 from raymerge.merge.format import config_dict, saved_key
 from raymerge.merge.layout import Layout, peft_fan_in_fan_out
+from raymerge.merge.output import MergedOutput
 from raymerge.merge.registry import METHODS, Form, Method
-from raymerge.merge.tensors import (
-    AdapterTensors,
-    MergedAdapter,
-    MergeRun,
-    dtype_name,
-    scaled_output,
-)
+from raymerge.merge.tensors import AdapterTensors, MergedAdapter, MergeRun, dtype_name
 
 ENGINE = "fast"
 
@@ -58,12 +62,18 @@ class FastEngine:
 
     def merge(self, recipe, inputs: Sequence[AdapterTensors]) -> MergedAdapter:
         method = METHODS[recipe.combination_type]
-        state, config = merge_tensors(
-            inputs, recipe.weights, method, recipe.params, recipe.merge_seed, self.layout
+        output, config = merge_into(
+            inputs,
+            recipe.weights,
+            method,
+            recipe.params,
+            recipe.merge_seed,
+            self.layout,
+            recipe.output_dtype,
+            f"merge {recipe.merge_id}",
         )
         first = next(iter(inputs[0].factors.values()))[0]
         ran = MergeRun(ENGINE, str(first.device), compute_dtype(method, first.dtype))
-        state = scaled_output(state, recipe.output_dtype, f"merge {recipe.merge_id}")
         # Converting a config to its JSON object costs more than a small merge: the same inputs
         # give the same config (up to the rank), so it is made once.
         key = (tuple(a.name for a in inputs), config.r)
@@ -71,7 +81,7 @@ class FastEngine:
             if len(self._configs) >= self._config_cache_entries:
                 self._configs.pop(next(iter(self._configs)))
             self._configs[key] = config_dict(config)
-        return MergedAdapter(state, self._configs[key], ran)
+        return MergedAdapter(output.tensors, self._configs[key], ran, file=output.file)
 
 
 def compute_dtype(method: Method, factor_dtype: torch.dtype) -> str:
@@ -104,12 +114,30 @@ def merge_tensors(
     seed: int,
     layout: Layout | Sequence[str],
 ) -> tuple[dict[str, torch.Tensor], Any]:
-    """The merged adapter's tensors (as PEFT saves them, float32) and its config.
+    """The merged adapter's tensors (as PEFT saves them, float32) and its config."""
+    output, config = merge_into(adapters, weights, method, params, seed, layout)
+    return output.tensors, config
+
+
+def merge_into(
+    adapters: Sequence[AdapterTensors],
+    weights: Sequence[float],
+    method: Method,
+    params: dict[str, Any],
+    seed: int,
+    layout: Layout | Sequence[str],
+    output_dtype: str = "float32",
+    what: str = "merge",
+) -> tuple[MergedOutput, Any]:
+    """The merged adapter written into its weights file's buffer (in `output_dtype`, checked
+    finite with one value read), and its config.
 
     `layout` (or just the module order) is the base model's: PEFT walks modules in
     `named_modules()` order, and the random types draw their masks in that order, from `seed`, to
     match it. Draws happen in a forked RNG: the worker's own random state is left as it was.
     """
+    import torch
+
     if not isinstance(layout, Layout):
         layout = Layout("", tuple(layout), {})
     new_rank = method.merged_rank([a.rank for a in adapters], params)
@@ -118,20 +146,28 @@ def merge_tensors(
         {m for adapter in adapters for m in adapter.factors},
         key=lambda m: (position.get(m, len(position)), m),
     )
-    with seeding.seeded(seed, enabled=method.random):
-        if method.random and method.peft:
-            _replay_peft_initialisation(adapters, modules, new_rank)
-        if method.form is Form.CONCAT:
-            state = _cat(adapters, weights, modules, new_rank)
-        elif method.form is Form.LOWRANK:
-            state = _lowrank(adapters, weights, modules, method, params, new_rank)
-        elif method.form is Form.DELTA_SVD:
-            state = _delta_svd(adapters, weights, modules, method, params, new_rank, layout)
-        else:
-            state = _factorwise(adapters, weights, modules, method, params)
+    first = next(iter(adapters[0].factors.values()))[0]
+    shapes = _output_shapes(adapters, modules, method, new_rank)
+    output = MergedOutput(shapes, getattr(torch, output_dtype), first.device)
+    try:
+        with seeding.seeded(seed, enabled=method.random):
+            if method.random and method.peft:
+                _replay_peft_initialisation(adapters, modules, new_rank)
+            if method.form is Form.CONCAT:
+                _cat(adapters, weights, modules, new_rank, output)
+            elif method.form is Form.LOWRANK:
+                lowrank_types(adapters, weights, modules, method, params, new_rank, output)
+            elif method.form is Form.DELTA_SVD:
+                delta_svd(adapters, weights, modules, method, params, new_rank, layout, output)
+            else:
+                _factorwise(adapters, weights, modules, method, params, output)
+    except torch.linalg.LinAlgError:
+        output.check(what)  # a factorisation of non-finite input: say that instead
+        raise
+    output.check(what)
     config = merged_config(adapters, new_rank)
     config.fan_in_fan_out = peft_fan_in_fan_out(config.fan_in_fan_out, modules, layout)
-    return state, config
+    return output, config
 
 
 def merged_config(adapters: Sequence[AdapterTensors], new_rank: int):
@@ -157,16 +193,21 @@ def merged_config(adapters: Sequence[AdapterTensors], new_rank: int):
     return config
 
 
-def _entry(module: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> dict[str, torch.Tensor]:
-    # + 0.0 turns -0.0 into 0.0: equal values, and equal bytes whichever path made them.
-    return {
-        saved_key(module, "lora_A"): (lora_a + 0.0).contiguous(),
-        saved_key(module, "lora_B"): (lora_b + 0.0).contiguous(),
-    }
-
-
-def _present(adapters, weights, module: str) -> list[tuple[AdapterTensors, float]]:
-    return [(a, w) for a, w in zip(adapters, weights, strict=True) if module in a.factors]
+def _output_shapes(adapters, modules: list[str], method: Method, new_rank: int):
+    """Saved key -> the merged tensor's shape: the inputs' rank for the per-element types, the
+    SVD types' rank capped by the module's dimensions (a delta has no more), else `new_rank`."""
+    shapes = {}
+    for module in modules:
+        a, b = next(x.factors[module] for x in adapters if module in x.factors)
+        in_features, out_features = a.shape[1], b.shape[0]
+        rank = new_rank
+        if method.form is Form.FACTORWISE:
+            rank = a.shape[0]
+        elif method.form is Form.DELTA_SVD:
+            rank = min(new_rank, in_features, out_features)
+        shapes[saved_key(module, "lora_A")] = (rank, in_features)
+        shapes[saved_key(module, "lora_B")] = (out_features, rank)
+    return shapes
 
 
 def _replay_peft_initialisation(adapters, modules: list[str], new_rank: int) -> None:
@@ -178,57 +219,18 @@ def _replay_peft_initialisation(adapters, modules: list[str], new_rank: int) -> 
     seeding.replay_peft_initialisation(shapes, adapters[0].config.init_lora_weights, new_rank)
 
 
-def _draw_masks(tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> list[torch.Tensor]:
-    """DARE's Bernoulli(density) masks, one per tensor, in order, by the seeding policy."""
-    return seeding.bernoulli_masks(tensors, params["density"])
-
-
-def _groups(adapters, weights, modules: list[str]) -> list[list[str]]:
-    """Modules that can be computed together: the same inputs present, with the same scalings
-    and factor shapes (in module order within each group)."""
-    groups: dict[tuple, list[str]] = {}
-    for module in modules:
-        key = tuple(
-            (id(a), a.scaling(module), *_shapes(a, module))
-            for a, _ in _present(adapters, weights, module)
-        )
-        groups.setdefault(key, []).append(module)
-    return list(groups.values())
-
-
-def _stacked(adapter: AdapterTensors, group: list[str], side: int) -> torch.Tensor:
-    """One input's factor (0: A, 1: B) for every module of a group, stacked: [M, ...]."""
-    return torch.stack([adapter.factors[m][side] for m in group])
-
-
-def _stacked_inputs(present, group: list[str], side: int) -> torch.Tensor:
-    """Every input's factor for every module of a group: [N, M, ...], in one copy."""
-    tensors = [a.factors[m][side] for a, _ in present for m in group]
-    return torch.stack(tensors).view(len(present), len(group), *tensors[0].shape)
-
-
-def _pad_rank(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int):
-    """Zero rows of A and columns of B up to `rank` (batched [M, r, in] and [M, out, r])."""
-    missing = rank - lora_a.shape[1]
-    if missing > 0:
-        lora_a = torch.cat([lora_a, lora_a.new_zeros(lora_a.shape[0], missing, lora_a.shape[2])], 1)
-        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], lora_b.shape[1], missing)], 2)
-    return lora_a, lora_b
-
-
-def _cat(adapters, weights, modules: list[str], new_rank: int) -> dict[str, torch.Tensor]:
+def _cat(adapters, weights, modules: list[str], new_rank: int, output: MergedOutput) -> None:
     """Stacked factors: A_i scaled by w_i * s_i, zero rows up to the summed rank (as PEFT), for
-    the modules of a group at once."""
-    state = {}
-    for group in _groups(adapters, weights, modules):
-        present = _present(adapters, weights, group[0])
-        scaled = [_stacked(a, group, 0) * w * a.scaling(group[0]) for a, w in present]
-        lora_a = torch.cat(scaled, dim=1)
-        lora_b = torch.cat([_stacked(a, group, 1) for a, _ in present], dim=2)
-        lora_a, lora_b = _pad_rank(lora_a, lora_b, new_rank)
-        for i, module in enumerate(group):
-            state.update(_entry(module, lora_a[i], lora_b[i]))
-    return state
+    the modules of a chunk at once."""
+    for group in groups(adapters, weights, modules):
+        present = inputs_at(adapters, weights, group[0])
+        for chunk in chunks(group, present, output):
+            scaled = [stacked_factor(a, chunk, 0) * w * a.scaling(chunk[0]) for a, w in present]
+            lora_a = torch.cat(scaled, dim=1)
+            lora_b = torch.cat([stacked_factor(a, chunk, 1) for a, _ in present], dim=2)
+            lora_a, lora_b = pad_rank(lora_a, lora_b, new_rank)
+            output.put(keys(chunk, "lora_A"), lora_a)
+            output.put(keys(chunk, "lora_B"), lora_b)
 
 
 def _factor_weights(present, module: str) -> tuple[list[float], list[float]]:
@@ -242,136 +244,59 @@ def _factor_weights(present, module: str) -> tuple[list[float], list[float]]:
     return weights_a, weights_b
 
 
-def _factorwise(adapters, weights, modules: list[str], method: Method, params):
+def _factorwise(adapters, weights, modules: list[str], method: Method, params, output) -> None:
     """linear, ties, dare_*, magnitude_prune: the A's and the B's combined separately, each input
     weighted by sqrt(|w s|) (the sign on A's side), exactly as PEFT does, for the modules of a
-    group at once (pruning stays per module)."""
-    masks: dict[tuple[str, int], list[torch.Tensor]] = {}
-    if method.random:  # PEFT's order: module by module, A's then B's, input by input
-        for module in modules:
-            present = _present(adapters, weights, module)
-            for side in (0, 1):
-                tensors = [a.factors[module][side] for a, _ in present]
-                masks[module, side] = _draw_masks(tensors, params)
-    state = {}
-    for group in _groups(adapters, weights, modules):
-        present = _present(adapters, weights, group[0])
-        merged = []
-        for side, side_weights in enumerate(_factor_weights(present, group[0])):
-            stacked = _stacked_inputs(present, group, side)
-            group_masks = None
-            if method.random:
-                group_masks = torch.stack(
-                    [torch.stack([masks[m, side][i] for m in group]) for i in range(len(present))]
-                )
-            weight = torch.tensor(side_weights).to(stacked.device)
-            merged.append(method.combine(stacked, weight, params, group_masks))
-        for i, module in enumerate(group):
-            state.update(_entry(module, merged[0][i], merged[1][i]))
-    return state
+    chunk at once (pruning stays per module)."""
+    if method.random:
+        _factorwise_random(adapters, weights, modules, method, params, output)
+        return
+    for group in groups(adapters, weights, modules):
+        present = inputs_at(adapters, weights, group[0])
+        device = present[0][0].factors[group[0]][0].device
+        side_weights = [torch.tensor(w).to(device) for w in _factor_weights(present, group[0])]
+        for chunk in chunks(group, present, output):
+            for side, part in enumerate(("lora_A", "lora_B")):
+                weight = side_weights[side]
+                if method.combine is arithmetic.task_arithmetic and len(chunk) == 1:
+                    merged = _weighted_sum(present, chunk, side, weight)
+                else:
+                    stacked = stacked_inputs(present, chunk, side)
+                    merged = method.combine(stacked, weight, params, None)
+                output.put(keys(chunk, part), merged)
 
 
-def _shapes(adapter: AdapterTensors, module: str) -> tuple:
-    a, b = adapter.factors[module]
-    return tuple(a.shape), tuple(b.shape)
+def _weighted_sum(present, chunk: list[str], side: int, weight: torch.Tensor) -> torch.Tensor:
+    """task_arithmetic's `(stacked * weight).sum(0)` with each input multiplied straight into
+    its slot of the weighted stack: the same products, summed by the same call, in one pass
+    over the inputs where stacking then weighting takes two. For a chunk of one module, whose
+    inputs are large (passes cost); small modules in larger chunks stack in one call (calls
+    cost), as does a GPU's whole group."""
+    first = present[0][0].factors[chunk[0]][side]
+    weighted = first.new_empty((len(present), len(chunk), *first.shape))
+    for i, (adapter, _) in enumerate(present):
+        for j, module in enumerate(chunk):
+            torch.mul(adapter.factors[module][side], weight[i], out=weighted[i, j])
+    return weighted.sum(dim=0)
 
 
-def _delta_svd(
-    adapters, weights, modules: list[str], method: Method, params, new_rank: int, layout: Layout
-):
-    """The *svd types: the combined delta refactored to rank `new_rank`."""
-    low_rank = (
-        method.combine is METHODS["svd"].combine
-        and params.get("svd_clamp") is None
-        and params.get("svd_driver") is None
-    )
-    if low_rank:
-        return _low_rank_svd(adapters, weights, modules, new_rank)
-    state = {}
-    for module in modules:
-        present = _present(adapters, weights, module)
-        layer = layout.layers.get(module)
-        transposed = layer is not None and layer.fan_in_fan_out
-        lora_a, lora_b = _dense_svd(module, present, method, params, new_rank, transposed)
-        state.update(_entry(module, lora_a, lora_b))
-    return state
-
-
-def _dense_svd(module: str, present, method: Method, params, new_rank: int, transposed: bool):
-    """Pruned deltas are dense by nature; clamping depends on the singular vectors' signs, and a
-    cuSOLVER driver is a request for the dense routine: all three take PEFT's dense path.
-
-    PEFT combines the deltas in the layer's own weight layout, (in, out) for a Conv1D layer
-    (`transposed`), so DARE's masks are drawn in that layout too, then transposed back."""
-    deltas = [(a.factors[module][1] @ a.factors[module][0]) * a.scaling(module) for a, _ in present]
-    if transposed:
-        deltas = [delta.T for delta in deltas]
-    stacked = torch.stack(deltas).unsqueeze(1)  # one "module" of the delta's shape
-    masks = torch.stack(_draw_masks(deltas, params)).unsqueeze(1) if method.random else None
-    weights = torch.tensor([w for _, w in present]).to(stacked.device)
-    delta = method.combine(stacked, weights, params, masks)[0]
-    if transposed:
-        delta = delta.T
-    _check_svd_input(module, delta)
-    u, s, vh = torch.linalg.svd(
-        delta, full_matrices=params.get("svd_full_matrices", True), driver=params.get("svd_driver")
-    )
-    u = u[:, :new_rank] @ torch.diag(s[:new_rank])
-    vh = vh[:new_rank, :]
-    clamp = params.get("svd_clamp")
-    if clamp is not None:
-        high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
-        u, vh = u.clamp(-high, high), vh.clamp(-high, high)
-    return vh, u
-
-
-def _low_rank_svd(adapters, weights, modules: list[str], new_rank: int):
-    """Truncated SVD of sum_i w_i s_i B_i A_i from its factors, never forming the delta:
-    B_cat = Q_b R_b and A_cat^T = Q_a R_a, so the delta is Q_b (R_b R_a^T) Q_a^T and the SVD of
-    the small R x R core gives it. Batched over the modules of a group."""
-    state = {}
-    for group in _groups(adapters, weights, modules):
-        present = _present(adapters, weights, group[0])
-        stacked_b = torch.cat(
-            [_stacked(a, group, 1) * (w * a.scaling(group[0])) for a, w in present], dim=2
-        )
-        stacked_a = torch.cat([_stacked(a, group, 0) for a, _ in present], dim=1)
-        _check_svd_input(group[0], stacked_b)
-        q_b, r_b = torch.linalg.qr(stacked_b)
-        q_a, r_a = torch.linalg.qr(stacked_a.transpose(1, 2))
-        u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.transpose(1, 2))
-        out_features, in_features = stacked_b.shape[1], stacked_a.shape[2]
-        keep = min(new_rank, out_features, in_features)
-        lora_b = (q_b @ u_core)[:, :, :keep] * s[:, None, :keep]
-        lora_a = (vh_core @ q_a.transpose(1, 2))[:, :keep]
-        # The delta's rank may be below svd_rank: the rest is exactly zero.
-        lora_a, lora_b = _pad_rank(lora_a, lora_b, keep)
-        for i, module in enumerate(group):
-            state.update(_entry(module, lora_a[i], lora_b[i]))
-    return state
-
-
-def _lowrank(adapters, weights, modules: list[str], method: Method, params, new_rank: int):
-    """Methods PEFT does not have, merged in the inputs' low-rank space, module by module."""
-    from raymerge.merge.engines import lowrank
-
-    state = {}
-    for module in modules:
-        inputs = [
-            (a.factors[module][1], a.factors[module][0], w * a.scaling(module))
-            for a, w in _present(adapters, weights, module)
-        ]
-        for b, _, scale in inputs:
-            _check_svd_input(module, b * scale)
-        lora_b, lora_a = lowrank.merge_factors(method.name, inputs, params, new_rank)
-        state.update(_entry(module, lora_a.to(inputs[0][0].dtype), lora_b.to(inputs[0][0].dtype)))
-    return state
-
-
-def _check_svd_input(module: str, matrix: torch.Tensor) -> None:
-    """An SVD of NaN or Inf fails obscurely (or not at all): say what happened instead."""
-    if not tensors.all_true(torch.isfinite(matrix)):
-        raise MergeError(
-            f"{module}: the weighted delta is not finite in float32 (are the weights too large?); "
-            "nothing was written"
-        )
+def _factorwise_random(adapters, weights, modules: list[str], method: Method, params, output):
+    """DARE: module by module in PEFT's order (A's then B's, input by input), each module's
+    masks the stream's next draws (`seeding.MaskStream`)."""
+    density = params["density"]
+    order = [
+        (module, side, inputs_at(adapters, weights, module))
+        for module in modules
+        for side in (0, 1)
+    ]
+    stream = None
+    if density < 1:  # PEFT prunes nothing and draws nothing
+        total = sum(len(p) * p[0][0].factors[m][side].numel() for m, side, p in order)
+        first = next(iter(adapters[0].factors.values()))[0]
+        stream = seeding.MaskStream(total, density, first.device)
+    for module, side, present in order:
+        stacked = stacked_inputs(present, [module], side)
+        masks = None if stream is None else stream.take(stacked.numel()).view(stacked.shape)
+        weight = torch.tensor(_factor_weights(present, module)[side]).to(stacked.device)
+        merged = method.combine(stacked, weight, params, masks)
+        output.put(keys([module], ("lora_A", "lora_B")[side]), merged)
