@@ -23,6 +23,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from raymerge.cluster.driver import run_sweep
+from raymerge.merge.engines import lowrank
 from raymerge.merge.engines.fast import merge_tensors
 from raymerge.merge.engines.lowrank import tsv_budget
 from raymerge.merge.format import PREFIX
@@ -53,6 +54,23 @@ def _adapters(ranks, shapes, seed=0):
 def test_each_new_method_equals_its_dense_definition_on_mixed_ranks(name):
     adapters = _adapters([8, 4, 6], [(48, 40), (32, 56)])
     check_dense(name, adapters, [0.6, -0.8, 1.1], ["m0", "m1"])
+
+
+@pytest.mark.parametrize("name", ["core_ta", "core_ties", "tsv"])
+def test_batched_methods_merge_modules_of_equal_shapes_in_one_call(name, monkeypatch):
+    """Four modules of one shape go through one batched call (one module of another shape
+    through its own), and every module still equals its dense definition."""
+    calls: list[tuple[int, ...]] = []
+    merging = lowrank.merge_factors
+
+    def counted(method, inputs, params, rank):
+        calls.append(tuple(inputs[0][0].shape))  # the first input's B: [M, out, r]
+        return merging(method, inputs, params, rank)
+
+    monkeypatch.setattr(lowrank, "merge_factors", counted)
+    adapters = _adapters([8, 4, 6], [(48, 40)] * 4 + [(32, 56)])
+    check_dense(name, adapters, [0.6, -0.8, 1.1], [f"m{j}" for j in range(5)])
+    assert sorted(calls) == [(1, 32, 8), (4, 48, 8)]
 
 
 def test_every_method_peft_lacks_has_a_reference_here():

@@ -250,3 +250,37 @@ def test_a_merge_reads_one_value_back_not_one_per_tensor(
     expected = 1 + modules if method["combination_type"] in RANK_READS else 1
     assert reads["all_true"] == 1, reads
     assert sum(reads.values()) == every_read.count == expected, (reads, every_read.count)
+
+
+@pytest.mark.parametrize(
+    ("combination_type", "params"),
+    [
+        ("linear", {}),
+        ("cat", {}),
+        ("ties", {"density": 0.5}),
+        ("dare_linear", {"density": 0.5}),
+        ("dare_ties", {"density": 0.5}),
+        ("magnitude_prune", {"density": 0.5}),
+        ("svd", {}),
+        ("core_ties", {"density": 0.5}),
+        ("tsv", {}),
+    ],
+)
+def test_whole_groups_as_a_gpu_takes_them_give_the_same_merge(
+    world, tmp_path, monkeypatch, combination_type, params
+):
+    """A GPU merges each kind of module in one piece (DARE's masks drawn at once, each chunk's
+    taken as views of that draw); the CPU in cache-sized chunks (here one module each, masks
+    drawn as each module is merged). Forced onto the CPU, the GPU's way writes the same file."""
+    from raymerge.merge.engines import chunks as chunking
+
+    plan = _plan(world, tmp_path, combination_type, params)
+    [task] = plan.tasks()
+    merger = Merger(plan.worker_config())
+    inputs = merger.inputs(task.adapters)
+    monkeypatch.setattr(chunking, "CHUNK_BYTES", 1)
+    pieces = core.merge(task, inputs, merger.fast)
+    monkeypatch.setattr(chunking, "whole_groups", lambda device: True)
+    whole = core.merge(task, inputs, merger.fast)
+    assert pieces.file is not None and whole.file is not None
+    assert torch.equal(pieces.file.data, whole.file.data)

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from raymerge.merge.format import saved_key
@@ -22,15 +24,25 @@ kernel launches beat cache locality there)."""
 
 
 def chunks(group: list[str], present, output: MergedOutput) -> list[list[str]]:
-    """A group's modules in file order (so that their tensors lie evenly spaced in the output and
-    a chunk is written in one copy), cut into chunks of at most CHUNK_BYTES of stacked inputs."""
-    ordered = sorted(group, key=lambda m: output.position(saved_key(m, "lora_A")))
+    """A group's modules by kind (the same name but for layer numbers: `k_proj` apart from
+    `v_proj` of the same shape), each kind in file order, so that a chunk's tensors lie evenly
+    spaced in the output and are written in one copy; on the CPU cut into chunks of at most
+    CHUNK_BYTES of stacked inputs."""
+    kinds: dict[str, list[str]] = {}
+    for module in sorted(group, key=lambda m: output.position(saved_key(m, "lora_A"))):
+        kinds.setdefault(re.sub(r"\d+", "#", module), []).append(module)
     first = present[0][0].factors[group[0]]
-    if first[0].device.type != "cpu":
-        return [ordered]
+    if whole_groups(first[0].device):
+        return list(kinds.values())
     per_module = len(present) * sum(t.numel() * t.element_size() for t in first)
     size = max(1, CHUNK_BYTES // max(1, per_module))
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    return [kind[i : i + size] for kind in kinds.values() for i in range(0, len(kind), size)]
+
+
+def whole_groups(device) -> bool:
+    """Whether the merge takes each kind of module in one piece (a GPU: few kernel launches
+    beat cache locality) rather than in cache-sized chunks (the CPU)."""
+    return device.type != "cpu"
 
 
 def keys(modules: list[str], part: str) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from raymerge.merge import arithmetic, seeding
+from raymerge.merge.engines import chunks as chunking
 from raymerge.merge.engines.chunks import (
     chunks,
     groups,
@@ -281,22 +282,36 @@ def _weighted_sum(present, chunk: list[str], side: int, weight: torch.Tensor) ->
 
 
 def _factorwise_random(adapters, weights, modules: list[str], method: Method, params, output):
-    """DARE: module by module in PEFT's order (A's then B's, input by input), each module's
-    masks the stream's next draws (`seeding.MaskStream`)."""
+    """DARE: the masks are the stream's draws in PEFT's order (module by module, A's then B's,
+    input by input). On the CPU each module is merged as its masks are drawn; elsewhere every
+    mask is drawn at once (`seeding.MaskStream`) and a chunk of modules takes its masks as views
+    of that one draw, stacked in one copy."""
     density = params["density"]
-    order = [
-        (module, side, inputs_at(adapters, weights, module))
-        for module in modules
-        for side in (0, 1)
-    ]
-    stream = None
-    if density < 1:  # PEFT prunes nothing and draws nothing
-        total = sum(len(p) * p[0][0].factors[m][side].numel() for m, side, p in order)
-        first = next(iter(adapters[0].factors.values()))[0]
-        stream = seeding.MaskStream(total, density, first.device)
+    order = [(m, side, inputs_at(adapters, weights, m)) for m in modules for side in (0, 1)]
+    first = next(iter(adapters[0].factors.values()))[0]
+    total = sum(len(p) * p[0][0].factors[m][side].numel() for m, side, p in order)
+    # PEFT prunes nothing and draws nothing at density 1
+    stream = seeding.MaskStream(total, density, first.device) if density < 1 else None
+    if stream is None or not chunking.whole_groups(first.device):
+        for module, side, present in order:
+            stacked = stacked_inputs(present, [module], side)
+            masks = None if stream is None else stream.take(stacked.numel()).view(stacked.shape)
+            weight = torch.tensor(_factor_weights(present, module)[side]).to(stacked.device)
+            merged = method.combine(stacked, weight, params, masks)
+            output.put(keys([module], ("lora_A", "lora_B")[side]), merged)
+        return
+    drawn, starts, start = stream.take(total), {}, 0
     for module, side, present in order:
-        stacked = stacked_inputs(present, [module], side)
-        masks = None if stream is None else stream.take(stacked.numel()).view(stacked.shape)
-        weight = torch.tensor(_factor_weights(present, module)[side]).to(stacked.device)
-        merged = method.combine(stacked, weight, params, masks)
-        output.put(keys([module], ("lora_A", "lora_B")[side]), merged)
+        starts[module, side] = start
+        start += len(present) * present[0][0].factors[module][side].numel()
+    for group in groups(adapters, weights, modules):
+        present = inputs_at(adapters, weights, group[0])
+        side_weights = _factor_weights(present, group[0])
+        for chunk in chunks(group, present, output):
+            for side, part in enumerate(("lora_A", "lora_B")):
+                stacked = stacked_inputs(present, chunk, side)
+                shape, size = stacked[:, 0].shape, stacked[:, 0].numel()
+                views = [drawn[starts[m, side] : starts[m, side] + size].view(shape) for m in chunk]
+                weight = torch.tensor(side_weights[side]).to(stacked.device)
+                merged = method.combine(stacked, weight, params, torch.stack(views, dim=1))
+                output.put(keys(chunk, part), merged)

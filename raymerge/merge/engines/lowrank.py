@@ -30,6 +30,10 @@ from the factors).
 Every method scales its result by `alpha` (default 1). TIES and DARE follow PEFT's conventions
 (the int(density * size) largest magnitudes kept; a zero sign sum elects +; DARE rescales).
 Arithmetic is float64 inside (the matrices are small) and the factors come out in float32.
+core_ta, core_ties, tsv and the truncation take a batch of modules of equal shapes at once
+(factors [M, out, r] and [M, r, in]); knots_* and iso_c decide each module's numerical rank from
+its own singular values, and core_dare draws its masks in module order, so they take one module
+at a time.
 
 Example:
     >>> import torch
@@ -49,51 +53,62 @@ import torch
 from raymerge.merge import arithmetic, seeding, tensors
 
 Input = tuple[torch.Tensor, torch.Tensor, float]
-"""(B, A, scale) of one input for one module: its delta is scale * B @ A (scale = merge weight
-times LoRA scaling)."""
+"""(B, A, scale) of one input for one module (or a batch of modules: [M, out, r], [M, r, in]):
+its delta is scale * B @ A (scale = merge weight times LoRA scaling)."""
 
 
 def merge_factors(
     name: str, inputs: Sequence[Input], params: dict[str, Any], rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merged (lora_B, lora_A) of rank `rank` for one module, as PEFT's svd types write
-    them: lora_B = U diag(S), lora_A = V^T of the merged delta's truncated SVD."""
+    """The merged (lora_B, lora_A) of rank `rank` for one module (or a batch of modules, for the
+    `BATCHED` methods), as PEFT's svd types write them: lora_B = U diag(S), lora_A = V^T of the
+    merged delta's truncated SVD."""
+    one = inputs[0][0].dim() == 2
+    if one and name in BATCHED:  # a batch of one module
+        inputs = [(b[None], a[None], scale) for b, a, scale in inputs]
+    elif not one and name not in BATCHED:
+        raise ValueError(f"{name} merges one module at a time")
     inputs = [(b.double(), a.double(), float(scale)) for b, a, scale in inputs]
     left, right = METHODS[name](inputs, params, rank)
     alpha = float(params.get("alpha", 1.0))
     lora_b, lora_a = truncate(left * alpha, right, rank)
+    if one and name in BATCHED:
+        lora_b, lora_a = lora_b[0], lora_a[0]
     return lora_b.float(), lora_a.float()
 
 
 def truncate(left: torch.Tensor, right: torch.Tensor, rank: int):
-    """The best rank-`rank` factors of left @ right (out x k times k x in), from QR of each side
-    and an SVD of the small core; zero-padded when the product's rank is lower."""
+    """The best rank-`rank` factors of left @ right (out x k times k x in, batched over any
+    leading dimensions), from QR of each side and an SVD of the small core; zero-padded when the
+    product's rank is lower."""
     q_b, r_b = torch.linalg.qr(left)
-    q_a, r_a = torch.linalg.qr(right.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    keep = min(rank, s.shape[0])
-    lora_b = (q_b @ u[:, :keep]) * s[:keep]
-    lora_a = vh[:keep] @ q_a.T
+    q_a, r_a = torch.linalg.qr(right.mT)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT)
+    keep = min(rank, s.shape[-1])
+    lora_b = (q_b @ u[..., :keep]) * s[..., None, :keep]
+    lora_a = vh[..., :keep, :] @ q_a.mT
     missing = rank - keep
     if missing > 0:
-        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], missing)], 1)
-        lora_a = torch.cat([lora_a, lora_a.new_zeros(missing, lora_a.shape[1])])
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(*lora_b.shape[:-1], missing)], -1)
+        lora_a = torch.cat(
+            [lora_a, lora_a.new_zeros(*lora_a.shape[:-2], missing, lora_a.shape[-1])], -2
+        )
     return lora_b, lora_a
 
 
 def core_bases(inputs: Sequence[Input]) -> tuple[torch.Tensor, torch.Tensor]:
     """U_ref (out x R): the left singular vectors of the stacked B's; V_ref (R x in): the right
     singular vectors of the stacked A's (Core Space Merging's bases, from the raw factors)."""
-    stacked_b = torch.cat([b for b, _, _ in inputs], dim=1)
-    stacked_a = torch.cat([a for _, a, _ in inputs], dim=0)
+    stacked_b = torch.cat([b for b, _, _ in inputs], dim=-1)
+    stacked_a = torch.cat([a for _, a, _ in inputs], dim=-2)
     u_ref = torch.linalg.svd(stacked_b, full_matrices=False)[0]
     v_ref = torch.linalg.svd(stacked_a, full_matrices=False)[2]
     return u_ref, v_ref
 
 
 def cores(inputs: Sequence[Input], u_ref, v_ref) -> torch.Tensor:
-    """Each input's delta in the core space, M_i = U_ref^T dW_i V_ref^T, stacked [T, R, R]."""
-    return torch.stack([scale * (u_ref.T @ b) @ (a @ v_ref.T) for b, a, scale in inputs])
+    """Each input's delta in the core space, M_i = U_ref^T dW_i V_ref^T, stacked [T, ..., R, R]."""
+    return torch.stack([scale * (u_ref.mT @ b) @ (a @ v_ref.mT) for b, a, scale in inputs])
 
 
 def _core_ta(inputs, params, rank):
@@ -103,14 +118,14 @@ def _core_ta(inputs, params, rank):
 
 def _core_ties(inputs, params, rank):
     u_ref, v_ref = core_bases(inputs)
-    stacked = cores(inputs, u_ref, v_ref).unsqueeze(1)  # [T, 1 module, R, R]
+    stacked = cores(inputs, u_ref, v_ref)  # [T, M modules, R, R]
     ones = stacked.new_ones(len(inputs))
-    return u_ref @ arithmetic.ties(stacked, ones, _ties_params(params))[0], v_ref
+    return u_ref @ arithmetic.ties(stacked, ones, _ties_params(params)), v_ref
 
 
 def _core_dare(inputs, params, rank):
     u_ref, v_ref = core_bases(inputs)
-    stacked = cores(inputs, u_ref, v_ref).unsqueeze(1)
+    stacked = cores(inputs, u_ref, v_ref).unsqueeze(1)  # [T, 1 module, R, R]
     ones = stacked.new_ones(len(inputs))
     merged = arithmetic.dare_linear(stacked, ones, params, _masks(stacked, params))[0]
     return u_ref @ merged, v_ref
@@ -163,17 +178,17 @@ def _tsv(inputs, params, rank):
     u_ref, v_ref = core_bases(inputs)
     us, sigmas, vs = [], [], []
     fraction = float(params.get("k", 1.0))
-    shape = (u_ref.shape[0], v_ref.shape[1])
+    shape = (u_ref.shape[-2], v_ref.shape[-1])
     for core, (b, _, _) in zip(cores(inputs, u_ref, v_ref), inputs, strict=True):
         u, s, vh = torch.linalg.svd(core)
-        budget = tsv_budget(params.get("k_of", "rank"), b.shape[1], shape, len(inputs))
+        budget = tsv_budget(params.get("k_of", "rank"), b.shape[-1], shape, len(inputs))
         kept = max(1, round(fraction * budget))
-        us.append(u[:, :kept])
-        sigmas.append(s[:kept])
-        vs.append(vh[:kept].T)
-    u_orth = polar(torch.cat(us, dim=1))
-    v_orth = polar(torch.cat(vs, dim=1))
-    merged = (u_orth * torch.cat(sigmas)) @ v_orth.T
+        us.append(u[..., :kept])
+        sigmas.append(s[..., :kept])
+        vs.append(vh[..., :kept, :].mT)
+    u_orth = polar(torch.cat(us, dim=-1))
+    v_orth = polar(torch.cat(vs, dim=-1))
+    merged = (u_orth * torch.cat(sigmas, dim=-1)[..., None, :]) @ v_orth.mT
     return u_ref @ merged, v_ref
 
 
@@ -217,13 +232,20 @@ def _ties_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _masks(stacked: torch.Tensor, params: dict[str, Any]) -> torch.Tensor | None:
-    """DARE's Bernoulli(density) masks, input by input, by the seeding policy (the caller seeds
-    the stream)."""
+    """DARE's Bernoulli(density) masks for `stacked` [T inputs, M modules, ...], by the seeding
+    policy (the caller seeds the stream), drawn module by module, input by input: the order of
+    one module at a time, whatever the batch."""
     density = params["density"]
     if density >= 1:
         return None
-    return torch.stack([seeding.bernoulli_mask(core, density) for core in stacked])
+    inputs, modules, *shape = stacked.shape
+    order = stacked.new_empty((modules, inputs, *shape))
+    return seeding.bernoulli_mask(order, density).transpose(0, 1)
 
+
+BATCHED = frozenset({"core_ta", "core_ties", "tsv"})
+"""The methods that take a batch of modules: not knots_* and iso_c (they read each module's
+numerical rank), nor core_dare (its draws follow module order, which a chunk does not)."""
 
 METHODS = {
     "core_ta": _core_ta,

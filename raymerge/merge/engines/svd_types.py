@@ -90,23 +90,39 @@ def _low_rank_svd(adapters, weights, modules: list[str], new_rank: int, output) 
             output.put(keys(chunk, "lora_B"), lora_b)
 
 
-def lowrank_types(
-    adapters, weights, modules, method: Method, params, new_rank: int, output
-) -> None:
-    """Methods PEFT does not have, merged in the inputs' low-rank space, module by module."""
+def lowrank_types(adapters, weights, modules, method: Method, params, new_rank: int, output):
+    """Methods PEFT does not have, merged in the inputs' low-rank space: a chunk of modules of
+    equal shapes at once for those that take a batch (`lowrank.BATCHED`), else module by module
+    in module order (the order DARE's draws follow)."""
     from raymerge.merge.engines import lowrank
 
-    for module in modules:
-        inputs = [
-            (a.factors[module][1], a.factors[module][0], w * a.scaling(module))
-            for a, w in inputs_at(adapters, weights, module)
-        ]
-        for b, _, scale in inputs:
-            _require_finite(output, module, b * scale)
-        lora_b, lora_a = lowrank.merge_factors(method.name, inputs, params, new_rank)
-        dtype = inputs[0][0].dtype
-        output.put(keys([module], "lora_A"), lora_a.to(dtype)[None])
-        output.put(keys([module], "lora_B"), lora_b.to(dtype)[None])
+    if method.name not in lowrank.BATCHED:
+        for module in modules:
+            present = inputs_at(adapters, weights, module)
+            inputs = [(a.factors[module][1], a.factors[module][0], w * a.scaling(module))
+                      for a, w in present]  # fmt: skip
+            _lowrank_run(lowrank, method, inputs, params, new_rank, [module], output)
+        return
+    for group in groups(adapters, weights, modules):
+        present = inputs_at(adapters, weights, group[0])
+        for run in chunks(group, present, output):
+            inputs = [
+                (stacked_factor(a, run, 1), stacked_factor(a, run, 0), w * a.scaling(run[0]))
+                for a, w in present
+            ]
+            _lowrank_run(lowrank, method, inputs, params, new_rank, run, output)
+
+
+def _lowrank_run(lowrank, method: Method, inputs, params, new_rank: int, run, output) -> None:
+    """One module's merge (factors 2-d), or a chunk's (batched [M, ...])."""
+    for b, _, scale in inputs:
+        _require_finite(output, run[0], b * scale)
+    lora_b, lora_a = lowrank.merge_factors(method.name, inputs, params, new_rank)
+    dtype = inputs[0][0].dtype
+    if lora_a.dim() == 2:
+        lora_b, lora_a = lora_b[None], lora_a[None]
+    output.put(keys(run, "lora_A"), lora_a.to(dtype))
+    output.put(keys(run, "lora_B"), lora_b.to(dtype))
 
 
 def _require_finite(output: MergedOutput, module: str, matrix: torch.Tensor) -> None:
