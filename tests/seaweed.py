@@ -26,11 +26,15 @@ class SeaweedFS:
 
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
+        self.process: subprocess.Popen | None = None
+        self._log = None
+        self._started = False
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.grpc = {name: free_port() for name in self.ports}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        self.process: subprocess.Popen | None = None
-        self._log = None
 
     def command(self) -> list[str]:
         p, g = self.ports, self.grpc
@@ -59,7 +63,23 @@ class SeaweedFS:
             "-s3.port.lance=0",
         ]
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, attempts: int = 3) -> None:
+        """Start it (again, on the same ports, after `kill`). A free port can be taken by another
+        process before weed binds it (its S3 gateway binds last, seconds later): a first start
+        that loses that race picks new ports and tries again; a restart keeps its endpoint."""
+        for attempt in range(attempts):
+            try:
+                self._start(timeout)
+                self._started = True
+                return
+            except RuntimeError as exc:
+                clash = "address already in use" in str(exc)
+                if self._started or not clash or attempt == attempts - 1:
+                    raise
+                self.stop()
+                self._pick_ports()
+
+    def _start(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.data_dir.parent / "weed.log", "ab")  # noqa: SIM115 (kept open)
         # Without AWS_* credentials in its environment, weed accepts any client credentials
