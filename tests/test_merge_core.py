@@ -3,6 +3,7 @@ dtype is what ran, not a literal."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -284,3 +285,40 @@ def test_whole_groups_as_a_gpu_takes_them_give_the_same_merge(
     whole = core.merge(task, inputs, merger.fast)
     assert pieces.file is not None and whole.file is not None
     assert torch.equal(pieces.file.data, whole.file.data)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.3, 0.123456789, 0.9, 0.01])
+def test_masks_drawn_as_uniforms_are_bernoullis_own(density):
+    """PEFT draws `bernoulli(full_like(x, density))` tensor by tensor; the policy draws the
+    stream's uniforms and compares them with the density, in one call: the same masks, for
+    tensors of any shapes one after the other, and the same stream after them."""
+    shapes = [(3, 1000), (7,), (64, 33), (1,)]
+    for seed in (0, 7, 2**31 + 5):
+        with seeding.seeded(seed):
+            expected = torch.cat(
+                [torch.bernoulli(torch.full(s, density)).flatten() for s in shapes]
+            )
+            after_expected = torch.rand(3)
+        with seeding.seeded(seed):
+            drawn = seeding.draw_masks(sum(math.prod(s) for s in shapes), density)
+            after = torch.rand(3)
+        assert drawn.dtype == expected.dtype == torch.float32
+        assert torch.equal(drawn, expected) and torch.equal(after, after_expected)
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_the_replay_of_peft_initialisation_leaves_the_stream_where_peft_does(init):
+    """PEFT makes two nn.Linear layers per target module, then (init True) runs its own init of
+    A: drawn tensor by tensor. The replay draws the same count of uniforms in blocks."""
+    shapes = [(64, 64), (64, 192), (576, 1536)] * 7
+    with seeding.seeded(11):
+        for in_features, out_features in shapes:
+            torch.nn.init.kaiming_uniform_(torch.empty(8, in_features), a=5**0.5)
+            torch.nn.init.kaiming_uniform_(torch.empty(out_features, 8), a=5**0.5)
+            if init:
+                torch.nn.init.kaiming_uniform_(torch.empty(8, in_features), a=5**0.5)
+        expected = torch.rand(5)
+    with seeding.seeded(11):
+        seeding.replay_peft_initialisation(shapes, init, 8)
+        replayed = torch.rand(5)
+    assert torch.equal(replayed, expected)
