@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -108,7 +107,8 @@ class MergedOutput:
         self._required.append((flag, message))
 
     def position(self, key: str) -> int:
-        """Where `key`'s tensor lies in the file (its order among the tensors)."""
+        """Where `key`'s tensor starts in the file's data, in elements (0 when not laid out):
+        sorting by it gives file order."""
         return self._starts.get(key, 0)
 
     def check(self, what: str) -> None:
@@ -139,7 +139,8 @@ class MergedOutput:
             for i, (k, s) in enumerate(zip(keys, starts, strict=True))
         ):
             return None
-        strides = [math.prod(first.shape[i + 1 :]) for i in range(first.dim())]
         return self._typed.as_strided(
-            (len(keys), *first.shape), (step, *strides), self._typed.storage_offset() + starts[0]
+            (len(keys), *first.shape),
+            (step, *first.stride()),  # each tensor is a contiguous view of the buffer
+            self._typed.storage_offset() + starts[0],
         )
