@@ -2,8 +2,8 @@
 
 The spec travels with the job (a working_dir holding it); the job's entrypoint is
 `python -m raymerge run <spec>` on the cluster, whose image has raymerge installed (or, with
-`ship_raymerge`, the package is shipped as a py_module). S3 endpoint settings travel as
-environment variables; credentials never do: the cluster's nodes have their own (a Secret, a
+`ship_raymerge`, the package is shipped as a py_module). S3 and Hub endpoint settings travel
+as environment variables; credentials never do: the cluster's nodes have their own (a Secret, a
 role). The cluster's token is found by Ray itself in its standard places (RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); raymerge only turns token mode on when one exists, and
 never reads, prints or ships it.
@@ -26,8 +26,16 @@ from pathlib import Path
 
 from raymerge.errors import ClusterError
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-"""Where S3 is, not who may use it: these travel with the job; credentials never do."""
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+)
+"""Where S3 and the Hub are, not who may use them: these travel with the job; credentials
+(AWS keys, HF_TOKEN) never do."""
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from raymerge.merge.format import (
     AdapterInfo,
     parse_lora_key,
 )
-from raymerge.store import input_cache, storage
+from raymerge.store import hub, input_cache, storage
 from raymerge.store.inputs import file_sha256
 
 if TYPE_CHECKING:
@@ -41,8 +42,26 @@ def inspect_adapter(
     *,
     allow_pickle: bool = False,
 ) -> AdapterInfo:
-    """Read and check adapter `name` at `uri`; raises InputError naming the adapter and file."""
+    """Read and check adapter `name` at `uri`; raises InputError naming the adapter and file.
+
+    A Hub location is fetched into the Hub cache and pinned: the result's `uri` names the commit
+    its revision points at now, its `source` the location as given."""
     where = f"adapter {name!r} ({uri})"
+    if hub.is_hub(uri):
+        folder, commit = hub.fetch(uri, hub.ADAPTER_FILES, where)
+        if (folder / CONFIG_FILE).exists() and not (folder / WEIGHT_FILES[0]).exists():
+            raise InputError(
+                f"{where}: has no {WEIGHT_FILES[0]} at commit {commit[:12]}; raymerge reads "
+                "adapters from the Hub as safetensors only (a pickle can run code when loaded)"
+            )
+        info = _inspect(name, where, str(folder), None, allow_pickle)
+        return replace(info, uri=hub.pinned(uri, commit), source=uri)
+    return _inspect(name, where, uri, storage_options, allow_pickle)
+
+
+def _inspect(
+    name: str, where: str, uri: str, storage_options: dict[str, Any] | None, allow_pickle: bool
+) -> AdapterInfo:
     try:
         if not storage.exists(uri, storage_options):
             raise InputError(f"{where}: location does not exist; fix `adapters.{name}` in the spec")
@@ -181,6 +200,8 @@ def load_adapter_tensors(
     where = f"adapter {name!r} ({uri})"
     try:
         folder = input_cache.local_copy(uri, storage_options)
+    except InputError as exc:  # a Hub input: its message says where and why
+        raise MergeError(f"adapter {name!r}: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise MergeError(f"{where}: cannot be fetched: {type(exc).__name__}: {exc}") from exc
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).exists()), None)

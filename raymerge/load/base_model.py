@@ -25,7 +25,7 @@ import torch
 
 from raymerge.errors import ClusterError, InputError, RaymergeError, is_out_of_memory
 from raymerge.merge.layout import Layout, layout_from_config, model_class_name
-from raymerge.store import input_cache, storage
+from raymerge.store import hub, input_cache, storage
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,10 @@ class BaseModel:
         self.gpu_headroom_gb = gpu_headroom_gb
         self.gpus = gpus
         self._local: str | None = None
-        if storage.is_remote(location):
+        if hub.is_hub(location):  # its config alone: a merge-only sweep needs no weights
+            folder = hub.fetch(location, ("config.json",), f"base_model {location}")[0]
+            self.config = AutoConfig.from_pretrained(folder)
+        elif storage.is_remote(location):
             self.config = _config_from_storage(location, self.storage_options)
         else:
             self.config = AutoConfig.from_pretrained(self.local_location())
@@ -82,7 +85,7 @@ class BaseModel:
         if self._local is None:
             location = self.location
             if "://" in location or Path(location).is_absolute():
-                location = str(input_cache.local_copy(location, self.storage_options))
+                location = str(input_cache.local_copy(location, self.storage_options, model=True))
             self._local = location
         return self._local
 

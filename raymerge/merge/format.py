@@ -53,6 +53,9 @@ class AdapterInfo:
     """Tensor name -> shape, from the safetensors header (empty for adapter_model.bin)."""
     dtype: str = "float32"
     """The LoRA factors' dtype (torch's name), from the safetensors header."""
+    source: str = ""
+    """The location as the spec gives it, where `uri` pins it further (a Hub input's branch or
+    tag, which `uri` names by commit); empty when they are the same."""
 
     @property
     def rank(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from raymerge.store import storage
+from raymerge.store import hub, storage
 
 
 def cache_dir() -> Path:
@@ -26,12 +26,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYMERGE_CACHE", Path.home() / ".cache" / "raymerge"))
 
 
-def local_copy(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
+def local_copy(
+    uri: str, storage_options: dict[str, Any] | None = None, *, model: bool = False
+) -> Path:
     """A local folder holding `uri`'s files: the folder itself if local, else a node-local cache.
 
     Remote folders are downloaded once per node: workers on one node share the copy (a file lock
     serialises them), and it is fetched again only if the remote files changed (size or ETag).
+    A Hub location is read through the Hub's own cache: an adapter's files, or with `model` a
+    base model's.
     """
+    if hub.is_hub(uri):
+        files = hub.MODEL_FILES if model else hub.ADAPTER_FILES
+        return hub.fetch(uri, files, "base_model" if model else uri)[0]
     if not storage.is_remote(uri):
         return Path(uri)
     fs, path = storage.filesystem(uri, storage_options)

@@ -15,19 +15,21 @@ from typing import Any
 
 from raymerge.errors import InputError, MergeError
 from raymerge.merge.format import ADAPTER_FILES, CONFIG_FILE
-from raymerge.store import input_cache, manifest, storage
+from raymerge.store import hub, input_cache, manifest, storage
 
 
 def current_digests(plan) -> dict[str, dict[str, Any]]:
     """Name -> uri, weights file and the sha256 of its weights and config, for every adapter a
-    merge of the plan uses (remote ones through the node's input cache)."""
+    merge of the plan uses (remote ones through the node's input cache). A Hub input is recorded
+    under its location as given, with `resolved`: the commit-pinned location its merges read."""
     options = plan.spec.storage_options
     digests = {}
     for name in plan.adapters_used():
         info = plan.adapters[name]
         folder = input_cache.local_copy(info.uri, options)
         digests[name] = {
-            "uri": info.uri,
+            "uri": info.source or info.uri,
+            **({"resolved": info.uri, "commit": hub.commit_of(info.uri)} if info.source else {}),
             "weights_file": info.weights_file,
             "weights_sha256": file_sha256(folder / info.weights_file),
             "config_sha256": file_sha256(folder / CONFIG_FILE),
@@ -61,14 +63,15 @@ def check_unchanged(
             changed[entry["uri"]] = (name, before, entry)
     if not changed or not committed:
         return set()
-    using = _merges_using(plan, set(changed), committed)
+    using = _merges_using(plan, {u: _read_from(b) for u, (_, b, _) in changed.items()}, committed)
     if not rebuild:
         problems = []
         for uri, (name, before, now) in changed.items():
             count = len(using[uri])
             problems.append(
-                f"adapter {name!r} ({uri}) changed since the merges in {plan.output} were made: "
-                f"{count} committed merge(s) used the version with weights sha256 "
+                f"adapter {name!r} ({uri}) changed since the merges in {plan.output} were made"
+                f"{_moved(before, now)}: {count} committed merge(s) used the version with "
+                "weights sha256 "
                 f"{before.get('weights_sha256', '?')[:12]}…, it is now "
                 f"{now['weights_sha256'][:12]}…. Write to a new `output`, or run again with "
                 f"--rebuild-changed to redo exactly those {count} merge(s)"
@@ -82,11 +85,26 @@ def check_unchanged(
     return redo
 
 
-def _merges_using(plan, uris: set[str], committed: set[str]) -> dict[str, set[str]]:
+def _read_from(recorded: dict[str, Any]) -> str:
+    """The location the recorded version's merges name: its pinned one for a Hub input."""
+    return recorded.get("resolved") or ""
+
+
+def _moved(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """For a Hub input: which commits its revision named then and now."""
+    old, new = before.get("resolved"), now.get("resolved")
+    if not (old and new and old != new):
+        return ""
+    return f" (its revision pointed at {hub.commit_of(old)}, it now points at {hub.commit_of(new)})"
+
+
+def _merges_using(plan, read_from: dict[str, str], committed: set[str]) -> dict[str, set[str]]:
     """Committed merge ids per input location, from the manifest (streamed) and the records of
-    committed merges it does not list."""
+    committed merges it does not list. A merge uses an input when it names its location or the
+    location the recorded version was read from (`read_from`)."""
     options = plan.spec.storage_options
-    using: dict[str, set[str]] = {uri: set() for uri in uris}
+    using: dict[str, set[str]] = {uri: set() for uri in read_from}
+    owner = {uri: uri for uri in read_from} | {r: uri for uri, r in read_from.items() if r}
     listed = set()
     for line in manifest.iter_lines(plan.output, options):
         merge_id = line.get("merge_id")
@@ -94,12 +112,12 @@ def _merges_using(plan, uris: set[str], committed: set[str]) -> dict[str, set[st
             continue
         listed.add(merge_id)
         for adapter in line.get("adapters", []):
-            if adapter.get("uri") in using:
-                using[adapter["uri"]].add(merge_id)
+            if adapter.get("uri") in owner:
+                using[owner[adapter["uri"]]].add(merge_id)
     for record in manifest.read_records(plan.output, sorted(committed - listed), options):
         for adapter in record.get("adapters", []):
-            if adapter.get("uri") in using:
-                using[adapter["uri"]].add(record["merge_id"])
+            if adapter.get("uri") in owner:
+                using[owner[adapter["uri"]]].add(record["merge_id"])
     return using
 
 

@@ -1,7 +1,8 @@
 """The only module that knows fsspec/s3fs: locations, reads, atomic writes, deletes, listings.
 
-A location is a local path, a `file://` URI or an `s3://` URI. S3-compatible stores (MinIO,
-SeaweedFS) are reached through `storage_options` (`client_kwargs.endpoint_url` or
+A location is a local path, a `file://` URI or an `s3://` URI; an input may also be on the
+Hugging Face Hub (`hf://`, read through its cache by `hub`, never here). S3-compatible stores
+(MinIO, SeaweedFS) are reached through `storage_options` (`client_kwargs.endpoint_url` or
 `endpoint_url`) or the `AWS_ENDPOINT_URL` environment variable; credentials always come from the
 standard AWS chain. Every call has connect and read timeouts and bounded retries.
 
@@ -37,6 +38,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from raymerge.store import hub
 from raymerge.store.buffers import BufferStream
 
 # What its errors mean, kept in their own module; callers use them from here.
@@ -81,10 +83,14 @@ def resolve(location: str, base_dir: Path) -> str:
     scheme = _scheme(location)
     if scheme in REMOTE_SCHEMES:
         return location.rstrip("/")
+    if scheme == "hf":
+        return hub.canonical(location)
     if scheme == "file":
         location = location[len("file://") :]
     elif scheme:
-        raise ValueError(f"unsupported location {location!r}: use a local path, file:// or s3://")
+        raise ValueError(
+            f"unsupported location {location!r}: use a local path, file://, s3:// or hf://"
+        )
     path = Path(location).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
@@ -108,6 +114,8 @@ def join(uri: str, *parts: str) -> str:
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
     """The fsspec filesystem for `uri` and the path within it."""
+    if hub.is_hub(uri):
+        raise ValueError(f"{uri}: a Hub location is read through the Hub cache, not as storage")
     if not is_remote(uri):
         return fsspec.filesystem("file"), uri
     options = dict(storage_options or {})

@@ -23,7 +23,7 @@ from raymerge.load.adapters import AdapterInfo, inspect_adapter, inspect_base_mo
 from raymerge.merge import compat
 from raymerge.merge.registry import METHODS, RankRule
 from raymerge.score import evalsets
-from raymerge.store import storage
+from raymerge.store import hub, storage
 from raymerge.sweep.expand import group_names, search_pool
 from raymerge.sweep.rules import objective_problems
 from raymerge.sweep.spec import SweepSpec
@@ -91,6 +91,11 @@ def check_inputs(spec: SweepSpec, base_dir: Path, adapters: dict[str, AdapterInf
         checks.spec_problems.append(f"base_model: {exc}")
     try:
         checks.output = storage.resolve(spec.output, base_dir)
+        if hub.is_hub(checks.output):
+            raise ValueError(
+                f"{checks.output}: the Hub holds inputs only; write the sweep to a local folder "
+                "or s3://"
+            )
         checks.spec_problems.extend(
             _output_problems(checks.output, checks.base_model, adapters, options)
         )
@@ -105,11 +110,32 @@ def check_inputs(spec: SweepSpec, base_dir: Path, adapters: dict[str, AdapterInf
 
 
 def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str, Any]) -> str:
+    """The base model's location to load from: a Hub location pinned to its commit."""
     if storage.looks_like_hub_id(location, base_dir):
         return location  # resolved by from_pretrained on the workers; not checkable offline
     uri = storage.resolve(location, base_dir)
+    if hub.is_hub(uri):
+        folder, commit = hub.fetch(uri, hub.MODEL_METADATA, f"base_model {uri}")
+        inspect_base_model(str(folder), {})
+        return hub.pinned(uri, commit)
     inspect_base_model(uri, storage_options)
     return uri
+
+
+def _base_files(base_model: str, storage_options: dict[str, Any]):
+    """How to read one of the base model's files, and whether it has a file (a Hub model's
+    weights are listed, not fetched: the workers fetch them where they load them)."""
+    if not hub.is_hub(base_model):
+        return (
+            lambda f: storage.read_bytes(storage.join(base_model, f), storage_options),
+            lambda f: storage.exists(storage.join(base_model, f), storage_options),
+        )
+    folder = hub.fetch(base_model, hub.MODEL_METADATA, f"base_model {base_model}")[0]
+    listed = hub.listing(base_model)
+    return (
+        lambda f: (folder / f).read_bytes(),
+        lambda f: (folder / f).exists() or listed is None or f in listed,
+    )
 
 
 def _base_problems(
@@ -121,8 +147,8 @@ def _base_problems(
         return []  # not readable offline: from_pretrained checks shapes on the workers
     from raymerge.merge.layout import layout_from_config_json
 
-    options = spec.storage_options
-    config = storage.read_bytes(storage.join(base_model, "config.json"), options)
+    read, has_file = _base_files(base_model, spec.storage_options)
+    config = read("config.json")
     task_type = next((a.task_type for a in adapters.values() if a.task_type), None)
     try:
         layout = layout_from_config_json(config, task_type)
@@ -133,9 +159,7 @@ def _base_problems(
         ]
     problems = [p for info in adapters.values() for p in compat.base_shape_problems(info, layout)]
     needs_weights = spec.evaluate is not None or spec.engine == "peft"
-    if needs_weights and not any(
-        storage.exists(storage.join(base_model, f), options) for f in BASE_WEIGHT_FILES
-    ):
+    if needs_weights and not any(has_file(f) for f in BASE_WEIGHT_FILES):
         why = "evaluate" if spec.evaluate is not None else "engine: peft"
         files = ", ".join(BASE_WEIGHT_FILES)
         problems.append(
@@ -213,10 +237,10 @@ def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[s
             "examples": len(examples),
             "sha256": evalsets.digest(examples),  # a race's journal is of these examples
         }
-    local_base = base_model and not storage.looks_like_hub_id(base_model, base_dir)
-    if local_base and not any(
-        storage.exists(storage.join(base_model, f), options) for f in TOKENIZER_FILES
-    ):
+    has_file = None
+    if base_model and not storage.looks_like_hub_id(base_model, base_dir):
+        has_file = _base_files(base_model, options)[1]
+    if has_file and not any(has_file(f) for f in TOKENIZER_FILES):
         problems.append(
             f"evaluate: the base model at {base_model} has no tokenizer (tokenizer.json or "
             "tokenizer_config.json); save the tokenizer beside the base model "
