@@ -171,6 +171,48 @@ def materialize(
             raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    output: str = typer.Argument(..., help="A sweep's output (local path or s3://)."),
+    merge_id: str = typer.Argument(..., help="The merge id (16 hex digits) to export."),
+    to: str = typer.Option(..., metavar="DIR", help="Local folder to write the full model to."),
+    dtype: str = typer.Option(
+        "auto",
+        help="Dtype of the saved weights: auto (the base model's own), float32, bfloat16 or "
+        "float16. The adapter is folded in float32 either way.",
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", help="Largest safetensors file, e.g. 5GB, 500MB or 2GiB (more: several shards)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace DIR if it is a non-empty folder."
+    ),
+) -> None:
+    """Write a recorded merge as a full model: the base model with the merged adapter folded in
+    (PEFT's merge_and_unload), as sharded safetensors with the tokenizer, for from_pretrained.
+    A merge whose files keep top-k dropped is rebuilt first (as `materialize` does)."""
+    from raymerge.cluster.export import export as export_model
+
+    with exit_on_error():
+        result = export_model(
+            location(output),
+            merge_id,
+            location(to),
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )
+        rebuilt = ", rebuilt from its merge.json" if result.rebuilt else ""
+        tokenizer = " and its tokenizer" if result.tokenizer else ""
+        consoles.out.print(
+            f"{result.merge_id}: {result.path} — the full model in {result.dtype}, "
+            f"{result.shards} shard{'s' if result.shards != 1 else ''}{tokenizer}{rebuilt}"
+        )
+        for note in result.notes:
+            consoles.err.print(f"note: {note}", style="yellow", highlight=False)
+        consoles.out.print(f"Load it with {result.model_class}.from_pretrained({result.path!r})")
+
+
 def _echo(text: str) -> None:
     """A job's log text as it arrives: already has its newlines, shown at once."""
     print(text, end="", flush=True)
