@@ -29,6 +29,7 @@ from raymerge.cluster.prune import settle_top_k
 from raymerge.cluster.race import Race, RoundScorer, set_sizes, window_size
 from raymerge.cluster.resume import Output, pending_tasks, prepare_output
 from raymerge.cluster.summary import Progress, RunSummary, write_summary
+from raymerge.cluster.tracking import start_tracking
 from raymerge.errors import ClusterError, RaymergeError, StorageError, is_out_of_memory
 from raymerge.score.failures import first_line, out_of_memory_message
 from raymerge.score.objective import spread_warning
@@ -67,9 +68,35 @@ def run_sweep(
     """
     started = time.perf_counter()
     out = prepare_output(plan, rebuild_changed)
+    summary = RunSummary(output=plan.output, total=plan.total())
+    tracker = start_tracking(plan, out)  # MLflow, where asked for: offered every manifest line
+    try:
+        _sweep(plan, out, summary, progress, address, start_timeout, fail_fast, use_ray)
+        tracker.seal()
+        _finish(plan, out.writer)
+        write_summary(plan, summary, started)
+    except BaseException as exc:
+        tracker.close(summary, exc)
+        raise
+    tracker.close(summary)
+    if summary.stopped_by:
+        raise StorageError(summary.stopped_by)
+    return summary
+
+
+def _sweep(
+    plan: Plan,
+    out: Output,
+    summary: RunSummary,
+    progress: Progress | None,
+    address: str | None,
+    start_timeout: float,
+    fail_fast: bool,
+    use_ray: bool | None,
+) -> None:
+    """The race (if any), the grid's pending merges and the search, on the workers."""
     search = Search(plan, out.trial_lines) if plan.spec.search is not None else None
-    grid_total = plan.total()
-    summary = RunSummary(output=plan.output, total=grid_total)
+    grid_total = summary.total
     race = Race(plan, out.digests) if _racing(plan) else None
     if race is None:
         pending = pending_tasks(plan, out.committed, summary)
@@ -98,11 +125,6 @@ def run_sweep(
         )
     if search is not None:
         summary.total += search.asked
-    _finish(plan, out.writer)
-    write_summary(plan, summary, started)
-    if summary.stopped_by:
-        raise StorageError(summary.stopped_by)
-    return summary
 
 
 def _start_progress(

@@ -33,6 +33,14 @@ from raymerge.sweep.identity import located_adapters, merge_id, merge_seed
 from raymerge.sweep.preflight import InputChecks, check_inputs, inspect_adapters
 from raymerge.sweep.rules import offline_problems
 from raymerge.sweep.spec import SweepSpec, parse_spec, read_spec_file
+from raymerge.sweep.spec.tracking import (
+    default_experiment,
+    mlflow_installed,
+    mlflow_target,
+    redact_uri,
+    tracking_problems,
+    tracking_warning,
+)
 from raymerge.task import EvalConfig, MergeTask, WorkerConfig
 
 
@@ -166,8 +174,18 @@ class Plan:
         from raymerge.score.objective import scale_warning
 
         parsed = objective(self.spec)
-        warning = scale_warning(parsed) if parsed is not None else None
-        return [warning] if warning else []
+        warnings = [scale_warning(parsed) if parsed is not None else None]
+        warnings.append(tracking_warning(self.spec.tracking, os.environ))
+        return [warning for warning in warnings if warning]
+
+    def tracking(self) -> dict[str, str] | None:
+        """Where the sweep is tracked in MLflow ({uri, experiment}, the uri as it may be
+        printed), or None where it is not."""
+        target = mlflow_target(self.spec.tracking, os.environ)
+        if target is None or target.uri is None or not mlflow_installed():
+            return None
+        experiment = target.experiment or default_experiment(self.output)
+        return {"uri": redact_uri(target.uri), "experiment": experiment}
 
     def summary(self) -> dict[str, Any]:
         """The plan in machine-readable form (without the task list)."""
@@ -185,6 +203,7 @@ class Plan:
             "total": sum(counts.values()),
             "by_type": counts,
             "warnings": self.warnings(),
+            **({"tracking": {"mlflow": tracked}} if (tracked := self.tracking()) else {}),
             "adapters": {
                 name: {
                     "uri": self.adapters[name].uri,
@@ -221,6 +240,7 @@ def load_plan(spec_path: str | Path, overrides: dict[str, Any] | None = None) ->
     if spec is not None:
         checks = check_inputs(spec, base_dir, adapters)
         spec_problems += checks.spec_problems + offline_problems(spec)
+        spec_problems += tracking_problems(spec.tracking, os.environ)
         input_problems += checks.input_problems
 
     if spec_problems:

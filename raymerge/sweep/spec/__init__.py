@@ -6,6 +6,7 @@ Each job has its own module, re-exported here so that callers need not know the 
 - methods: a `methods` entry (MethodSpec), built from the merge registry
 - evaluate: the `evaluate` section (eval sets, lm-eval tasks, objective)
 - search: the `search` section (ranges, budget, sampler)
+- tracking: the `tracking` section (MLflow), and where a sweep is tracked
 - types: what the models share (frozen base, adapter names, grids, float32 limit)
 - loader: strict YAML in (read_spec_file, parse_spec, load_spec)
 - errors: pydantic's and PyYAML's errors as one-line SpecError messages
@@ -38,6 +39,7 @@ from raymerge.sweep.spec.models import (
     WritesSpec,
 )
 from raymerge.sweep.spec.search import Range, SearchMethodSpec, SearchParam, SearchSpec
+from raymerge.sweep.spec.tracking import MlflowSpec, TrackingSpec
 from raymerge.sweep.spec.types import FLOAT32_MAX, SINGLE_ADAPTER_HINT, AdapterName, Grid
 
 __all__ = [
@@ -56,12 +58,14 @@ __all__ = [
     "KeepSpec",
     "LmEvalSpec",
     "MethodSpec",
+    "MlflowSpec",
     "ObjectiveTerm",
     "Range",
     "SearchMethodSpec",
     "SearchParam",
     "SearchSpec",
     "SweepSpec",
+    "TrackingSpec",
     "WritesSpec",
     "load_spec",
     "parse_spec",

@@ -1,7 +1,7 @@
 """The sweep spec's top-level model, SweepSpec, and its grid groups (`combinations`).
 
 Its sections live beside it: `methods` entries in spec_methods, `evaluate` in spec_evaluate,
-`search` in spec_search. YAML in is spec_loader's job.
+`search` in spec_search, `tracking` in spec_tracking. YAML in is spec_loader's job.
 
 Example:
     >>> spec = SweepSpec.model_validate({
@@ -30,6 +30,7 @@ from pydantic import (
 from raymerge.sweep.spec.evaluate import EvaluateSpec
 from raymerge.sweep.spec.methods import MethodSpec
 from raymerge.sweep.spec.search import SearchSpec
+from raymerge.sweep.spec.tracking import TrackingSpec
 from raymerge.sweep.spec.types import FLOAT32_MAX, SINGLE_ADAPTER_HINT, AdapterName, FrozenModel
 
 # Keys that would put a credential into the spec (and so into job specs and logs). Credentials
@@ -186,6 +187,8 @@ class SweepSpec(FrozenModel):
     """Accept adapters stored only as adapter_model.bin (a pickle; loaded with weights_only)."""
     evaluate: EvaluateSpec | None = None
     """Optional: score each merge (and, once, the base model and each input adapter)."""
+    tracking: TrackingSpec | None = None
+    """Optional: log the sweep to MLflow (also on where MLFLOW_TRACKING_URI is set)."""
     writes: WritesSpec = Field(default_factory=WritesSpec)
     """How workers write merges (queue size, writer threads, S3 part size and concurrency)."""
     output_dtype: Literal["float32", "float16", "bfloat16"] | None = None
