@@ -93,7 +93,13 @@ def describe(exc: BaseException) -> str:
         if code:
             return f"{code}: {error}"
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    said = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    if any(type(error).__name__ == "NoCredentialsError" for error in _chain(exc)):
+        said += (
+            " (S3 credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, ~/.aws, or the instance's or pod's role)"
+        )
+    return said
 
 
 @cache
