@@ -25,17 +25,17 @@ demo: $(STAMP)
 	$(BIN)/raymerge demo
 
 test: $(STAMP)
-	$(BIN)/ruff check raymerge tests
-	$(BIN)/ruff format --check raymerge tests
+	$(BIN)/ruff check raymerge tests docs/hooks
+	$(BIN)/ruff format --check raymerge tests docs/hooks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check raymerge tests
-	$(BIN)/ruff format --check raymerge tests
+	$(BIN)/ruff check raymerge tests docs/hooks
+	$(BIN)/ruff format --check raymerge tests docs/hooks
 
 format: $(STAMP)
-	$(BIN)/ruff format raymerge tests
-	$(BIN)/ruff check --fix raymerge tests
+	$(BIN)/ruff format raymerge tests docs/hooks
+	$(BIN)/ruff check --fix raymerge tests docs/hooks
 
 clean:
 	rm -rf $(VENV) raymerge-demo .pytest_cache .ruff_cache

@@ -42,7 +42,10 @@ def describe_error(error: dict[str, Any]) -> str:
     key = _key_path(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; check its spelling (see README for the spec's keys)"
+        return (
+            f"{key}: unknown key; check its spelling (every key is in the documentation: "
+            "docs/guides/sweeps-and-specs.md, and the built site's spec reference)"
+        )
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     if key.startswith("storage_options") or "got " in message or error["type"] == "value_error":
