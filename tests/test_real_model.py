@@ -6,6 +6,7 @@ adapters shipped with the demo, trained on it.
 - Every registry type merges adapters of the real layout (grouped-query attention: k and v 192
   wide; MLP 1536) as its reference does: PEFT's add_weighted_adapter for PEFT's types, the
   paper's dense definition for the others.
+- A merge exported as a full model (`raymerge export`) computes the PeftModel's logits.
 - Every kind of score of a merged adapter (text, choice, generate, and lm-eval tasks through the
   bridge) is lm-evaluation-harness's on the same merged adapter, with the real tokenizer; three
   merges per forward pass score as one.
@@ -216,6 +217,32 @@ def test_each_new_type_merges_the_real_layout_as_its_definition(name, layer_adap
     adapters = [adapter_tensors(folder, modules) for folder in layer_adapters.values()]
     assert adapters[0].factors["model.layers.0.self_attn.k_proj"][1].shape == (192, 8)
     check_dense(name, adapters, [0.8, 0.6], modules, rel=1e-4)
+
+
+def test_a_real_merge_exported_as_a_full_model_gives_the_peft_models_logits(
+    base, peft_type_merges, tmp_path
+):
+    """`raymerge export` on the real model (tied embeddings, grouped-query attention): the
+    folded full model computes what PeftModel computes with the merged adapter beside it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raymerge.cluster.export import export
+
+    record, folder = peft_type_merges["ties"]
+    export(str(folder.parent.parent), record["merge_id"], str(tmp_path / "full"))
+    batch = AutoTokenizer.from_pretrained(tmp_path / "full")(
+        ["Sum: 3 4 =", "Reverse: ab cd ->"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        full = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+        exported = full(**batch).logits
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        plain = model(**batch).logits
+        peft = PeftModel.from_pretrained(model, folder)(**batch).logits
+    moved = float((peft - plain).abs().max())
+    assert float((exported - peft).abs().max()) < 1e-3 < moved / 100, moved
 
 
 # --- scores of merged adapters: the harness's, with the real tokenizer --------------------

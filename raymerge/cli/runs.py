@@ -88,3 +88,7 @@ def run_real_demo(the_plan, spec: Path, address: str | None) -> None:
     render.print_kept_skills(result.rows[0], kept_skills(result.rows[0], result.references))
     consoles.out.print(f"\nSpec: {spec}\nMerged adapters: {the_plan.output}/merges/<merge_id>/")
     render.print_outputs(result)
+    consoles.out.print(
+        "The best merge as a full model: raymerge export "
+        f"{the_plan.output} {result.rows[0]['merge_id']} --to ./best-model"
+    )
