@@ -35,7 +35,9 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
 )
 """Where S3 and the Hub are, not who may use them: these travel with the job; credentials
-(AWS keys, HF_TOKEN) never do."""
+(AWS keys, HF_TOKEN, MLflow's user, password and token) never do."""
+FORWARDED_URIS = ("MLFLOW_TRACKING_URI",)
+"""Where the tracking server is: travels with the job without any `user:password@` in it."""
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -52,6 +54,20 @@ def _client(address: str | None):
         return JobSubmissionClient(address)
     except Exception as exc:
         raise _explain(exc, address) from None
+
+
+def job_env(environ) -> dict[str, str]:
+    """The variables a submitted job takes from `environ`: where things are, never who may use
+    them.
+
+    >>> job_env({"HF_ENDPOINT": "https://hub", "HF_TOKEN": "hf_x",
+    ...          "MLFLOW_TRACKING_URI": "https://me:pw@mlflow:5000"})
+    {'HF_ENDPOINT': 'https://hub', 'MLFLOW_TRACKING_URI': 'https://mlflow:5000'}
+    """
+    from raymerge.sweep.spec.tracking import redact_uri
+
+    forwarded = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    return forwarded | {k: redact_uri(environ[k]) for k in FORWARDED_URIS if environ.get(k)}
 
 
 def _token_available() -> bool:
@@ -93,7 +109,7 @@ def submit(
         shutil.copy(spec_path, staging / spec_path.name)
         runtime_env: dict = {
             "working_dir": str(staging),
-            "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)},
+            "env_vars": job_env(os.environ),
         }
         if ship_raymerge:
             import raymerge
