@@ -34,9 +34,12 @@ class EvalSetSpec(FrozenModel):
 
 
 class ObjectiveTerm(FrozenModel):
+    """One term of the objective: a metric, its weight and its direction."""
+
     metric: str = Field(min_length=1)
     """SET.METRIC (e.g. qa.accuracy), an lm-eval TASK.METRIC, or mean_loss."""
     weight: float = 1.0
+    """The term's weight in the objective's sum."""
     direction: Literal["minimize", "maximize"] | None = None
     """Default: minimize losses and perplexities, maximize the rest."""
 
@@ -50,12 +53,15 @@ class LmEvalSpec(FrozenModel):
     (`pip install raymerge[lm-eval]`)."""
 
     tasks: list[str] = Field(min_length=1)
+    """The harness's task names (e.g. arc_easy), or your own from `include_path`."""
     num_fewshot: int = Field(default=0, ge=0)
+    """Examples shown before each question (the harness's num_fewshot)."""
     limit: int | None = Field(default=None, ge=1)
     """Examples per task (default: all)."""
     include_path: str | None = None
     """A folder of task YAMLs (your own tasks, over local data files)."""
     batch_size: int = Field(default=8, ge=1)
+    """Requests per forward pass in the harness."""
     bootstrap_iters: int = Field(default=1000, ge=0)
     """Resamples for the stderr of the metrics the harness bootstraps (0: none)."""
 
@@ -104,6 +110,7 @@ class EvaluateSpec(FrozenModel):
     base model and in units of its spread across the references; "none" adds them as they are.
     One term is never rescaled."""
     lm_eval: LmEvalSpec | None = None
+    """lm-evaluation-harness tasks to score each merge on, beside `datasets`."""
     racing: RacingSpec | None = None
     """Stop merges that are clearly behind after part of the examples (default: score every
     merge on everything)."""

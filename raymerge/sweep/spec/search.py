@@ -29,8 +29,11 @@ class Range(FrozenModel):
     """A range to search: `{low: 0.1, high: 0.9}` (`log: true` samples on a log scale)."""
 
     low: float
+    """The range's lower end."""
     high: float
+    """The range's upper end (above `low`)."""
     log: bool = False
+    """Sample on a log scale (needs low > 0)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
@@ -53,6 +56,8 @@ class SearchMethodSpec(FrozenModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     combination_type: Grid[str]
+    """The types the search may pick from (one, or a list); any other key is a parameter of
+    them, given as a range, a list of choices or one value."""
 
     @model_validator(mode="after")
     def _params(self) -> SearchMethodSpec:
@@ -102,9 +107,11 @@ class SearchSpec(FrozenModel):
     choose: int | None = None
     """...or subsets of this size of `from` (default: all of the spec's adapters)."""
     from_: list[AdapterName] | None = Field(default=None, alias="from")
+    """The adapters `choose` picks subsets of (default: all of the spec's adapters)."""
     weights: Range | dict[AdapterName, Range] = Field(default_factory=lambda: Range(low=0, high=1))
     """Each weight's range: one for all, or one per adapter."""
     methods: list[SearchMethodSpec] = Field(min_length=1)
+    """The combination types the search may pick, and their parameters' ranges or choices."""
     objectives: Objectives | None = None
     """Several metrics for a Pareto search (default: evaluate.objective, one value)."""
     budget: int = Field(ge=1, le=1_000_000)
@@ -116,6 +123,7 @@ class SearchSpec(FrozenModel):
     sampler: Literal["tpe", "cmaes", "nsga2", "random", "qmc"] | None = None
     """Default: tpe for one objective, nsga2 for several."""
     seed: int = 0
+    """The sampler's seed (Optuna's `seed`)."""
     pruner: Literal["wilcoxon", "halving", "none"] = "wilcoxon"
     """With `evaluate.racing`: each candidate is scored round by round and Optuna's pruner
     stops it when it is behind (WilcoxonPruner: a signed-rank test against the best trial,
