@@ -128,6 +128,16 @@ def test_every_spec_key_is_in_the_spec_reference():
     assert "| `from` |" in sections["choosegroup"]  # the alias, not from_
 
 
+def test_every_spec_key_has_a_description_in_the_reference():
+    rows = [
+        line
+        for line in HOOK["reference_spec"].spec_page(SweepSpec).splitlines()
+        if line.startswith("| `")
+    ]
+    assert len(rows) > 50  # the page has its tables
+    assert not [row.split(" |")[0] for row in rows if row.endswith("| — |")]
+
+
 class _Probe(FrozenModel):
     """A section that only this test has."""
 

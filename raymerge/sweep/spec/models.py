@@ -138,9 +138,11 @@ class SweepSpec(FrozenModel):
     """A whole sweep: which adapters to merge how, where the results go, and on how many workers."""
 
     base_model: str = Field(min_length=1)
-    """Base model: local path, file://, s3:// or a hub id."""
+    """Base model: local path, file://, s3://, hf://ORG/NAME[@REVISION][/SUBFOLDER] on the
+    Hugging Face Hub (pinned to its commit), or a bare hub id (passed to from_pretrained)."""
     adapters: dict[AdapterName, str] = Field(min_length=1)
-    """Adapter name -> location (local path, file:// or s3://) of a PEFT LoRA adapter folder."""
+    """Adapter name -> location (local path, file://, s3:// or hf://ORG/NAME[@REVISION]
+    [/SUBFOLDER]) of a PEFT LoRA adapter folder."""
     combinations: list[Group] = Field(default_factory=list)
     """Groups of merges; the plan is their union."""
     search: SearchSpec | None = None
