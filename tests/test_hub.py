@@ -130,6 +130,30 @@ def test_a_rerun_after_the_hub_branch_moved_names_the_changed_adapter(hub_world,
     assert "'b'" not in said  # its files did not change with the commit
 
 
+def test_a_scored_rerun_after_the_hub_base_model_moved_is_refused(hub_world, world, tmp_path):
+    cache, spec, _ = hub_world
+    texts = tmp_path / "held.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("abc", "de", "fghi")))
+    spec["evaluate"] = {"datasets": {"held": str(texts)}, "max_samples": 3, "max_length": 8}
+    path = write_spec(tmp_path, spec)
+    assert _raymerge("run", str(path), env=_offline(cache)).returncode == 0
+    first = json.loads((tmp_path / "out" / "inputs.json").read_text())["base_model"]["commit"]
+    files = folder_files(world.base_model)
+    second = publish(cache, "acme/tiny-base", {**files, "NOTICE": files["config.json"]})
+
+    again = _raymerge("run", str(path), env=_offline(cache))
+    said = " ".join((again.stdout + again.stderr).split())
+    assert again.returncode == 2, said
+    assert f"base_model hf://acme/tiny-base moved since the merges in {tmp_path / 'out'}" in said
+    assert f"pointed at {first}, it now points at {second}; 2 committed merge(s)" in said
+
+    spec["base_model"] = f"hf://acme/tiny-base@{first}"  # as the message says: pin the old one
+    pinned = _raymerge("run", str(write_spec(tmp_path, spec)), env=_offline(cache))
+    assert pinned.returncode == 0, pinned.stdout + pinned.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["skipped"], summary["done"]) == (2, 0)  # the merges scored on `first`
+
+
 def test_an_unreachable_hub_with_nothing_cached_is_a_clear_error(hub_world, tmp_path):
     _, spec, _ = hub_world
     path = write_spec(tmp_path, spec)

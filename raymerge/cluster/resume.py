@@ -58,6 +58,7 @@ def _prepare_output(plan: Plan, rebuild_changed: bool) -> Output:
     options = plan.spec.storage_options
     storage.check_writable(plan.output, options)
     committed = _checked_commits(plan)
+    inputs.check_base_unchanged(plan, committed)
     digests = inputs.current_digests(plan)
     redo = inputs.check_unchanged(plan, digests, committed, rebuild_changed)
     committed -= redo

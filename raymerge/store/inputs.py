@@ -43,7 +43,36 @@ def inputs_record(plan, digests: dict[str, dict[str, Any]]) -> dict[str, Any]:
     adapters = dict(recorded.get("adapters", {}))
     for name, entry in digests.items():
         adapters[entry["uri"]] = {"name": name, **{k: v for k, v in entry.items() if k != "uri"}}
-    return {"adapters": adapters}
+    base = base_record(plan) or recorded.get("base_model")
+    return {"adapters": adapters, **({"base_model": base} if base else {})}
+
+
+def base_record(plan) -> dict[str, Any] | None:
+    """A Hub base model as inputs.json records it: its location as written and the commit its
+    merges were made and scored with (None for any other base model)."""
+    if not hub.is_hub(plan.base_model):
+        return None
+    written = storage.resolve(plan.spec.base_model, plan.spec_path.parent)
+    return {"uri": written, "resolved": plan.base_model, "commit": hub.commit_of(plan.base_model)}
+
+
+def check_base_unchanged(plan, committed: set[str]) -> None:
+    """A scored sweep's Hub base model must be the commit its committed merges were scored on:
+    a moved branch would rank new merges scored on other weights beside them."""
+    recorded = (manifest.read_inputs(plan.output, plan.spec.storage_options) or {}).get(
+        "base_model"
+    )
+    now = base_record(plan)
+    if not (recorded and now and committed and plan.spec.evaluate is not None):
+        return
+    if recorded.get("uri") != now["uri"] or recorded.get("resolved") == now["resolved"]:
+        return
+    raise InputError(
+        f"base_model {now['uri']} moved since the merges in {plan.output} were scored: it "
+        f"pointed at {recorded.get('commit')}, it now points at {now['commit']}; "
+        f"{len(committed)} committed merge(s) were scored on the old weights. Pin the old "
+        f"commit (base_model: {recorded.get('resolved')}) to go on, or write to a new `output`"
+    )
 
 
 def check_unchanged(
