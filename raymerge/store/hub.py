@@ -5,8 +5,9 @@ input needs.
 A plan pins each Hub input to the commit its revision named then (`hf://org/name@<commit>/sub`):
 every worker reads that commit, a merge's record names it, and a rerun that finds the branch
 moved to other files says so as for any changed input. The token is huggingface_hub's own
-(`HF_TOKEN`, or the file `hf auth login` writes): raymerge never reads, prints or ships it.
-`HF_HUB_OFFLINE=1` reads the cache only.
+(`HF_TOKEN`, or the file `hf auth login` writes): raymerge never prints, writes or ships it,
+and reads it only to strip it from an error text it quotes. `HF_HUB_OFFLINE=1` reads the cache
+only.
 
 Example:
     >>> ref = parse("hf://acme/loras@v2/math")
