@@ -92,7 +92,9 @@ def check_unchanged(
             changed[entry["uri"]] = (name, before, entry)
     if not changed or not committed:
         return set()
-    using = _merges_using(plan, {u: _read_from(b) for u, (_, b, _) in changed.items()}, committed)
+    # A Hub input's old merges name the commit-pinned location its old version was read from.
+    read_from = {uri: before.get("resolved", "") for uri, (_, before, _) in changed.items()}
+    using = _merges_using(plan, read_from, committed)
     if not rebuild:
         problems = []
         for uri, (name, before, now) in changed.items():
@@ -112,11 +114,6 @@ def check_unchanged(
         storage.delete(storage.join(folder, manifest.MERGE_JSON), options)
         storage.remove([storage.join(folder, f) for f in ADAPTER_FILES], options)
     return redo
-
-
-def _read_from(recorded: dict[str, Any]) -> str:
-    """The location the recorded version's merges name: its pinned one for a Hub input."""
-    return recorded.get("resolved") or ""
 
 
 def _moved(before: dict[str, Any], now: dict[str, Any]) -> str:

@@ -14,9 +14,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from raymerge.errors import InputError
 from raymerge.load.adapters import AdapterInfo, inspect_adapter, inspect_base_model
@@ -82,9 +83,10 @@ def check_inputs(spec: SweepSpec, base_dir: Path, adapters: dict[str, AdapterInf
     checks = InputChecks()
     options = spec.storage_options
     checks.spec_problems.extend(_duplicate_locations(spec, base_dir))
+    base_files = None
     try:
-        checks.base_model = _resolve_base_model(spec.base_model, base_dir, options)
-        checks.input_problems.extend(_base_problems(spec, checks.base_model, adapters, base_dir))
+        checks.base_model, base_files = _resolve_base_model(spec.base_model, base_dir, options)
+        checks.input_problems.extend(_base_problems(spec, checks.base_model, base_files, adapters))
     except InputError as exc:
         checks.input_problems.extend(exc.problems)
     except ValueError as exc:
@@ -104,51 +106,53 @@ def check_inputs(spec: SweepSpec, base_dir: Path, adapters: dict[str, AdapterInf
     checks.input_problems.extend(_compatibility_problems(spec, adapters))
     checks.input_problems.extend(_search_compatibility(spec, adapters))
     if spec.evaluate:
-        checks.eval_sets, problems = _eval_sets(spec, base_dir, checks.base_model)
+        checks.eval_sets, problems = _eval_sets(spec, base_dir, checks.base_model, base_files)
         checks.input_problems.extend(problems)
     return checks
 
 
-def _resolve_base_model(location: str, base_dir: Path, storage_options: dict[str, Any]) -> str:
-    """The base model's location to load from: a Hub location pinned to its commit."""
+class BaseFiles(NamedTuple):
+    """How the plan reads the base model's files, and whether it has one (a Hub model's weights
+    are listed, not fetched: the workers fetch them where they load them)."""
+
+    read: Callable[[str], bytes]
+    has: Callable[[str], bool]
+
+
+def _resolve_base_model(
+    location: str, base_dir: Path, storage_options: dict[str, Any]
+) -> tuple[str, BaseFiles | None]:
+    """The base model's location to load from (a Hub location pinned to its commit), checked,
+    and its files (None for a bare hub id: from_pretrained resolves it on the workers)."""
     if storage.looks_like_hub_id(location, base_dir):
-        return location  # resolved by from_pretrained on the workers; not checkable offline
+        return location, None
     uri = storage.resolve(location, base_dir)
-    if hub.is_hub(uri):
-        folder, commit = hub.fetch(uri, hub.MODEL_METADATA, f"base_model {uri}")
-        inspect_base_model(str(folder), {})
-        return hub.pinned(uri, commit)
-    inspect_base_model(uri, storage_options)
-    return uri
-
-
-def _base_files(base_model: str, storage_options: dict[str, Any]):
-    """How to read one of the base model's files, and whether it has a file (a Hub model's
-    weights are listed, not fetched: the workers fetch them where they load them)."""
-    if not hub.is_hub(base_model):
-        return (
-            lambda f: storage.read_bytes(storage.join(base_model, f), storage_options),
-            lambda f: storage.exists(storage.join(base_model, f), storage_options),
+    if not hub.is_hub(uri):
+        inspect_base_model(uri, storage_options)
+        return uri, BaseFiles(
+            lambda f: storage.read_bytes(storage.join(uri, f), storage_options),
+            lambda f: storage.exists(storage.join(uri, f), storage_options),
         )
-    folder = hub.fetch(base_model, hub.MODEL_METADATA, f"base_model {base_model}")[0]
-    listed = hub.listing(base_model)
-    return (
+    folder, commit = hub.fetch(uri, hub.MODEL_METADATA, f"base_model {uri}")
+    inspect_base_model(str(folder), {})
+    pinned = hub.pinned(uri, commit)
+    listed = hub.listing(pinned)
+    return pinned, BaseFiles(
         lambda f: (folder / f).read_bytes(),
         lambda f: (folder / f).exists() or listed is None or f in listed,
     )
 
 
 def _base_problems(
-    spec: SweepSpec, base_model: str, adapters: dict[str, AdapterInfo], base_dir: Path
+    spec: SweepSpec, base_model: str, files: BaseFiles | None, adapters: dict[str, AdapterInfo]
 ) -> list[str]:
     """Every adapter's factors against the base model's layers (from its config, on the meta
     device: no weight read), and its weights where the sweep needs them."""
-    if storage.looks_like_hub_id(base_model, base_dir):
-        return []  # not readable offline: from_pretrained checks shapes on the workers
+    if files is None:
+        return []  # a bare hub id: from_pretrained checks shapes on the workers
     from raymerge.merge.layout import layout_from_config_json
 
-    read, has_file = _base_files(base_model, spec.storage_options)
-    config = read("config.json")
+    config = files.read("config.json")
     task_type = next((a.task_type for a in adapters.values() if a.task_type), None)
     try:
         layout = layout_from_config_json(config, task_type)
@@ -159,7 +163,7 @@ def _base_problems(
         ]
     problems = [p for info in adapters.values() for p in compat.base_shape_problems(info, layout)]
     needs_weights = spec.evaluate is not None or spec.engine == "peft"
-    if needs_weights and not any(has_file(f) for f in BASE_WEIGHT_FILES):
+    if needs_weights and not any(files.has(f) for f in BASE_WEIGHT_FILES):
         why = "evaluate" if spec.evaluate is not None else "engine: peft"
         files = ", ".join(BASE_WEIGHT_FILES)
         problems.append(
@@ -211,7 +215,9 @@ def _output_problems(
     return problems
 
 
-def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[str, dict], list]:
+def _eval_sets(
+    spec: SweepSpec, base_dir: Path, base_model: str, base_files: BaseFiles | None
+) -> tuple[dict[str, dict], list]:
     """Resolved and checked eval sets (every example read: a bad line is named here, before any
     cluster work), and what else is missing: the base model's tokenizer, lm-eval."""
     options = spec.storage_options
@@ -237,10 +243,7 @@ def _eval_sets(spec: SweepSpec, base_dir: Path, base_model: str) -> tuple[dict[s
             "examples": len(examples),
             "sha256": evalsets.digest(examples),  # a race's journal is of these examples
         }
-    has_file = None
-    if base_model and not storage.looks_like_hub_id(base_model, base_dir):
-        has_file = _base_files(base_model, options)[1]
-    if has_file and not any(has_file(f) for f in TOKENIZER_FILES):
+    if base_files and not any(base_files.has(f) for f in TOKENIZER_FILES):
         problems.append(
             f"evaluate: the base model at {base_model} has no tokenizer (tokenizer.json or "
             "tokenizer_config.json); save the tokenizer beside the base model "
