@@ -181,6 +181,28 @@ def test_a_rebuilt_adapter_that_differs_from_its_record_is_refused(swept, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
+def test_kept_files_that_changed_or_went_missing_are_refused(swept, tmp_path):
+    output, merge_ids = swept
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    weights = Path(manifest.merge_dir(str(copy), merge_ids[0]), "adapter_model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    for change, message in [
+        ("one bit flipped", f"{weights} differs from its merge.json (sha256)"),
+        ("deleted", f"merge {merge_ids[0]} is not committed"),
+    ]:
+        if change == "deleted":
+            weights.unlink()
+        result = CliRunner().invoke(
+            app, ["export", str(copy), merge_ids[0], "--to", str(tmp_path / "x")]
+        )
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in said, (change, said)
+        assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -31,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from raymerge.cluster import materialize
+from raymerge.cluster.worker import library_versions
 from raymerge.errors import InputError, MergeError, SpecError
-from raymerge.store import manifest, storage
+from raymerge.score.failures import first_line
+from raymerge.store import manifest, publish, storage
+from raymerge.sweep.preflight import TOKENIZER_FILES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """What `--dtype` accepts; auto: the base model's own (its config's dtype)."""
@@ -43,7 +45,6 @@ DEFAULT_SHARD_SIZE = "5GB"
 PROVENANCE = "raymerge-export.json"
 """What the exported folder is: the merge, its recipe, its base model and how it was saved."""
 ADAPTER_NAME = "merged"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -179,16 +180,22 @@ def adapter_folder(
         return Path(result.path), True
     folder = manifest.merge_dir(output, merge_id)
     rebuild = f"rebuild its files with `raymerge materialize {output} {merge_id}`"
+    uris = {name: storage.join(folder, name) for name in files}
+    try:
+        read = storage.read_many(list(uris.values()), storage_options)
+    except FileNotFoundError as exc:
+        raise InputError(
+            f"merge {merge_id} is not committed: a file its merge.json lists is missing ({exc}); "
+            f"{rebuild}"
+        ) from None
+    data = {name: read[uri] for name, uri in uris.items()}
+    found = publish.digests(data)
     for name, entry in files.items():
-        uri = storage.join(folder, name)
-        if not storage.exists(uri, storage_options):
-            raise InputError(f"merge {merge_id} is not committed: {uri} is missing; {rebuild}")
-        data = storage.read_bytes(uri, storage_options)
-        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        if found[name] != entry.get("sha256"):
             raise InputError(
-                f"merge {merge_id}: {uri} differs from its merge.json (sha256); {rebuild}"
+                f"merge {merge_id}: {uris[name]} differs from its merge.json (sha256); {rebuild}"
             )
-        (scratch / name).write_bytes(data)
+        (scratch / name).write_bytes(data[name])
     return scratch, False
 
 
@@ -239,7 +246,7 @@ def _base_model(record: dict[str, Any], storage_options):
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(
             f"base model {location} (merge.json's base_model): cannot read its config "
-            f"({type(exc).__name__}: {_first_line(exc)}); make it readable from here"
+            f"({type(exc).__name__}: {first_line(exc)}); make it readable from here"
         ) from None
 
 
@@ -263,7 +270,7 @@ def _fold_and_save(
     except (RuntimeError, ValueError, OSError, KeyError) as exc:
         raise MergeError(
             f"merge {merge_id}: its adapter cannot be folded into the base model "
-            f"{record['base_model']} ({type(exc).__name__}: {_first_line(exc)})"
+            f"{record['base_model']} ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     saved = base_dtype(base.config) if dtype == "auto" else dtype
     model.to(getattr(torch, saved))
@@ -286,7 +293,7 @@ def save_tokenizer(local: str, location: str, staging: Path) -> str | None:
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return (
             f"the base model's tokenizer ({location}) cannot be loaded "
-            f"({type(exc).__name__}: {_first_line(exc)}): none written"
+            f"({type(exc).__name__}: {first_line(exc)}): none written"
         )
     return None
 
@@ -301,12 +308,6 @@ def _provenance(
     tokenizer_note: str | None,
 ) -> dict[str, Any]:
     """raymerge-export.json: which merge this is, of what, and how it was written."""
-    import peft
-    import torch
-    import transformers
-
-    import raymerge
-
     return {
         "output": output,
         "merge_id": record["merge_id"],
@@ -327,16 +328,6 @@ def _provenance(
         "max_shard_size": shard_bytes,
         "tokenizer": tokenizer_note is None,
         **({"tokenizer_note": tokenizer_note} if tokenizer_note else {}),
-        "versions": {
-            "raymerge": raymerge.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
+        "versions": library_versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else ""

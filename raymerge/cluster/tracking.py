@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -183,8 +184,8 @@ class Tracker:
 
     def _note_best(self, line: dict[str, Any]) -> None:
         value = line.get("objective")
-        if not isinstance(value, int | float) or self.objective is None:
-            return
+        if not isinstance(value, int | float) or not math.isfinite(value) or self.objective is None:
+            return  # a NaN would never be beaten: every comparison with it is False
         if self.best is None or self.objective.better(value, self.best["objective"]):
             self.best = line
 
@@ -241,8 +242,9 @@ class Tracker:
             metrics = {} if update else merge_metrics(line)
             tags = merge_tags(line)
             log_batch(client, run_id, metrics=metrics, tags=tags, step=1)
-            for key in {"stopped", "round"} - set(tags) if not update else ():
-                client.delete_tag(run_id, key)  # stopped by a race, then scored in full
+            if not update:  # stopped by a race, then scored in full: no longer stopped
+                for key in {"stopped", "round"} - set(tags):
+                    client.delete_tag(run_id, key)
             return
         tags = {"mlflow.parentRunId": self._parent, **merge_tags(line)}
         run = client.create_run(self._experiment_id, run_name=merge_id, tags=tags)

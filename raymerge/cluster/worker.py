@@ -293,7 +293,7 @@ class MergeWorker:
                 "threads": self.merge_threads,  # the arithmetic's (an SVD's bits may vary)
             },
             task_type=self.config.task_type,
-            versions=_versions(),
+            versions=library_versions(),
             warnings=_warning_texts(job.caught),
         )
         publish.commit(self.config.output, folder, record, options, stages=job.stages)
@@ -389,7 +389,8 @@ def _warning_texts(caught: list) -> list[str]:
     return sorted({f"{w.category.__name__}: {w.message}" for w in caught})
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions of what made a merge (its merge.json's `versions`)."""
     import peft
     import transformers
 
