@@ -46,9 +46,7 @@ from raymerge.score.failures import first_line
 from raymerge.sweep.plan import Plan
 from raymerge.sweep.plan import objective as objective_of
 from raymerge.sweep.spec.tracking import (
-    default_experiment,
     mlflow_installed,
-    mlflow_target,
     redact_uri,
     tracking_warning,
 )
@@ -88,31 +86,15 @@ class NoTracking:
 def start_tracking(plan: Plan, out: Output) -> Tracker | NoTracking:
     """Start tracking the run in MLflow where its spec or MLFLOW_TRACKING_URI asks for it:
     `out.writer` then also offers every manifest line to the tracker."""
-    target = mlflow_target(plan.spec.tracking, os.environ)
-    if target is None or target.uri is None:
+    target = plan.tracking_target()
+    if target is None:
         return NoTracking()
     if not mlflow_installed():  # the spec asking for it is refused by load_plan
         log.warning(tracking_warning(plan.spec.tracking, os.environ))
         return NoTracking()
-    experiment = target.experiment or default_experiment(plan.output)
-    tracker = Tracker(plan, target.uri, experiment, out.writer.run_id)
-    out.writer = TrackedWriter(out.writer, tracker)
+    tracker = Tracker(plan, target.uri, target.experiment, out.writer.run_id)
+    out.writer.on_add = tracker.offer
     return tracker
-
-
-class TrackedWriter:
-    """The run's manifest writer, every line it is given also offered to the tracker."""
-
-    def __init__(self, writer, tracker: Tracker):
-        self.writer = writer
-        self.tracker = tracker
-
-    def add(self, line: dict[str, Any]) -> None:
-        self.writer.add(line)
-        self.tracker.offer(line)
-
-    def __getattr__(self, name: str) -> Any:  # flush, close, lines_so_far, ...: the writer's
-        return getattr(self.writer, name)
 
 
 class Tracker:

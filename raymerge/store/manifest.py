@@ -32,7 +32,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -273,6 +273,8 @@ class ManifestWriter:
         self.output = output
         self._options = storage_options
         self.run_id = run_id or f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+        self.on_add: Callable[[dict[str, Any]], None] | None = None
+        """Called with every line added (a tracker: it must not block)."""
         fd, name = tempfile.mkstemp(prefix="raymerge-manifest-", suffix=".jsonl")
         self._spool_path = Path(name)
         self._spool = os.fdopen(fd, "w")
@@ -289,6 +291,8 @@ class ManifestWriter:
         with self._lock:
             self._spool.write(json.dumps(line) + "\n")
             self.lines += 1
+        if self.on_add is not None:
+            self.on_add(line)
 
     def carry(self, lines: Iterable[dict[str, Any]]) -> None:
         """Lines already listed by an earlier run: kept in the compacted manifest, not uploaded

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from raymerge.sweep.preflight import InputChecks, check_inputs, inspect_adapters
 from raymerge.sweep.rules import offline_problems
 from raymerge.sweep.spec import SweepSpec, parse_spec, read_spec_file
 from raymerge.sweep.spec.tracking import (
+    MlflowTarget,
     default_experiment,
     mlflow_installed,
     mlflow_target,
@@ -178,14 +179,21 @@ class Plan:
         warnings.append(tracking_warning(self.spec.tracking, os.environ))
         return [warning for warning in warnings if warning]
 
+    def tracking_target(self) -> MlflowTarget | None:
+        """Where the sweep is to be tracked in MLflow (its uri, and its experiment: the output
+        folder's name unless the spec names one), or None where it is not."""
+        target = mlflow_target(self.spec.tracking, os.environ)
+        if target is None or target.uri is None:
+            return None
+        return replace(target, experiment=target.experiment or default_experiment(self.output))
+
     def tracking(self) -> dict[str, str] | None:
         """Where the sweep is tracked in MLflow ({uri, experiment}, the uri as it may be
-        printed), or None where it is not."""
-        target = mlflow_target(self.spec.tracking, os.environ)
-        if target is None or target.uri is None or not mlflow_installed():
+        printed), or None where it is not (MLflow not installed included)."""
+        target = self.tracking_target()
+        if target is None or not mlflow_installed():
             return None
-        experiment = target.experiment or default_experiment(self.output)
-        return {"uri": redact_uri(target.uri), "experiment": experiment}
+        return {"uri": redact_uri(target.uri), "experiment": target.experiment}
 
     def summary(self) -> dict[str, Any]:
         """The plan in machine-readable form (without the task list)."""
